@@ -1,0 +1,1 @@
+"""edgeserve: run LLMs on your own hardware."""

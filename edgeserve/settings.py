@@ -1,0 +1,55 @@
+"""Typed settings, one object per concern. Each field reads ``EDGESERVE_<FIELD>`` from the
+environment; CLI flags are generated from these fields (see ``edgeserve.cli._options``), never the
+other way round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def physical_cores() -> int:
+    """Physical cores: llama.cpp decode is memory-bound and hyper-threads only add contention."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGESERVE_", extra="forbid", validate_default=True)
+
+
+class ModelSettings(_Settings):
+    model: str = Field(
+        "default",
+        description="Model: a .gguf path, 'default' (embedded Gemma 3 270M), an Ollama name "
+        "(llama3.2:1b) or a Hugging Face repo in the local cache (org/name[:file-or-quant]).",
+    )
+    backend: Literal["auto", "llama", "mlx", "onnx"] = Field(
+        "auto", description="Backend: llama (llama.cpp), mlx, onnx, or auto (best installed for this machine)."
+    )
+    n_ctx: int = Field(4096, ge=64, le=1 << 20, description="Context length in tokens.")
+    threads: int = Field(default_factory=physical_cores, ge=1, description="CPU threads (default: physical cores).")
+    n_batch: int = Field(512, ge=1, description="Prompt tokens evaluated per batch.")
+    gpu_layers: int = Field(-1, description="Layers offloaded to a GPU when one is present (-1: all).")
+    flash_attn: bool = Field(False, description="Use flash attention where the backend supports it.")
+    cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "edgeserve",
+        description="Where assembled and converted models are kept.",
+    )
+
+
+class EngineSettings(_Settings):
+    max_queue: int = Field(64, ge=1, description="Requests that may wait for the engine; more get 429.")
+    policy: Literal["fcfs"] = Field("fcfs", description="Admission order of waiting requests.")
+
+
+class ServerSettings(_Settings):
+    host: str = Field("127.0.0.1", description="Address to bind; loopback unless you mean it.")
+    port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
+    api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' on every route but /health.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
+    log_prompts: bool = Field(False, description="Log prompt text (off: prompts are private).")

@@ -1,0 +1,171 @@
+"""Internal data types shared by the engine, the backends and the front ends.
+
+Wire formats (OpenAI, Ollama JSON) live apart from these, in the server package; these are what
+flows through the engine.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
+
+from edgeserve.errors import InvalidParameterError
+
+#: A chat message as OpenAI sends it: ``content`` may be a string or a list of content parts.
+Message: TypeAlias = Mapping[str, Any]
+
+
+class FinishReason(str, enum.Enum):
+    """Why a generation ended. The values are OpenAI's ``finish_reason`` where one exists."""
+
+    STOP = "stop"  # an end-of-generation token or a stop sequence
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # the caller cancelled or disconnected
+    ERROR = "error"  # the backend failed; the stream carries the error
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. Validated on construction, before any work starts.
+
+    ``temperature == 0`` means greedy. ``seed=None`` draws a fresh seed per request.
+    ``ignore_eos`` keeps generating through end-of-generation tokens so that exactly
+    ``max_tokens`` tokens come out (benchmarks need fixed output lengths).
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # a lone string is one stop sequence, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be >= 1", "max_tokens"
+        )
+        _check(_finite(self.temperature) and self.temperature >= 0, "temperature must be >= 0", "temperature")
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]", "top_p")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be >= 0 (0 disables it)", "top_k")
+        _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]", "min_p")
+        _check(
+            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32),
+            "seed must be an integer in [0, 2**32)",
+            "seed",
+        )
+        _check(
+            _finite(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty must be > 0 (1.0 disables it)",
+            "repetition_penalty",
+        )
+        _check(
+            _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            "presence_penalty must be in [-2, 2]",
+            "presence_penalty",
+        )
+        _check(
+            _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            "frequency_penalty must be in [-2, 2]",
+            "frequency_penalty",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
+            "stop must be at most 16 non-empty strings",
+            "stop",
+        )
+        _check(
+            all(isinstance(k, int) and k >= 0 and _finite(v) for k, v in self.logit_bias.items()),
+            "logit_bias maps token ids (>= 0) to finite numbers",
+            "logit_bias",
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(ok: bool, message: str, param: str) -> None:
+    if not ok:
+        raise InvalidParameterError(message, param=param)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a loaded backend can do; front ends and later features read this, never the backend type."""
+
+    backend: str
+    model: str
+    n_ctx: int
+    eog_token_ids: frozenset[int]
+    bos_token_id: int | None
+    #: Jinja chat template from the model file, if it has one.
+    chat_template: str | None = None
+    #: Model architecture as the model file names it (e.g. ``gemma3``); picks a fallback template.
+    architecture: str = ""
+    kv_state: bool = False
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New text from a running generation. ``text`` may be empty while bytes of a multi-byte
+    character or a possible stop sequence are held back."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The whole of one request: what came out and how fast."""
+
+    request_id: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+    #: Seconds from submission to the first token (queue wait included).
+    ttft_s: float | None
+    #: Seconds spent waiting for the engine before work started.
+    queue_wait_s: float
+    #: Seconds from submission to the end.
+    total_s: float
+    #: Decode speed after the first token (tokens / second); None with fewer than two tokens.
+    decode_tok_s: float | None
+    #: Which chat template rendered the messages: ``model``, ``builtin:<name>`` or None for a plain prompt.
+    chat_template: str | None = None
+    #: Tokens of the prompt served from the backend's KV cache instead of prefilled again.
+    cached_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    result: GenerationResult
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: Exception
+
+
+StreamEvent: TypeAlias = TokenEvent | FinalEvent | ErrorEvent
+
+Prompt: TypeAlias = str | Sequence[int]
+PromptKind: TypeAlias = Literal["text", "tokens", "chat"]
