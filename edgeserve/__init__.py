@@ -1,1 +1,61 @@
-"""edgeserve: run LLMs on your own hardware."""
+"""edgeserve: run LLMs on your own hardware.
+
+from edgeserve import Engine
+with Engine.from_settings() as engine:           # the embedded default model on llama.cpp
+    for event in engine.stream("The capital of France is", max_tokens=16):
+        ...
+"""
+
+from edgeserve.engine import AsyncRequestHandle, Engine, RequestHandle
+from edgeserve.errors import (
+    BackendError,
+    BackendNotFoundError,
+    BackendNotInstalledError,
+    ContextLengthError,
+    EdgeserveError,
+    EngineClosedError,
+    InvalidParameterError,
+    KVStateError,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestCancelledError,
+    UserError,
+)
+from edgeserve.settings import EngineSettings, ModelSettings, ServerSettings
+from edgeserve.types import (
+    Capabilities,
+    ErrorEvent,
+    FinalEvent,
+    FinishReason,
+    GenerationResult,
+    SamplingParams,
+    TokenEvent,
+)
+
+__all__ = [
+    "AsyncRequestHandle",
+    "BackendError",
+    "BackendNotFoundError",
+    "BackendNotInstalledError",
+    "Capabilities",
+    "ContextLengthError",
+    "EdgeserveError",
+    "Engine",
+    "EngineClosedError",
+    "EngineSettings",
+    "ErrorEvent",
+    "FinalEvent",
+    "FinishReason",
+    "GenerationResult",
+    "InvalidParameterError",
+    "KVStateError",
+    "ModelNotFoundError",
+    "ModelSettings",
+    "QueueFullError",
+    "RequestCancelledError",
+    "RequestHandle",
+    "SamplingParams",
+    "ServerSettings",
+    "TokenEvent",
+    "UserError",
+]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from edgeserve.errors import BackendNotFoundError, BackendNotInstalledError
-from edgeserve.types import Capabilities, SamplingParams
+from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 
 if TYPE_CHECKING:
     from edgeserve.settings import ModelSettings
@@ -32,9 +32,14 @@ class Backend(Protocol):
         """Token ids to bytes. Bytes, not text: one token may hold part of a UTF-8 character."""
         ...
 
-    def prefill(self, prompt: Sequence[int]) -> int:
-        """Evaluate ``prompt`` so that the next token can be sampled. Reuses the longest prefix
-        already in the KV cache and returns how many prompt tokens it reused."""
+    def prefill(self, prompt: Sequence[int], *, reuse: bool = True) -> int:
+        """Evaluate ``prompt`` so that the next token can be sampled. With ``reuse``, keeps the
+        longest prefix already in the KV cache; returns how many prompt tokens it reused.
+
+        ``reuse=False`` evaluates from scratch: the path a seeded request takes, because llama.cpp's
+        kernels are not batch-invariant (the logits of a prompt evaluated in one batch and of the
+        same prompt evaluated as cached prefix + suffix differ), and a seed promises the same text.
+        """
         ...
 
     def decode(self, params: SamplingParams) -> Iterator[int]:
@@ -58,7 +63,7 @@ class Backend(Protocol):
 
 
 class BackendLoader(Protocol):
-    def __call__(self, settings: ModelSettings) -> Backend: ...
+    def __call__(self, model: ResolvedModel, settings: ModelSettings) -> Backend: ...
 
 
 @dataclass(frozen=True)
@@ -93,13 +98,13 @@ def get_spec(name: str) -> BackendSpec:
         raise BackendNotFoundError(f"unknown backend {name!r}; choose one of: {known}") from None
 
 
-def load_backend(settings: ModelSettings) -> Backend:
-    """Import the chosen backend's module and load the model with it."""
-    spec = get_spec(settings.backend)
+def load_backend(name: str, model: ResolvedModel, settings: ModelSettings) -> Backend:
+    """Import the named backend's module and load the model with it."""
+    spec = get_spec(name)
     if not spec.installed():
         raise BackendNotInstalledError(
             f"backend {spec.name!r} ({spec.description}) is not installed: pip install 'edgeserve[{spec.extra}]'"
         )
     module = importlib.import_module(spec.module)
     loader: BackendLoader = module.load
-    return loader(settings)
+    return loader(model, settings)

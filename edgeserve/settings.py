@@ -29,7 +29,8 @@ class ModelSettings(_Settings):
         "(llama3.2:1b) or a Hugging Face repo in the local cache (org/name[:file-or-quant]).",
     )
     backend: Literal["auto", "llama", "mlx", "onnx"] = Field(
-        "auto", description="Backend: llama (llama.cpp), mlx, onnx, or auto (best installed for this machine)."
+        "auto",
+        description="Backend: llama (llama.cpp), mlx, onnx, or auto (best installed for this machine).",
     )
     n_ctx: int = Field(4096, ge=64, le=1 << 20, description="Context length in tokens.")
     threads: int = Field(default_factory=physical_cores, ge=1, description="CPU threads (default: physical cores).")

@@ -10,6 +10,7 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 from edgeserve.errors import InvalidParameterError
@@ -54,9 +55,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        _check(
-            isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be >= 1", "max_tokens"
-        )
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be >= 1", "max_tokens")
         _check(_finite(self.temperature) and self.temperature >= 0, "temperature must be >= 0", "temperature")
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]", "top_p")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be >= 0 (0 disables it)", "top_k")
@@ -113,14 +112,28 @@ class Capabilities:
     backend: str
     model: str
     n_ctx: int
+    n_vocab: int
     eog_token_ids: frozenset[int]
     bos_token_id: int | None
     #: Jinja chat template from the model file, if it has one.
     chat_template: str | None = None
+    #: Text of the BOS/EOS tokens, as chat templates write them.
+    bos_token: str = ""
+    eos_token: str = ""
     #: Model architecture as the model file names it (e.g. ``gemma3``); picks a fallback template.
     architecture: str = ""
     kv_state: bool = False
     device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model found on this machine: what was asked for, the file, and where it was found."""
+
+    name: str
+    path: Path
+    #: ``file``, ``default``, ``ollama``, ``huggingface``.
+    source: str
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,213 @@
+"""llama.cpp through llama-cpp-python: the default backend.
+
+The high-level ``Llama`` object is used for what it does well (loading, batched ``eval`` with KV
+bookkeeping); sampling is our own llama.cpp sampler chain, so that every ``SamplingParams`` field
+(logit_bias included) runs natively and nothing Python-side touches the 262k-entry logits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
+from edgeserve.settings import ModelSettings
+from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
+
+log = logging.getLogger(__name__)
+
+STATE_MAGIC = b"EDGESERVE-KV1\n"
+#: How far back the repetition/frequency/presence penalties look, in tokens.
+PENALTY_LAST_N = 64
+
+
+def load(model: ResolvedModel, settings: ModelSettings) -> LlamaBackend:
+    return LlamaBackend(model, settings)
+
+
+class LlamaBackend:
+    def __init__(self, model: ResolvedModel, settings: ModelSettings) -> None:
+        import llama_cpp
+
+        if model.path.is_dir():
+            raise ModelNotFoundError(f"{model.path} is a folder; the llama backend needs a .gguf file")
+        self._lib = llama_cpp
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(model.path),
+                n_ctx=settings.n_ctx,
+                n_batch=settings.n_batch,
+                n_ubatch=settings.n_batch,
+                n_threads=settings.threads,
+                n_threads_batch=settings.threads,
+                n_gpu_layers=settings.gpu_layers,
+                flash_attn=settings.flash_attn,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "Failed to load model from file"
+            raise BackendError(f"llama.cpp could not load {model.path}: {exc}") from exc
+        llm = self._llm
+        self._vocab = llm._model.vocab
+        self._ctx = llm._ctx
+        self._n_vocab = llm.n_vocab()
+        self._piece = ctypes.create_string_buffer(256)
+        # After import_state the KV cache is right but the logits are not: the next prefill must
+        # evaluate at least one token again (llama.cpp keeps no logits in its state blob).
+        self._stale_logits = True
+        meta = llm.metadata
+        bos = llm.token_bos()
+        self._caps = Capabilities(
+            backend="llama",
+            model=model.name,
+            n_ctx=llm.n_ctx(),
+            n_vocab=self._n_vocab,
+            eog_token_ids=self._eog_ids(),
+            bos_token_id=bos if bos >= 0 else None,
+            chat_template=meta.get("tokenizer.chat_template") or None,
+            bos_token=self._special_text(bos),
+            eos_token=self._special_text(llm.token_eos()),
+            architecture=meta.get("general.architecture", ""),
+            kv_state=True,
+            device="cpu" if not llama_cpp.llama_supports_gpu_offload() else "gpu",
+        )
+        self._fingerprint = {
+            "architecture": self._caps.architecture,
+            "n_vocab": self._n_vocab,
+            "n_params": int(llama_cpp.llama_model_n_params(llm._model.model)),
+            "size": int(llama_cpp.llama_model_size(llm._model.model)),
+        }
+
+    # ---- Backend protocol -------------------------------------------------------------------
+
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        return b"".join(self._token_bytes(t) for t in tokens)
+
+    def prefill(self, prompt: Sequence[int], *, reuse: bool = True) -> int:
+        llm = self._llm
+        prompt = list(prompt)
+        n_cached = int(llm.n_tokens) if reuse else 0
+        common = 0
+        for a, b in zip(llm.input_ids[:n_cached].tolist(), prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common == len(prompt) == n_cached and not self._stale_logits:
+            return common  # the whole prompt is evaluated and its logits are live
+        # Sampling needs logits of the prompt's last token, so at least that one is evaluated.
+        keep = min(common, len(prompt) - 1)
+        if not self._ctx.kv_cache_seq_rm(-1, keep, -1):
+            keep = 0  # this memory type cannot drop a tail: start over
+            self._ctx.kv_cache_seq_rm(-1, 0, -1)
+        llm.n_tokens = keep
+        self._stale_logits = True
+        llm.eval(prompt[keep:])
+        self._stale_logits = False
+        return keep
+
+    def decode(self, params: SamplingParams) -> Iterator[int]:
+        llm = self._llm
+        sampler = self._sampler(params)
+        try:
+            while True:
+                token = sampler.sample(self._ctx, -1)
+                yield token
+                llm.eval([token])
+        finally:
+            sampler.close()
+
+    def export_state(self) -> bytes:
+        lib, ctx = self._lib, self._ctx.ctx
+        size = lib.llama_state_get_size(ctx)
+        buf = (ctypes.c_uint8 * size)()
+        written = lib.llama_state_get_data(ctx, buf, size)
+        n = int(self._llm.n_tokens)
+        header = {**self._fingerprint, "tokens": self._llm.input_ids[:n].tolist()}
+        return STATE_MAGIC + json.dumps(header).encode() + b"\n" + bytes(buf)[:written]
+
+    def import_state(self, blob: bytes) -> list[int]:
+        if not blob.startswith(STATE_MAGIC):
+            raise KVStateError("not an edgeserve llama.cpp KV state")
+        head, sep, data = blob[len(STATE_MAGIC) :].partition(b"\n")
+        try:
+            header = json.loads(head) if sep else None
+        except ValueError:
+            header = None
+        if not isinstance(header, dict) or not isinstance(header.get("tokens"), list):
+            raise KVStateError("corrupt KV state header")
+        mismatched = [k for k, v in self._fingerprint.items() if header.get(k) != v]
+        if mismatched:
+            raise KVStateError(f"KV state is from another model (differs in {', '.join(mismatched)})")
+        tokens = [int(t) for t in header["tokens"]]
+        if len(tokens) > self._caps.n_ctx:
+            raise KVStateError(f"KV state holds {len(tokens)} tokens, more than this context ({self._caps.n_ctx})")
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if self._lib.llama_state_set_data(self._ctx.ctx, buf, len(data)) == 0:
+            raise KVStateError("llama.cpp rejected the KV state")
+        llm = self._llm
+        llm.input_ids[: len(tokens)] = tokens
+        llm.n_tokens = len(tokens)
+        self._stale_logits = True
+        return tokens
+
+    def close(self) -> None:
+        self._llm.close()
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _sampler(self, params: SamplingParams) -> Any:
+        from llama_cpp._internals import LlamaSampler
+
+        s = LlamaSampler()
+        if params.logit_bias:  # ids were checked against n_vocab before queueing
+            s.add_logit_bias(self._n_vocab, dict(params.logit_bias))
+        if params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty:
+            s.add_penalties(
+                self._n_vocab,
+                PENALTY_LAST_N,
+                params.repetition_penalty,
+                params.frequency_penalty,
+                params.presence_penalty,
+            )
+        if params.greedy:
+            s.add_greedy()
+            return s
+        seed = params.seed if params.seed is not None else random.randrange(2**32 - 1)
+        if params.top_k:
+            s.add_top_k(params.top_k)
+        if params.top_p < 1:
+            s.add_top_p(params.top_p, 1)
+        if params.min_p > 0:
+            s.add_min_p(params.min_p, 1)
+        s.add_temp(params.temperature)
+        s.add_dist(seed)
+        return s
+
+    def _token_bytes(self, token: int) -> bytes:
+        n = self._lib.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:  # a piece longer than the buffer: llama.cpp returns minus the size it needs
+            self._piece = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:n]
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    def _eog_ids(self) -> frozenset[int]:
+        # llama.cpp knows every end-of-generation token (EOS, <end_of_turn>, <|eot_id|>, ...).
+        # Checking each id once at load costs ~0.1 s and saves a call per decoded token.
+        is_eog = self._lib.llama_vocab_is_eog
+        return frozenset(t for t in range(self._n_vocab) if is_eog(self._vocab, t))

@@ -1,0 +1,238 @@
+"""The ``edgeserve`` command. Thin: flags → settings → engine; output formatting only."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+import click
+
+from edgeserve._options import build, options_from
+from edgeserve.errors import EdgeserveError, UserError
+from edgeserve.settings import EngineSettings, ModelSettings
+from edgeserve.types import FinalEvent, GenerationResult, Message, SamplingParams
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Group(click.Group):
+    """Turns edgeserve's own errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            raise click.UsageError(str(exc)) from None
+        except EdgeserveError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="edgeserve")
+def main() -> None:
+    """Run LLMs on your own hardware."""
+
+
+def sampling_options(fn: F) -> F:
+    decorators = [
+        click.option("--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most."),
+        click.option("--temperature", type=float, default=0.8, show_default=True, help="0 means greedy."),
+        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--top-k", type=int, default=40, show_default=True, help="0 disables top-k."),
+        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+        click.option("--stop", multiple=True, help="Stop sequence (repeatable)."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-tokens tokens."),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
+def _sampling(values: dict[str, Any]) -> SamplingParams:
+    names = (
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "repetition_penalty",
+        "ignore_eos",
+    )
+    return SamplingParams(**{n: values.pop(n) for n in names})
+
+
+@contextmanager
+def _engine(values: dict[str, Any]) -> Iterator[Any]:
+    from edgeserve.engine import Engine
+
+    model_settings = build(ModelSettings, values)
+    engine_settings = build(EngineSettings, values)
+    with _status(f"loading {model_settings.model} ..."):
+        engine = Engine.from_settings(model_settings, engine_settings)
+    with engine:
+        yield engine
+
+
+@contextmanager
+def _status(message: str) -> Iterator[None]:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if console.is_terminal:
+        with console.status(message):
+            yield
+    else:
+        yield
+
+
+def _stats(result: GenerationResult) -> str:
+    ttft = f"{result.ttft_s * 1000:.0f} ms" if result.ttft_s is not None else "-"
+    rate = f"{result.decode_tok_s:.1f} tok/s" if result.decode_tok_s else "-"
+    return (
+        f"[{result.prompt_tokens} prompt + {result.completion_tokens} tokens, TTFT {ttft}, {rate}, "
+        f"finish: {result.finish_reason.value}]"
+    )
+
+
+def _print_stream(events: Iterator[Any]) -> GenerationResult:
+    result: GenerationResult | None = None
+    for event in events:
+        if isinstance(event, FinalEvent):
+            result = event.result
+        else:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    assert result is not None
+    return result
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--chat", "as_chat", is_flag=True, help="Send the prompt as a user message through the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object instead of streaming.")
+@sampling_options
+@options_from(ModelSettings)
+@options_from(EngineSettings)
+def run(prompt: str, as_chat: bool, as_json: bool, **values: Any) -> None:
+    """Complete PROMPT once, streaming the text to stdout (stats go to stderr)."""
+    params = _sampling(values)
+    with _engine(values) as engine:
+        kwargs: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}]} if as_chat else {"prompt": prompt}
+        if as_json:
+            result = engine.submit(params=params, **kwargs).result()
+            click.echo(json.dumps({**asdict(result), "finish_reason": result.finish_reason.value}))
+            return
+        result = _print_stream(engine.stream(params=params, **kwargs))
+    click.echo()
+    click.echo(_stats(result), err=True)
+
+
+@main.command()
+@click.option("--system", default=None, help="System prompt.")
+@sampling_options
+@options_from(ModelSettings)
+@options_from(EngineSettings)
+def chat(system: str | None, **values: Any) -> None:
+    """Interactive multi-turn chat. /reset clears the conversation, /exit leaves. Reads stdin when it
+    is not a terminal, one message per line."""
+    params = _sampling(values)
+    interactive = sys.stdin.isatty()
+    start: list[Message] = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    with _engine(values) as engine:
+        if interactive:
+            click.echo("edgeserve chat: /reset clears the conversation, /exit leaves.", err=True)
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except (EOFError, KeyboardInterrupt):
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                history = list(start)
+                click.echo("[conversation cleared]", err=True)
+                continue
+            history.append({"role": "user", "content": text})
+            try:
+                result = _print_stream(engine.stream(messages=history, params=params))
+            except KeyboardInterrupt:  # stop this answer, keep the session
+                history.pop()
+                click.echo("\n[interrupted]", err=True)
+                continue
+            history.append({"role": "assistant", "content": result.text})
+            click.echo()
+            click.echo(f"{_stats(result)} [template: {result.chat_template}]", err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+@options_from(ModelSettings, exclude=("model", "backend", "n_ctx", "threads", "n_batch", "gpu_layers", "flash_attn"))
+def models(as_json: bool, **values: Any) -> None:
+    """List the models found on this machine (nothing is downloaded)."""
+    from edgeserve.models import list_models
+
+    settings = build(ModelSettings, values)
+    entries = list_models(settings.cache_dir)
+    if as_json:
+        for e in entries:
+            click.echo(json.dumps({**asdict(e), "path": str(e.path) if e.path else None}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "source", "size", "path", "note")
+    for e in entries:
+        size = f"{e.size_bytes / 1e6:.0f} MB" if e.size_bytes else "-"
+        table.add_row(e.name, e.source, size, str(e.path or "-"), e.note)
+    Console().print(table)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(as_json: bool) -> None:
+    """Hardware, installed backends, and which backend would be chosen."""
+    from importlib.metadata import version
+
+    from edgeserve.backend import REGISTRY
+    from edgeserve.hardware import choose_backend, installed_backends, probe
+
+    hw = probe()
+    installed = installed_backends()
+    report = {
+        "edgeserve": version("edgeserve"),
+        "python": sys.version.split()[0],
+        "hardware": {**asdict(hw), "apple_silicon": hw.apple_silicon},
+        "backends": {
+            name: {
+                "installed": installed[name],
+                "extra": f"edgeserve[{spec.extra}]",
+                "description": spec.description,
+            }
+            for name, spec in REGISTRY.items()
+        },
+        "chosen_backend": choose_backend(hw),
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    gib = 1 << 30
+    click.echo(f"edgeserve {report['edgeserve']} on Python {report['python']}")
+    click.echo(f"system:   {hw.system} {hw.machine}")
+    click.echo(f"cpu:      {hw.physical_cores} physical / {hw.logical_cores} logical cores")
+    click.echo(f"memory:   {hw.memory_bytes / gib:.1f} GiB ({hw.available_bytes / gib:.1f} GiB available)")
+    click.echo(f"cuda:     {'yes' if hw.cuda else 'no'}")
+    click.echo(f"metal:    {'yes' if hw.metal else 'no'}")
+    for name, spec in REGISTRY.items():
+        state = "installed" if installed[name] else f"not installed (pip install 'edgeserve[{spec.extra}]')"
+        click.echo(f"backend:  {name:<6} {spec.description}: {state}")
+    click.echo(f"chosen:   {report['chosen_backend']}")

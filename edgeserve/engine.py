@@ -1,0 +1,542 @@
+"""The engine: one loop thread owns the backend; callers get a per-request stream of events.
+
+Backends are serial (one model, one context), so every request goes through the admission queue
+and the loop runs them one at a time. Work that needs no context (validation, tokenizing, chat
+rendering) happens in the caller's thread before queueing, so bad input fails before any wait and
+the loop only ever runs the model.
+
+Errors travel as values (``ErrorEvent``) from the loop to the caller; the convenience methods
+(``generate``, ``stream``, their async twins) raise them at the caller's side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from edgeserve import chat
+from edgeserve.backend import Backend
+from edgeserve.errors import (
+    BackendError,
+    ContextLengthError,
+    EdgeserveError,
+    EngineClosedError,
+    InvalidParameterError,
+)
+from edgeserve.scheduler import Entry, QueueView, Scheduler
+from edgeserve.settings import EngineSettings, ModelSettings
+from edgeserve.textstream import TextStream
+from edgeserve.types import (
+    Capabilities,
+    ErrorEvent,
+    FinalEvent,
+    FinishReason,
+    GenerationResult,
+    Message,
+    SamplingParams,
+    StreamEvent,
+    TokenEvent,
+)
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+Sink = Callable[[StreamEvent], None]
+
+
+@dataclass
+class _Request:
+    """What the loop needs to run one request. Built in the caller's thread by ``Engine._prepare``."""
+
+    request_id: str
+    prompt_tokens: list[int]
+    params: SamplingParams
+    chat_template: str | None
+    submitted: float
+    sink: Sink = field(repr=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+
+class RequestHandle:
+    """A submitted request. Iterate it for its events; ``cancel`` frees its slot at once.
+
+    Iteration ends after exactly one ``FinalEvent`` or ``ErrorEvent``. Leaving the loop early (break,
+    exception, garbage collection) cancels the request.
+    """
+
+    def __init__(self, engine: Engine, request: _Request, events: queue.SimpleQueue[StreamEvent]) -> None:
+        self._engine = engine
+        self._request = request
+        self._events = events
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._request.prompt_tokens)
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._request)
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        done = False
+        try:
+            while True:
+                event = self._events.get()
+                yield event
+                if not isinstance(event, TokenEvent):
+                    done = True
+                    return
+        finally:
+            if not done:
+                self.cancel()
+
+    def result(self) -> GenerationResult:
+        return _result_of(iter(self))
+
+
+class AsyncRequestHandle:
+    """The asyncio twin of ``RequestHandle``; events arrive through the caller's event loop."""
+
+    def __init__(self, engine: Engine, request: _Request, events: asyncio.Queue[StreamEvent]) -> None:
+        self._engine = engine
+        self._request = request
+        self._events = events
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._request.prompt_tokens)
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._request)
+
+    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        done = False
+        try:
+            while True:
+                event = await self._events.get()
+                yield event
+                if not isinstance(event, TokenEvent):
+                    done = True
+                    return
+        finally:
+            if not done:  # the consumer left early or its task was cancelled (client disconnect)
+                self.cancel()
+
+    async def result(self) -> GenerationResult:
+        async for event in self:
+            if isinstance(event, FinalEvent):
+                return event.result
+            if isinstance(event, ErrorEvent):
+                raise event.error
+        raise BackendError("stream ended without a result")  # unreachable by the handle's invariant
+
+
+def _result_of(events: Iterator[StreamEvent]) -> GenerationResult:
+    for event in events:
+        if isinstance(event, FinalEvent):
+            return event.result
+        if isinstance(event, ErrorEvent):
+            raise event.error
+    raise BackendError("stream ended without a result")
+
+
+class Engine:
+    """Runs requests on one backend, one at a time, in admission order.
+
+    Thread-safe: any thread may submit, cancel or read state. Use as a context manager, or call
+    ``close()``, to stop the loop and release the model.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        settings: EngineSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings or EngineSettings()
+        self.backend = backend
+        self.capabilities: Capabilities = backend.capabilities()
+        self._clock = clock
+        self._scheduler: Scheduler[_Request] = Scheduler(self.settings.policy, self.settings.max_queue)
+        self._cond = threading.Condition()
+        self._control: collections.deque[Callable[[], None]] = collections.deque()
+        self._running: _Request | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="edgeserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_settings(cls, model: ModelSettings | None = None, engine: EngineSettings | None = None) -> Engine:
+        """Resolve the model, pick the backend, load it, and start the loop."""
+        from edgeserve.backend import load_backend
+        from edgeserve.hardware import choose_backend
+        from edgeserve.models import resolve
+
+        model = model or ModelSettings()
+        resolved = resolve(model.model, cache_dir=model.cache_dir)
+        backend_name = choose_backend() if model.backend == "auto" else model.backend
+        return cls(load_backend(backend_name, resolved, model), engine)
+
+    # ---- submitting -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        predicted_tokens: float | None = None,
+    ) -> RequestHandle:
+        """Queue a request and return its handle. Raises at once on bad input or a full queue."""
+        events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
+        request = self._prepare(prompt, messages, params, request_id, events.put)
+        self._enqueue(request, priority, predicted_tokens)
+        return RequestHandle(self, request, events)
+
+    def submit_async(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        predicted_tokens: float | None = None,
+    ) -> AsyncRequestHandle:
+        """Like ``submit``, from a coroutine: events are delivered through the running event loop."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        holder: list[_Request] = []
+
+        def sink(event: StreamEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone: nobody will read this stream
+                holder[0].cancelled.set()
+
+        request = self._prepare(prompt, messages, params, request_id, sink)
+        holder.append(request)
+        self._enqueue(request, priority, predicted_tokens)
+        return AsyncRequestHandle(self, request, events)
+
+    # ---- convenience ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        **sampling: Any,
+    ) -> GenerationResult:
+        """Run one request to the end. ``sampling`` keywords build ``SamplingParams`` when ``params`` is None."""
+        return self.submit(prompt, _params(params, sampling), messages=messages).result()
+
+    def stream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        **sampling: Any,
+    ) -> Iterator[TokenEvent | FinalEvent]:
+        """Yield ``TokenEvent``s as text arrives, then one ``FinalEvent``; raises on error."""
+        for event in self.submit(prompt, _params(params, sampling), messages=messages):
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            yield event
+
+    async def agenerate(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        **sampling: Any,
+    ) -> GenerationResult:
+        return await self.submit_async(prompt, _params(params, sampling), messages=messages).result()
+
+    async def astream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        **sampling: Any,
+    ) -> AsyncIterator[TokenEvent | FinalEvent]:
+        async for event in self.submit_async(prompt, _params(params, sampling), messages=messages):
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            yield event
+
+    # ---- state and lifecycle ----------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        # Tokenizers read only the vocabulary, so this needs no turn on the loop.
+        return self.backend.tokenize(text, add_bos=add_bos)
+
+    def call(self, fn: Callable[[Backend], R]) -> R:
+        """Run ``fn(backend)`` on the loop thread between requests (KV export/import, warm-up)."""
+        future: Future[R] = Future()
+
+        def job() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.backend))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            self._control.append(job)
+            self._cond.notify()
+        return future.result()
+
+    def export_state(self) -> bytes:
+        return self.call(lambda b: b.export_state())
+
+    def import_state(self, blob: bytes) -> list[int]:
+        return self.call(lambda b: b.import_state(blob))
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._scheduler)
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._running is not None
+
+    def snapshot(self) -> list[QueueView]:
+        with self._cond:
+            return self._scheduler.snapshot(self._clock())
+
+    def close(self) -> None:
+        """Stop taking requests, fail the waiting ones, cancel the running one, release the model."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            if self._running is not None:
+                self._running.cancelled.set()
+            self._cond.notify_all()
+        self._thread.join()
+        self.backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        prompt: str | Sequence[int] | None,
+        messages: Sequence[Message] | None,
+        params: SamplingParams | None,
+        request_id: str | None,
+        sink: Sink,
+    ) -> _Request:
+        params = params or SamplingParams()
+        template = None
+        if (prompt is None) == (messages is None):
+            raise InvalidParameterError("give exactly one of prompt or messages", param="prompt")
+        if messages is not None:
+            rendered = chat.render(messages, self.capabilities)
+            tokens = self._tokenize_rendered(rendered.prompt)
+            template = rendered.template
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise InvalidParameterError("prompt must not be empty", param="prompt")
+            tokens = self.backend.tokenize(prompt, add_bos=True)
+        else:
+            tokens = list(prompt)  # type: ignore[arg-type]
+            if not tokens or not all(isinstance(t, int) and t >= 0 for t in tokens):
+                raise InvalidParameterError("a token prompt must be a non-empty list of token ids", param="prompt")
+        n_vocab = self.capabilities.n_vocab
+        if any(t >= n_vocab for t in params.logit_bias) or (messages is None and max(tokens) >= n_vocab):
+            raise InvalidParameterError(f"token ids must be below the vocabulary size ({n_vocab})", param="prompt")
+        n_ctx = self.capabilities.n_ctx
+        if len(tokens) + params.max_tokens > n_ctx:
+            raise ContextLengthError(
+                f"this model's context is {n_ctx} tokens, but {len(tokens)} prompt tokens plus max_tokens="
+                f"{params.max_tokens} need {len(tokens) + params.max_tokens}; shorten the prompt or lower max_tokens",
+                param="max_tokens",
+            )
+        return _Request(request_id or f"req-{uuid.uuid4().hex[:16]}", tokens, params, template, self._clock(), sink)
+
+    def _tokenize_rendered(self, text: str) -> list[int]:
+        # Templates usually write the BOS token themselves; adding another would shift the model.
+        bos = self.capabilities.bos_token
+        return self.backend.tokenize(text, add_bos=not (bos and text.startswith(bos)))
+
+    def _enqueue(self, request: _Request, priority: int, predicted_tokens: float | None) -> None:
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            self._scheduler.add(Entry(request.request_id, request.submitted, request, priority, predicted_tokens))
+            self._cond.notify()
+
+    def _cancel(self, request: _Request) -> None:
+        with self._cond:
+            request.cancelled.set()
+            waiting = self._scheduler.cancel(request.request_id) is not None
+        if waiting:  # never started: answer it here; a running request is answered by the loop
+            now = self._clock()
+            request.sink(FinalEvent(_empty_result(request, now, FinishReason.CANCELLED)))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        self._fail_waiting()
+                        return
+                    if self._control:
+                        job: Callable[[], None] | None = self._control.popleft()
+                        request = None
+                        break
+                    entry = self._scheduler.next(self._clock())
+                    if entry is not None:
+                        job, request = None, entry.item
+                        self._running = request
+                        break
+                    self._cond.wait()
+            if job is not None:
+                job()
+                continue
+            assert request is not None
+            try:
+                self._run(request)
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _fail_waiting(self) -> None:
+        while (entry := self._scheduler.next(self._clock())) is not None:
+            entry.item.sink(ErrorEvent(EngineClosedError("the engine was closed before this request ran")))
+        for job in self._control:
+            job()  # each job resolves its own future; closing must not strand a caller of call()
+        self._control.clear()
+
+    def _run(self, request: _Request) -> None:
+        """Prefill, then decode until a stop condition; the only place the model runs."""
+        started = self._clock()
+        if request.cancelled.is_set():
+            request.sink(FinalEvent(_empty_result(request, started, FinishReason.CANCELLED)))
+            return
+        params = request.params
+        eog = frozenset() if params.ignore_eos else self.capabilities.eog_token_ids
+        text = TextStream(params.stop)
+        pieces: list[str] = []
+        n_out = 0
+        first_at: float | None = None
+        last_at = started
+        finish = FinishReason.LENGTH
+        try:
+            # A seed promises reproducible text, which only an identical evaluation path gives.
+            cached = self.backend.prefill(request.prompt_tokens, reuse=params.seed is None)
+            steps = self.backend.decode(params)
+            try:
+                for token in steps:
+                    last_at = self._clock()
+                    if first_at is None:
+                        first_at = last_at
+                    if request.cancelled.is_set():
+                        finish = FinishReason.CANCELLED
+                        break
+                    if token in eog:
+                        finish = FinishReason.STOP
+                        break
+                    n_out += 1
+                    out = text.push(self.backend.detokenize((token,)))
+                    if out:
+                        pieces.append(out)
+                        request.sink(TokenEvent(out, (token,)))
+                    if text.stopped:
+                        finish = FinishReason.STOP
+                        break
+                    if n_out >= params.max_tokens:
+                        break
+            finally:
+                steps.close()  # type: ignore[attr-defined]
+        except EdgeserveError as exc:
+            request.sink(ErrorEvent(exc))
+            return
+        except Exception as exc:  # a backend library failed: map it here, once, and keep the loop alive
+            log.exception("backend failed on request %s", request.request_id)
+            request.sink(ErrorEvent(BackendError(f"{type(exc).__name__}: {exc}")))
+            return
+        tail = text.finish()
+        if tail and finish is not FinishReason.CANCELLED:
+            pieces.append(tail)
+            request.sink(TokenEvent(tail, ()))
+        end = self._clock()
+        decode_tok_s = None
+        if first_at is not None and n_out >= 2 and last_at > first_at:
+            decode_tok_s = (n_out - 1) / (last_at - first_at)
+        request.sink(
+            FinalEvent(
+                GenerationResult(
+                    request_id=request.request_id,
+                    text="".join(pieces),
+                    prompt_tokens=len(request.prompt_tokens),
+                    completion_tokens=n_out,
+                    finish_reason=finish,
+                    ttft_s=None if first_at is None else first_at - request.submitted,
+                    queue_wait_s=started - request.submitted,
+                    total_s=end - request.submitted,
+                    decode_tok_s=decode_tok_s,
+                    chat_template=request.chat_template,
+                    cached_prompt_tokens=cached,
+                )
+            )
+        )
+
+
+def _empty_result(request: _Request, now: float, finish: FinishReason) -> GenerationResult:
+    return GenerationResult(
+        request_id=request.request_id,
+        text="",
+        prompt_tokens=len(request.prompt_tokens),
+        completion_tokens=0,
+        finish_reason=finish,
+        ttft_s=None,
+        queue_wait_s=now - request.submitted,
+        total_s=now - request.submitted,
+        decode_tok_s=None,
+        chat_template=request.chat_template,
+    )
+
+
+def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams | None:
+    if params is not None and sampling:
+        raise InvalidParameterError("give either params or sampling keywords, not both", param="params")
+    if sampling:
+        try:
+            return SamplingParams(**sampling)
+        except TypeError as exc:
+            raise InvalidParameterError(f"unknown sampling parameter: {exc}", param="params") from exc
+    return params

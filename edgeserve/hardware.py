@@ -1,0 +1,63 @@
+"""What this machine has, and which backend suits it. Read-only probes; nothing here loads a model."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeserve.backend import REGISTRY
+
+
+@dataclass(frozen=True)
+class Hardware:
+    system: str
+    machine: str
+    physical_cores: int
+    logical_cores: int
+    memory_bytes: int
+    available_bytes: int
+    cuda: bool
+    metal: bool
+
+    @property
+    def apple_silicon(self) -> bool:
+        return self.system == "Darwin" and self.machine == "arm64"
+
+
+def probe() -> Hardware:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    system, machine = platform.system(), platform.machine()
+    return Hardware(
+        system=system,
+        machine=machine,
+        physical_cores=psutil.cpu_count(logical=False) or psutil.cpu_count() or 1,
+        logical_cores=psutil.cpu_count() or 1,
+        memory_bytes=vm.total,
+        available_bytes=vm.available,
+        cuda=_has_cuda(),
+        # Every Apple Silicon Mac has Metal; Intel Macs do too but MLX does not run on them.
+        metal=system == "Darwin" and machine == "arm64",
+    )
+
+
+def _has_cuda() -> bool:
+    # The driver's device nodes or its management tool: enough to say a CUDA GPU is present
+    # without importing a CUDA library.
+    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+
+
+def installed_backends() -> dict[str, bool]:
+    return {name: spec.installed() for name, spec in REGISTRY.items()}
+
+
+def choose_backend(hw: Hardware | None = None) -> str:
+    """``auto``: MLX on Apple Silicon when installed (fastest there), llama.cpp everywhere else."""
+    hw = hw or probe()
+    installed = installed_backends()
+    if hw.apple_silicon and installed.get("mlx"):
+        return "mlx"
+    return "llama"

@@ -1,0 +1,42 @@
+"""Packaging: a curated public API, and backends/ models/ installed under edgeserve."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import edgeserve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_public_api_is_exactly_all() -> None:
+    public = {n for n in dir(edgeserve) if not n.startswith("_")}
+    modules = {n for n in public if type(getattr(edgeserve, n)).__name__ == "module"}
+    assert set(edgeserve.__all__) == public - modules
+    assert sorted(edgeserve.__all__) == edgeserve.__all__
+
+
+def test_wheel_maps_backends_and_models_under_edgeserve(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("edgeserve-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "edgeserve/backends/llama.py" in names
+    assert "edgeserve/models/resolve.py" in names
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"edgeserve"}, f"the wheel claims top-level names {sorted(top - {'edgeserve'})}"
+
+
+def test_core_import_pulls_in_no_backend_stack() -> None:
+    code = (
+        "import sys, edgeserve, edgeserve.cli, edgeserve.engine;"
+        "print(sorted(m for m in ('llama_cpp', 'mlx', 'onnxruntime_genai') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
