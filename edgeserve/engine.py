@@ -59,6 +59,8 @@ class _Request:
     request_id: str
     prompt_tokens: list[int]
     params: SamplingParams
+    #: ``params.max_tokens``, or what is left of the context when that is None.
+    max_tokens: int
     chat_template: str | None
     submitted: float
     sink: Sink = field(repr=False)
@@ -376,16 +378,20 @@ class Engine:
             if not tokens or not all(isinstance(t, int) and t >= 0 for t in tokens):
                 raise InvalidParameterError("a token prompt must be a non-empty list of token ids", param="prompt")
         n_vocab = self.capabilities.n_vocab
-        if any(t >= n_vocab for t in params.logit_bias) or (messages is None and max(tokens) >= n_vocab):
+        if max(tokens) >= n_vocab:
             raise InvalidParameterError(f"token ids must be below the vocabulary size ({n_vocab})", param="prompt")
+        if any(t >= n_vocab for t in params.logit_bias):
+            raise InvalidParameterError(f"logit_bias token ids must be below {n_vocab}", param="logit_bias")
         n_ctx = self.capabilities.n_ctx
-        if len(tokens) + params.max_tokens > n_ctx:
+        max_tokens = params.max_tokens if params.max_tokens is not None else n_ctx - len(tokens)
+        if len(tokens) >= n_ctx or len(tokens) + max_tokens > n_ctx:
             raise ContextLengthError(
                 f"this model's context is {n_ctx} tokens, but {len(tokens)} prompt tokens plus max_tokens="
-                f"{params.max_tokens} need {len(tokens) + params.max_tokens}; shorten the prompt or lower max_tokens",
+                f"{params.max_tokens} need {len(tokens) + max_tokens}; shorten the prompt or lower max_tokens",
                 param="max_tokens",
             )
-        return _Request(request_id or f"req-{uuid.uuid4().hex[:16]}", tokens, params, template, self._clock(), sink)
+        rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        return _Request(rid, tokens, params, max_tokens, template, self._clock(), sink)
 
     def _tokenize_rendered(self, text: str) -> list[int]:
         # Templates usually write the BOS token themselves; adding another would shift the model.
@@ -478,7 +484,7 @@ class Engine:
                     if text.stopped:
                         finish = FinishReason.STOP
                         break
-                    if n_out >= params.max_tokens:
+                    if n_out >= request.max_tokens:
                         break
             finally:
                 steps.close()  # type: ignore[attr-defined]

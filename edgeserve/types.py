@@ -37,7 +37,8 @@ class SamplingParams:
     ``max_tokens`` tokens come out (benchmarks need fixed output lengths).
     """
 
-    max_tokens: int = 256
+    #: None: until an end-of-generation token or the context is full (OpenAI's meaning when omitted).
+    max_tokens: int | None = 256
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 40
@@ -55,7 +56,11 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be >= 1", "max_tokens")
+        _check(
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            "max_tokens must be >= 1",
+            "max_tokens",
+        )
         _check(_finite(self.temperature) and self.temperature >= 0, "temperature must be >= 0", "temperature")
         _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]", "top_p")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be >= 0 (0 disables it)", "top_k")

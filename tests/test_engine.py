@@ -248,3 +248,11 @@ def test_full_queue_refuses_with_retry_after_and_loses_nothing(engine: Engine) -
             h.cancel()
     assert all(h.result().finish_reason is FinishReason.CANCELLED for h in handles)
     assert engine.queue_depth == 0
+
+
+def test_max_tokens_none_fills_the_context(engine: Engine) -> None:
+    n_ctx = engine.capabilities.n_ctx
+    prompt = engine.tokenize("x" + " y" * (n_ctx - 20))[: n_ctx - 12]
+    result = engine.generate(prompt, max_tokens=None, ignore_eos=True)
+    assert result.prompt_tokens + result.completion_tokens == n_ctx
+    assert result.finish_reason is FinishReason.LENGTH
