@@ -26,7 +26,35 @@ PENALTY_LAST_N = 64
 
 
 def load(model: ResolvedModel, settings: ModelSettings) -> LlamaBackend:
+    _route_llama_logs()
     return LlamaBackend(model, settings)
+
+
+_LOG_CALLBACK: Any = None
+
+
+def _route_llama_logs() -> None:
+    """Send llama.cpp's own log lines to Python logging (``edgeserve.llama_cpp``) instead of stderr,
+    where llama-cpp-python prints some of them even with ``verbose=False``."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    import llama_cpp
+
+    native = logging.getLogger("edgeserve.llama_cpp")
+    # ggml's enum (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line).
+    levels = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+    last = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        last[0] = levels.get(level, last[0] if level == 5 else logging.DEBUG)
+        line = text.decode("utf-8", errors="replace").rstrip()
+        if line:
+            native.log(last[0], "%s", line)
+
+    _LOG_CALLBACK = callback  # ctypes keeps no reference: without this the callback is freed
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 class LlamaBackend:

@@ -33,8 +33,19 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.version_option(package_name="edgeserve")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More logging (-v: info, -vv: debug, backend logs included).")
+def main(verbose: int) -> None:
     """Run LLMs on your own hardware."""
+    _configure_logging(verbose)
+
+
+def _configure_logging(verbose: int) -> None:
+    import logging
+
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Backend libraries narrate every load (buffer sizes, cache layouts): only errors unless asked.
+    logging.getLogger("edgeserve.llama_cpp").setLevel(logging.ERROR if verbose < 2 else logging.DEBUG)
 
 
 def sampling_options(fn: F) -> F:
@@ -100,6 +111,12 @@ def _stats(result: GenerationResult) -> str:
     )
 
 
+def _end_line() -> None:
+    # Flushed so that the stats line on stderr lands after the text, also when stdout is a pipe.
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
 def _print_stream(events: Iterator[Any]) -> GenerationResult:
     result: GenerationResult | None = None
     for event in events:
@@ -129,7 +146,7 @@ def run(prompt: str, as_chat: bool, as_json: bool, **values: Any) -> None:
             click.echo(json.dumps({**asdict(result), "finish_reason": result.finish_reason.value}))
             return
         result = _print_stream(engine.stream(params=params, **kwargs))
-    click.echo()
+    _end_line()
     click.echo(_stats(result), err=True)
 
 
@@ -170,7 +187,7 @@ def chat(system: str | None, **values: Any) -> None:
                 click.echo("\n[interrupted]", err=True)
                 continue
             history.append({"role": "assistant", "content": result.text})
-            click.echo()
+            _end_line()
             click.echo(f"{_stats(result)} [template: {result.chat_template}]", err=True)
 
 
