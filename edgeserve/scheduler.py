@@ -1,21 +1,35 @@
 """Admission queue: a pure data structure.
 
-No threads, no sockets, no backend: the engine loop calls ``add``/``next``/``cancel`` under its own
-lock and passes the time in, so tests drive it with a fake clock. Queue policies are small classes
-picked by name from ``POLICIES``; the scheduler adds what every policy shares (capacity, lookup by
-id, cancellation, snapshots).
+No threads, no sockets, no backend, no clock: the engine loop calls ``add``/``next``/``cancel``
+under its own lock and passes the time in, so tests drive it with a fake clock.
+
+A policy is an ordering, picked by name from ``POLICIES``:
+
+- ``fcfs``: arrival order (what llama.cpp's server and Ollama do).
+- ``sjf``: shortest predicted answer first (Clairvoyant), ties by arrival.
+- ``priority``: the client's priority first (lower runs earlier, as in vLLM), SJF within a level.
+
+Aging is shared by every policy: once the oldest waiting request has waited ``aging_s`` it runs
+next, whatever the ordering says. So a request waits at most ``aging_s`` plus the service time of
+the job running when it aged plus that of requests that aged before it — never forever.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 from edgeserve.errors import InvalidParameterError, QueueFullError
 
 T = TypeVar("T")
+
+#: Stand-in prediction for a request the predictor could not score (e.g. a raw token prompt).
+UNKNOWN_TOKENS = 256.0
 
 
 @dataclass
@@ -28,6 +42,10 @@ class Entry(Generic[T]):
     priority: int = 0
     predicted_tokens: float | None = None
 
+    @property
+    def expected(self) -> float:
+        return UNKNOWN_TOKENS if self.predicted_tokens is None else self.predicted_tokens
+
 
 @dataclass(frozen=True)
 class QueueView:
@@ -38,72 +56,58 @@ class QueueView:
     waited_s: float
     priority: int
     predicted_tokens: float | None
+    #: True when aging, not the policy's order, put it where it is.
+    aged: bool
 
 
-class Policy(Protocol[T]):
-    """Orders waiting entries. ``pop`` may skip entries the scheduler has cancelled (``alive``)."""
+SortKey = tuple[float, ...]
 
-    def push(self, entry: Entry[T]) -> None: ...
-
-    def pop(self, now: float, alive: Callable[[Entry[T]], bool]) -> Entry[T] | None: ...
-
-    def ordered(self, now: float) -> list[Entry[T]]: ...
-
-
-class FcfsPolicy(Generic[T]):
-    """First come, first served: what llama.cpp's server and Ollama do."""
-
-    def __init__(self) -> None:
-        self._queue: collections.deque[Entry[T]] = collections.deque()
-
-    def push(self, entry: Entry[T]) -> None:
-        self._queue.append(entry)
-
-    def pop(self, now: float, alive: Callable[[Entry[T]], bool]) -> Entry[T] | None:
-        while self._queue:
-            entry = self._queue.popleft()
-            if alive(entry):
-                return entry
-        return None
-
-    def ordered(self, now: float) -> list[Entry[T]]:
-        return list(self._queue)
-
-
-POLICIES: dict[str, Callable[[], Policy[Any]]] = {
-    "fcfs": FcfsPolicy,
+POLICIES: dict[str, Callable[[Entry[object]], SortKey]] = {
+    "fcfs": lambda e: (e.arrival,),
+    "sjf": lambda e: (e.expected, e.arrival),
+    "priority": lambda e: (e.priority, e.expected, e.arrival),
 }
 
 
 @dataclass
 class Scheduler(Generic[T]):
-    """Bounded admission queue under a named policy.
+    """Bounded admission queue under a named policy, with aging.
 
-    Invariant: ``len(self)`` counts live (not cancelled, not yet taken) entries only, and capacity is
-    checked against it, so cancelled requests never hold a slot.
+    Invariant: ``len(self)`` counts live entries only (not cancelled, not yet taken) and capacity is
+    checked against it, so cancelled requests never hold a slot. The heap and the arrival queue
+    keep dead references that are skipped when they surface (O(log n) cancel, no policy needs a
+    delete operation).
     """
 
     policy: str = "fcfs"
     capacity: int = 64
+    #: Seconds after which a waiting request runs next regardless of order; ``inf`` disables aging.
+    aging_s: float = math.inf
     #: Seconds a client should wait before retrying when the queue is full (sent as Retry-After).
     retry_after_s: float = 1.0
     _live: dict[str, Entry[T]] = field(default_factory=dict, init=False)
-    _queue: Policy[T] = field(init=False)
+    _heap: list[tuple[SortKey, int, Entry[T]]] = field(default_factory=list, init=False)
+    _arrivals: collections.deque[Entry[T]] = field(default_factory=collections.deque, init=False)
+    _seq: itertools.count[int] = field(default_factory=itertools.count, init=False)
 
     def __post_init__(self) -> None:
-        try:
-            factory = POLICIES[self.policy]
-        except KeyError:
+        if self.policy not in POLICIES:
             raise InvalidParameterError(
-                f"unknown policy {self.policy!r}; choose one of: {', '.join(sorted(POLICIES))}",
-                param="policy",
-            ) from None
+                f"unknown policy {self.policy!r}; choose one of: {', '.join(sorted(POLICIES))}", param="policy"
+            )
         if self.capacity < 1:
             raise InvalidParameterError("capacity must be >= 1", param="capacity")
-        self._queue = factory()
+        self.set_aging(self.aging_s)
+        self._key = POLICIES[self.policy]
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def set_aging(self, aging_s: float) -> None:
+        """Change τ while running: the engine derives it from measured service times."""
+        if not aging_s > 0:
+            raise InvalidParameterError("aging_s must be > 0 (inf disables aging)", param="aging_s")
+        self.aging_s = aging_s
 
     def add(self, entry: Entry[T]) -> None:
         if len(self._live) >= self.capacity:
@@ -114,26 +118,46 @@ class Scheduler(Generic[T]):
         if entry.request_id in self._live:
             raise InvalidParameterError(f"request id {entry.request_id!r} is already queued", param="request_id")
         self._live[entry.request_id] = entry
-        self._queue.push(entry)
+        heapq.heappush(self._heap, (self._key(entry), next(self._seq), entry))  # type: ignore[arg-type]
+        self._arrivals.append(entry)
 
     def next(self, now: float) -> Entry[T] | None:
         """Take the entry to run now, or None if nothing waits."""
-        entry = self._queue.pop(now, lambda e: self._live.get(e.request_id) is e)
-        if entry is not None:
-            del self._live[entry.request_id]
+        self._drop_dead_heads()
+        if not self._live:
+            return None
+        oldest = self._arrivals[0]
+        # Aging before order: the oldest request, once it has waited tau, beats every key.
+        entry = oldest if now - oldest.arrival >= self.aging_s else self._heap[0][2]
+        del self._live[entry.request_id]
+        self._drop_dead_heads()
         return entry
 
     def cancel(self, request_id: str) -> Entry[T] | None:
-        """Remove a waiting entry; returns it, or None if it was not waiting (already running or gone).
-
-        The policy's own structure keeps a dead reference that ``pop`` skips: O(1) here, and no
-        policy needs a delete operation.
-        """
+        """Remove a waiting entry; returns it, or None if it was not waiting (running or gone)."""
         return self._live.pop(request_id, None)
 
     def snapshot(self, now: float) -> list[QueueView]:
-        live = [e for e in self._queue.ordered(now) if self._live.get(e.request_id) is e]
+        """Live entries in the order ``next`` would take them if nothing else arrived."""
+        aged = [e for e in self._arrivals if self._alive(e) and now - e.arrival >= self.aging_s]
+        aged_ids = {e.request_id for e in aged}
+        rest = sorted(
+            (item for item in self._heap if self._alive(item[2]) and item[2].request_id not in aged_ids),
+            key=lambda item: (item[0], item[1]),
+        )
+        order = [*aged, *(item[2] for item in rest)]
         return [
-            QueueView(e.request_id, i, max(0.0, now - e.arrival), e.priority, e.predicted_tokens)
-            for i, e in enumerate(live)
+            QueueView(
+                e.request_id, i, max(0.0, now - e.arrival), e.priority, e.predicted_tokens, e.request_id in aged_ids
+            )
+            for i, e in enumerate(order)
         ]
+
+    def _alive(self, entry: Entry[T]) -> bool:
+        return self._live.get(entry.request_id) is entry
+
+    def _drop_dead_heads(self) -> None:
+        while self._heap and not self._alive(self._heap[0][2]):
+            heapq.heappop(self._heap)
+        while self._arrivals and not self._alive(self._arrivals[0]):
+            self._arrivals.popleft()
