@@ -8,6 +8,7 @@ the comparison can be checked against a real run. Pure: no clock, no threads, se
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import random
 from collections.abc import Iterable, Sequence
@@ -109,7 +110,7 @@ def trace_gaps(path: Path) -> list[float]:
     with path.open(newline="") as f:
         stamps = [datetime.fromisoformat(row["TIMESTAMP"].strip()[:26]) for row in csv.DictReader(f)]
     stamps.sort()
-    return [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:], strict=False)]
+    return [(b - a).total_seconds() for a, b in itertools.pairwise(stamps)]
 
 
 def replay_arrivals(gaps: Sequence[float], n: int, rate_per_s: float) -> list[float]:
