@@ -70,7 +70,7 @@ class AdaptationLog:
         entry: dict[str, Any] = {
             "v": LOG_VERSION,
             "spec": self._digest,
-            "x": {str(i): round(float(row[i]), 6) for i in np.flatnonzero(row)},
+            "x": {str(i): float(row[i]) for i in np.flatnonzero(row)},
             "tokens": actual_tokens,
             "t": round(time.time(), 3),
         }

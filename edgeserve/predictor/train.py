@@ -103,7 +103,9 @@ def load_labelled(config: TrainConfig, progress: Progress, sharegpt: Path | None
     if config.limit:
         examples = examples[: config.limit]
     progress.phase(f"counting answer tokens ({config.tokenizer})", len(examples))
-    counts = cached_counts([e.answer for e in examples], config.tokenizer, DEFAULT_CACHE, progress.advance)
+    # Only the real tokenizer is slow enough to be worth a cache.
+    cache = DEFAULT_CACHE if config.tokenizer == "gemma3" else None
+    counts = cached_counts([e.answer for e in examples], config.tokenizer, cache, progress.advance)
     return with_token_counts(examples, counts)
 
 

@@ -1,0 +1,67 @@
+"""``edgeserve predict`` and ``edgeserve predictor info`` through click's runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from edgeserve.predictor.cli import predict_command, predictor
+
+
+def run_predict(lines: list[str]) -> list[dict[str, object]]:
+    result = CliRunner().invoke(predict_command, ["--input", "-"], input="\n".join(lines) + "\n")
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.output.splitlines()]
+
+
+def test_round_trip_keeps_order_and_shapes() -> None:
+    lines = [
+        json.dumps({"prompt": "What is the capital of France? One word."}),
+        json.dumps({"messages": [{"role": "user", "content": "Write a 2000-word story about a dragon."}]}),
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "Describe this"}]}]}),
+    ]
+    out = run_predict(lines)
+    assert len(out) == 3
+    for item in out:
+        assert set(item) == {"expected_tokens", "class"}
+        assert isinstance(item["expected_tokens"], float)
+        assert item["class"] in ("short", "medium", "long")
+    assert out[0]["expected_tokens"] < out[1]["expected_tokens"]  # type: ignore[operator]
+
+
+def test_bad_lines_get_errors_and_the_batch_goes_on() -> None:
+    lines = [
+        "{not json",
+        json.dumps({"prompt": ""}),
+        json.dumps({"prompt": "hello there"}),
+        "",
+        json.dumps({"messages": []}),
+        json.dumps(["a list"]),
+        json.dumps({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "Explain TCP."}]}),
+    ]
+    out = run_predict(lines)
+    assert len(out) == len(lines)
+    errors = [i for i, item in enumerate(out) if "error" in item]
+    assert errors == [0, 1, 3, 4, 5, 6]
+    assert out[0]["line"] == 1 and "not JSON" in str(out[0]["error"])
+    assert "empty" in str(out[1]["error"])
+    assert "class" in out[2] and "class" in out[7]
+
+
+def test_input_file(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    result = CliRunner().invoke(predict_command, ["--input", str(path)])
+    assert result.exit_code == 0
+    assert "class" in json.loads(result.output)
+
+
+def test_info_shows_the_training_summary() -> None:
+    result = CliRunner().invoke(predictor, ["info"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["training_data"]["pairs"] > 50_000
+    assert info["features"]["vocabulary_terms"] > 0

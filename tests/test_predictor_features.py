@@ -1,0 +1,154 @@
+"""Length-predictor features: every request shape, one feature function for training and serving."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgeserve.errors import InvalidParameterError
+from edgeserve.predictor import FeatureSpec, LengthPredictor, feature_row, to_request
+from edgeserve.predictor.data import Example
+from edgeserve.predictor.features import DENSE_NAMES, N_DENSE, feature_names
+from edgeserve.predictor.train import NoProgress, build_dataset
+
+SPEC = FeatureSpec(vocab=("essay", "^write", "write an", "briefly", "hi"))
+
+
+def value(row: np.ndarray, name: str) -> float:
+    return float(row[feature_names(SPEC).index(name)])
+
+
+@pytest.fixture(scope="module")
+def shipped() -> LengthPredictor:
+    return LengthPredictor.load()
+
+
+def test_training_and_serving_rows_are_identical(shipped: LengthPredictor) -> None:
+    conversations: list[tuple[dict[str, Any], ...]] = [
+        ({"role": "user", "content": "Write an essay about tides, in detail."},),
+        (
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3? Explain in 3 sentences."},
+        ),
+        ({"role": "user", "content": "```python\nprint('x')\n```\nWhy does this fail? " * 300},),
+    ]
+    examples = [Example(group=str(i), messages=m, answer="", output_tokens=10) for i, m in enumerate(conversations)]
+    trained = build_dataset(examples, shipped.spec, NoProgress(), "t").x
+    for i, messages in enumerate(conversations):
+        served = shipped.features(list(messages))
+        np.testing.assert_array_equal(trained[i], served)
+        # And the predict path reads the same row.
+        shipped.predict(list(messages))
+        np.testing.assert_array_equal(shipped._row[0], served)
+
+
+def test_string_and_message_shapes_give_the_same_row() -> None:
+    text = "Write an essay on tides in 500 words."
+    shapes: list[Any] = [
+        text,
+        [{"role": "user", "content": text}],
+        [{"role": "user", "content": [{"type": "text", "text": text}]}],
+        ({"role": "user", "content": [{"type": "text", "text": text}]},),
+    ]
+    rows = [feature_row(shape, SPEC) for shape in shapes]
+    for row in rows[1:]:
+        np.testing.assert_array_equal(rows[0], row)
+
+
+def test_content_arrays_join_text_parts_and_count_media() -> None:
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Describe"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "text", "text": "this picture."},
+            ],
+        }
+    ]
+    request = to_request(messages)
+    assert request.last_user == "Describe\nthis picture."
+    assert request.media_parts == 1
+    # An image with no text is still something to answer.
+    assert (
+        to_request([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]).media_parts == 1
+    )
+
+
+def test_multi_turn_history_and_system_prompt() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": "Answer in under 50 words."},
+        {"role": "user", "content": "Tell me about Rome."},
+        {"role": "assistant", "content": "x" * 1000},
+        {"role": "tool", "content": "ignored"},
+        {"role": "user", "content": "continue"},
+    ]
+    request = to_request(messages)
+    assert request.last_user == "continue"
+    assert (request.user_turns, request.assistant_turns) == (2, 1)
+    assert request.prev_assistant_chars == 1000
+    assert request.history_user_chars == len("Tell me about Rome.")
+    assert request.system == "Be brief.\nAnswer in under 50 words."
+    row = feature_row(messages, SPEC)
+    assert value(row, "has_system") == 1.0
+    assert value(row, "system_cue_brief") >= 1.0
+    assert value(row, "user_turns") == 2.0
+    assert value(row, "cue_continue") == 1.0
+    assert value(row, "log_prev_answer_chars") == pytest.approx(np.log1p(1000))
+
+
+def test_requested_amounts_and_cues() -> None:
+    row = feature_row("Write a 500-word essay, then list 5 ideas.", SPEC)
+    assert value(row, "ask_words") == pytest.approx(np.log1p(500))
+    assert value(row, "ask_items") == pytest.approx(np.log1p(5))
+    assert value(row, "ask_is_ceiling") == 0.0
+    assert value(row, "verb_write") == 1.0
+    assert value(row, "term:essay") == 1.0
+    assert value(row, "term:^write") == 1.0
+    assert value(row, "term:write an") == 0.0  # "write a", not "write an"
+    ceiling = feature_row("Summarize it in no more than 50 words", SPEC)
+    assert value(ceiling, "ask_is_ceiling") == 1.0
+    # "in detail" is one cue, not "detail" plus something else.
+    assert value(feature_row("Explain it in detail", SPEC), "cue_long") == 1.0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "   \n",
+        [],
+        [{"role": "system", "content": "You are helpful."}],
+        [{"role": "user", "content": ""}],
+        [{"role": "user", "content": None}],
+        [{"role": "user", "content": 42}],
+        [{"role": "user", "content": [42]}],
+        ["not a message"],
+        b"bytes",
+        42,
+    ],
+)
+def test_empty_or_malformed_requests_raise_invalid_parameter(bad: Any) -> None:
+    with pytest.raises(InvalidParameterError):
+        feature_row(bad, SPEC)
+
+
+def test_row_layout_and_names() -> None:
+    assert len(feature_names(SPEC)) == SPEC.n_features == N_DENSE + len(SPEC.vocab)
+    assert len(set(DENSE_NAMES)) == N_DENSE
+    assert FeatureSpec.from_json(SPEC.to_json()) == SPEC
+
+
+def test_cost_is_bounded_for_huge_prompts() -> None:
+    huge = "word " * 400_000 + "Summarize briefly."
+    row = feature_row(huge, SPEC)  # warm
+    start = time.perf_counter()
+    row = feature_row(huge, SPEC)
+    assert time.perf_counter() - start < 0.05
+    assert value(row, "cue_brief") == 1.0  # the tail of the prompt is read
