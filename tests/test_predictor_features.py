@@ -152,3 +152,19 @@ def test_cost_is_bounded_for_huge_prompts() -> None:
     row = feature_row(huge, SPEC)
     assert time.perf_counter() - start < 0.05
     assert value(row, "cue_brief") == 1.0  # the tail of the prompt is read
+
+
+def test_vocabulary_hits_match_the_terms_selection_counted(shipped: LengthPredictor) -> None:
+    # Vocabulary selection counts request_terms(); featurize must light up exactly those columns.
+    from edgeserve.predictor.features import request_terms
+
+    for prompt in [
+        "How to write a function in python that can you continue",
+        "hi there, can you help me write a story?",
+        "Thank you! Continue writing please, and write code for the api.",
+    ]:
+        row = shipped.features(prompt)
+        lit = {i for i in np.flatnonzero(row[N_DENSE:]) + N_DENSE}
+        expected = {shipped.spec.columns[t] for t in request_terms(to_request(prompt)) if t in shipped.spec.columns}
+        assert lit == expected
+        assert expected  # the prompts do use vocabulary terms

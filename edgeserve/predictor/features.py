@@ -87,11 +87,14 @@ class FeatureSpec:
     #: Column of each vocabulary term, and the word table compiled from it (see ``scan``).
     columns: dict[str, int] = field(init=False, repr=False, compare=False)
     table: dict[str, WordInfo] = field(init=False, repr=False, compare=False)
+    #: First words of the vocabulary's bigrams: only bigrams starting with one are looked up.
+    bigram_starts: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         columns = {term: N_DENSE + i for i, term in enumerate(self.vocab)}
         object.__setattr__(self, "columns", columns)
         object.__setattr__(self, "table", compile_table(columns))
+        object.__setattr__(self, "bigram_starts", frozenset(t.split(" ")[0] for t in self.vocab if " " in t))
 
     @property
     def n_features(self) -> int:
@@ -118,11 +121,8 @@ def featurize(request: Request, spec: FeatureSpec, out: npt.NDArray[np.float32])
     out[N_DENSE:] = 0.0
     for column in scan.columns:
         out[column] = 1.0
-    columns = spec.columns
-    for term in _phrase_terms(words):
-        phrase_column = columns.get(term)
-        if phrase_column is not None:
-            out[phrase_column] = 1.0
+    for column in _phrase_columns(words, spec):
+        out[column] = 1.0
 
 
 def feature_row(prompt: PredictorInput, spec: FeatureSpec) -> npt.NDArray[np.float32]:
@@ -145,6 +145,25 @@ def _phrase_terms(words: Sequence[str]) -> Iterator[str]:
     head = words[:BIGRAM_WORDS]
     for a, b in itertools.pairwise(head):
         yield a + " " + b
+
+
+def _phrase_columns(words: Sequence[str], spec: FeatureSpec) -> list[int]:
+    """Vocabulary columns of ``_phrase_terms(words)``, without building bigrams that cannot match."""
+    if not words:
+        return []
+    columns = spec.columns
+    found = []
+    first = columns.get("^" + words[0])
+    if first is not None:
+        found.append(first)
+    starts = spec.bigram_starts
+    head = words[:BIGRAM_WORDS]
+    for i in range(len(head) - 1):
+        if head[i] in starts:
+            column = columns.get(head[i] + " " + head[i + 1])
+            if column is not None:
+                found.append(column)
+    return found
 
 
 def _window(text: str) -> str:
