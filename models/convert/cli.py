@@ -1,0 +1,65 @@
+"""``edgeserve convert MODEL --to FORMAT``: convert ahead of time what a backend would convert on
+first load. Importing this module pulls in no numeric stack (mlx, torch, transformers): formats are
+imported only when one is built."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from edgeserve._options import build, options_from
+from edgeserve.settings import ModelSettings
+
+from . import FORMATS
+
+_MODEL_ONLY = ("model", "backend", "n_ctx", "threads", "n_batch", "gpu_layers", "flash_attn")
+
+
+@click.command("convert")
+@click.argument("model")
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(sorted(FORMATS)),
+    required=True,
+    help="; ".join(f"{f.name}: {f.description}" for f in FORMATS.values()),
+)
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="mlx: MLX's own quantization (bits).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None, help="mlx: quantization group.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="mlx: weight dtype.")
+@click.option("--force", is_flag=True, help="Convert again even if a cached conversion exists.")
+@options_from(ModelSettings, exclude=_MODEL_ONLY)
+def convert(
+    model: str,
+    to: str,
+    quantize: str | None,
+    group_size: str | None,
+    dtype: str | None,
+    force: bool,
+    **values: Any,
+) -> None:
+    """Convert MODEL (a GGUF: path, 'default', Ollama or Hugging Face cache name) to the folder
+    format another backend loads, and print that folder. Runs once per model; later calls (and
+    backends loading the GGUF) reuse the cached folder."""
+    from edgeserve.models import resolve
+
+    from . import convert as run_convert
+    from .progress import rich_bar
+
+    settings = build(ModelSettings, values)
+    resolved = resolve(model, cache_dir=settings.cache_dir)
+    options = {
+        "quantize": int(quantize) if quantize else None,
+        "group_size": int(group_size) if group_size else None,
+        "dtype": dtype,
+    }
+    folder = run_convert(
+        resolved.path,
+        to,
+        cache_dir=settings.cache_dir,
+        options={k: v for k, v in options.items() if v is not None},
+        bar=rich_bar,
+        force=force,
+    )
+    click.echo(folder)

@@ -1,0 +1,251 @@
+"""The backend conformance suite: every backend runs these unchanged, through the Engine, on the
+embedded default model. A new backend joins by adding its name to ``BACKENDS``.
+
+The llama.cpp backend is also the reference where behaviour must match across backends (the same
+model gives the same tokens, capabilities and chat prompts whatever runs it). Generations are
+short: MLX on a CPU decodes a few tokens a second.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from edgeserve import (
+    ContextLengthError,
+    Engine,
+    FinalEvent,
+    FinishReason,
+    InvalidParameterError,
+    KVStateError,
+    SamplingParams,
+    TokenEvent,
+)
+from edgeserve.backend import get_spec
+from edgeserve.settings import EngineSettings, ModelSettings
+
+BACKENDS = ["llama", "mlx"]
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+N = 8  # tokens per generation unless a test needs more
+GREEDY = SamplingParams(max_tokens=N, temperature=0)
+
+
+def _settings(backend: str) -> ModelSettings:
+    return ModelSettings(model="default", backend=backend, n_ctx=1024, threads=1)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    name = request.param
+    if not get_spec(name).installed():
+        pytest.skip(f"backend {name} is not installed (pip install 'edgeserve[{get_spec(name).extra}]')")
+    with Engine.from_settings(_settings(name), EngineSettings(max_queue=8)) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def reference() -> Iterator[Engine]:
+    """llama.cpp on the same model: what every backend must agree with where models cannot differ."""
+    with Engine.from_settings(_settings("llama")) as eng:
+        yield eng
+
+
+# ---- the model as every backend must see it --------------------------------------------------
+
+TEXTS = [
+    "Hello, world!",
+    " leading space and  two   runs    of spaces",
+    "new\nlines\n\n\nand\ttabs\t\t",
+    "naïve café, 日本語, 한국어, العربية, emoji 😀🚀",
+    "<b>bold</b> x = [i**2 for i in range(10)]",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_round_trip(engine: Engine, reference: Engine, text: str) -> None:
+    tokens = engine.tokenize(text, add_bos=False)
+    assert tokens == reference.tokenize(text, add_bos=False)
+    assert engine.backend.detokenize(tokens) == text.encode()
+    bos = engine.capabilities.bos_token_id
+    assert engine.tokenize(text, add_bos=True) == ([bos] if bos is not None else []) + tokens
+
+
+def test_special_token_text_parses_as_special_tokens(engine: Engine, reference: Engine) -> None:
+    caps = engine.capabilities
+    text = f"{caps.bos_token}Hi{caps.eos_token}"
+    tokens = engine.tokenize(text, add_bos=False)
+    assert tokens == reference.tokenize(text, add_bos=False)
+    assert tokens[0] == caps.bos_token_id and tokens[-1] in caps.eog_token_ids
+    assert engine.backend.detokenize(tokens) == b"Hi"  # control tokens print as nothing
+
+
+def test_capabilities_describe_the_same_model(engine: Engine, reference: Engine) -> None:
+    ours, ref = engine.capabilities, reference.capabilities
+    assert ours.backend == engine.backend.capabilities().backend
+    for field in ("n_vocab", "eog_token_ids", "bos_token_id", "bos_token", "eos_token", "architecture", "n_ctx"):
+        assert getattr(ours, field) == getattr(ref, field), field
+    assert ours.kv_state
+
+
+def test_chat_renders_the_same_prompt(engine: Engine, reference: Engine) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    ours = engine.generate(messages=messages, max_tokens=2, temperature=0)
+    ref = reference.generate(messages=messages, max_tokens=2, temperature=0)
+    assert (ours.chat_template, ours.prompt_tokens) == (ref.chat_template, ref.prompt_tokens)
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+
+def test_greedy_is_deterministic_and_sensible(engine: Engine) -> None:
+    a = engine.generate(PROMPT, GREEDY)
+    b = engine.generate(PROMPT, GREEDY)
+    assert a.text == b.text
+    assert "Berlin" in a.text
+    assert 1 <= a.completion_tokens <= N
+
+
+def test_same_seed_same_text_and_different_seeds_differ(engine: Engine) -> None:
+    params = dict(max_tokens=N, temperature=1.0, top_p=1.0, top_k=0, ignore_eos=True)
+    a = engine.generate("My favourite animal is", seed=7, **params).text
+    b = engine.generate("My favourite animal is", seed=7, **params).text
+    others = {engine.generate("My favourite animal is", seed=s, **params).text for s in (8, 9, 10)}
+    assert a == b
+    assert others - {a}, "three other seeds all reproduced seed 7's sample"
+
+
+@pytest.mark.parametrize("narrow", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)], ids=["top_k", "top_p", "min_p"])
+def test_truncation_to_one_token_is_greedy(engine: Engine, narrow: dict[str, object]) -> None:
+    greedy = engine.generate(PROMPT, GREEDY).text
+    sampled = engine.generate(PROMPT, max_tokens=N, temperature=1.5, seed=5, **narrow).text  # type: ignore[arg-type]
+    assert sampled == greedy
+
+
+def test_logit_bias_forces_a_token(engine: Engine) -> None:
+    forced = engine.tokenize(" banana", add_bos=False)[-1]
+    result = engine.generate(PROMPT, max_tokens=3, temperature=0, logit_bias={forced: 100.0})
+    assert result.text == " banana" * 3
+
+
+def test_penalties_reduce_repetition(engine: Engine) -> None:
+    prompt = "1, 1, 1, 1, 1, 1, 1, 1,"
+    plain = engine.generate(prompt, max_tokens=10, temperature=0, ignore_eos=True)
+    penalized = engine.generate(
+        prompt,
+        max_tokens=10,
+        temperature=0,
+        ignore_eos=True,
+        repetition_penalty=1.5,
+        presence_penalty=1.0,
+        frequency_penalty=1.0,
+    )
+
+    def most_repeated(text: str) -> int:
+        return max(Counter(engine.tokenize(text, add_bos=False)).values())
+
+    assert most_repeated(penalized.text) < most_repeated(plain.text)
+
+
+def test_stop_sequence_cuts_the_text(engine: Engine) -> None:
+    free = engine.generate("1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=12, temperature=0).text
+    assert len(free) >= 8
+    stop = free[4:7]
+    result = engine.generate("1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=12, temperature=0, stop=[stop])
+    assert result.finish_reason is FinishReason.STOP
+    assert result.text == free[: free.index(stop)]
+
+
+def test_max_tokens_and_ignore_eos(engine: Engine) -> None:
+    eos = min(engine.capabilities.eog_token_ids)
+    # The end-of-generation token forced on every step: it ends at once unless ignore_eos.
+    ended = engine.generate(PROMPT, max_tokens=5, temperature=0, logit_bias={eos: 100.0})
+    assert (ended.completion_tokens, ended.finish_reason) == (0, FinishReason.STOP)
+    kept = engine.generate(PROMPT, max_tokens=5, temperature=0, logit_bias={eos: 100.0}, ignore_eos=True)
+    assert (kept.completion_tokens, kept.finish_reason) == (5, FinishReason.LENGTH)
+    capped = engine.generate("Once upon a time", max_tokens=3, temperature=0.8, seed=1, ignore_eos=True)
+    assert (capped.completion_tokens, capped.finish_reason) == (3, FinishReason.LENGTH)
+
+
+def test_streamed_text_equals_final_text(engine: Engine) -> None:
+    events = list(engine.stream("naïve café, 日本語:", max_tokens=N, temperature=0.7, seed=3))
+    assert isinstance(events[-1], FinalEvent)
+    pieces = [e.text for e in events if isinstance(e, TokenEvent)]
+    assert len(pieces) >= 2
+    assert "".join(pieces) == events[-1].result.text
+
+
+def test_cancel_mid_stream_stops_within_a_step(engine: Engine) -> None:
+    handle = engine.submit("Write a long story about a dragon.", SamplingParams(max_tokens=200, ignore_eos=True))
+    seen, final = 0, None
+    for event in handle:
+        if isinstance(event, TokenEvent):
+            seen += 1
+            if seen == 2:
+                handle.cancel()
+        elif isinstance(event, FinalEvent):
+            final = event.result
+    assert final is not None and final.finish_reason is FinishReason.CANCELLED
+    assert final.completion_tokens <= 4
+    assert "Berlin" in engine.generate(PROMPT, GREEDY).text  # the backend is usable again
+
+
+# ---- KV state -------------------------------------------------------------------------------
+
+
+def test_kv_export_import_reproduces_greedy_output(engine: Engine) -> None:
+    prompt = "The three primary colours are"
+    expected = engine.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).text
+    tokens = engine.tokenize(prompt)
+    blob = engine.call(lambda b: (b.prefill(tokens), b.export_state())[1])
+    engine.generate("Something else entirely, to overwrite the cache.", max_tokens=2)
+    assert engine.import_state(blob) == tokens
+    again = engine.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True)
+    assert again.cached_prompt_tokens == len(tokens) - 1  # only the last token is evaluated again
+    assert again.text == expected
+
+
+def test_kv_state_from_garbage_or_another_backend_is_a_clear_error(engine: Engine, reference: Engine) -> None:
+    with pytest.raises(KVStateError):
+        engine.import_state(b"not a state")
+    if engine.capabilities.backend != "llama":
+        foreign = reference.call(lambda b: (b.prefill(reference.tokenize("Hi")), b.export_state())[1])
+        with pytest.raises(KVStateError):
+            engine.import_state(foreign)
+    assert "Berlin" in engine.generate(PROMPT, GREEDY).text
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_tokens=0),
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_k=-2),
+        dict(min_p=2),
+        dict(seed=-1),
+        dict(repetition_penalty=0),
+        dict(presence_penalty=3),
+        dict(stop=[""]),
+        dict(logit_bias={-1: 1.0}),
+        dict(logit_bias={10**9: 1.0}),
+        dict(temperature=float("nan")),
+        dict(bogus=1),
+    ],
+)
+def test_bad_parameters_fail_clearly_before_any_work(engine: Engine, kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidParameterError):
+        engine.generate(PROMPT, **kwargs)
+
+
+def test_bad_prompts_fail_clearly(engine: Engine) -> None:
+    with pytest.raises(InvalidParameterError):
+        engine.generate("", max_tokens=2)
+    with pytest.raises(InvalidParameterError):
+        engine.generate([10**9], max_tokens=2)
+    with pytest.raises(ContextLengthError):
+        engine.generate("word " * 2000, max_tokens=2)
