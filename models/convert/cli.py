@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from edgeserve._options import build, options_from
+from edgeserve.errors import EdgeserveError, UserError
 from edgeserve.settings import ModelSettings
 
 from . import FORMATS
@@ -48,18 +49,24 @@ def convert(
     from .progress import rich_bar
 
     settings = build(ModelSettings, values)
-    resolved = resolve(model, cache_dir=settings.cache_dir)
     options = {
         "quantize": int(quantize) if quantize else None,
         "group_size": int(group_size) if group_size else None,
         "dtype": dtype,
     }
-    folder = run_convert(
-        resolved.path,
-        to,
-        cache_dir=settings.cache_dir,
-        options={k: v for k, v in options.items() if v is not None},
-        bar=rich_bar,
-        force=force,
-    )
+    # Mapped here as edgeserve's command group maps them, so the command reads the same on its own.
+    try:
+        resolved = resolve(model, cache_dir=settings.cache_dir)
+        folder = run_convert(
+            resolved.path,
+            to,
+            cache_dir=settings.cache_dir,
+            options={k: v for k, v in options.items() if v is not None},
+            bar=rich_bar,
+            force=force,
+        )
+    except UserError as exc:
+        raise click.UsageError(str(exc)) from None
+    except EdgeserveError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(folder)
