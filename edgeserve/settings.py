@@ -54,3 +54,6 @@ class ServerSettings(_Settings):
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' on every route but /health.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
     log_prompts: bool = Field(False, description="Log prompt text (off: prompts are private).")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Server log level (access lines never carry prompt text)."
+    )

@@ -1,0 +1,12 @@
+"""The HTTP server: OpenAI- and Ollama-compatible routes over one injected ``Engine``.
+
+    from edgeserve.server.app import create_app
+    app = create_app(engine, ServerSettings())     # an ASGI app; serve it with uvicorn
+
+This package's ``__init__`` and ``cli`` import nothing from the ``server`` extra (FastAPI, uvicorn),
+because ``edgeserve.cli`` registers ``serve`` in the base install, where those may be missing.
+
+Layout: ``*_wire.py`` hold the JSON shapes (pydantic, documented in ``/openapi.json``), apart from
+the engine's own types; ``*_routes.py`` translate wire → engine → wire; ``generation.py`` runs one
+request (metrics, disconnects, streaming); ``guard.py`` is the API-key and body-size middleware.
+"""

@@ -1,0 +1,55 @@
+"""``edgeserve serve``: flags (generated from the settings) → engine → app → uvicorn.
+
+Imports nothing from the ``server`` extra at module level: ``edgeserve.cli`` registers this command
+in the base install, where FastAPI and uvicorn may be missing; the command says how to add them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+import click
+
+from edgeserve._options import build, options_from
+from edgeserve.settings import EngineSettings, ModelSettings, ServerSettings
+
+log = logging.getLogger("edgeserve.server")
+
+
+@click.command()
+@options_from(ServerSettings)
+@options_from(ModelSettings)
+@options_from(EngineSettings)
+def serve(**values: Any) -> None:
+    """Serve the model over OpenAI- and Ollama-compatible HTTP APIs (loopback only by default)."""
+    server = build(ServerSettings, values)
+    model = build(ModelSettings, values)
+    engine_settings = build(EngineSettings, values)
+    try:
+        import uvicorn
+
+        from edgeserve.server.app import create_app
+    except ImportError as exc:
+        raise click.ClickException(f"the server needs its extra: pip install 'edgeserve[server]' ({exc})") from None
+    from edgeserve.engine import Engine
+    from edgeserve.models import resolve
+
+    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not _is_loopback(server.host) and server.api_key is None:
+        log.warning("listening on %s without an API key: anyone who can reach it can use it", server.host)
+    resolved = resolve(model.model, cache_dir=model.cache_dir)
+    with Engine.from_settings(model, engine_settings) as engine:
+        app = create_app(engine, server, model=resolved)
+        # On shutdown, streams still open after the grace period are cancelled (their requests too).
+        uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=10)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,79 @@
+"""Prometheus metrics, one registry per app (never the global one: two apps in one process, as in
+tests, must not share or collide).
+
+Latency histograms are fed from the engine's own timings (``GenerationResult``), so they measure
+the request from admission, not the HTTP layer's view of it. Every request is counted once in
+``edgeserve_requests_total`` by outcome: the finish reason, ``error``, ``queue_full`` or
+``cancelled`` (the client left before the end).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from edgeserve.engine import Engine
+from edgeserve.types import GenerationResult
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+PER_TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+
+
+class ServerMetrics:
+    def __init__(self, engine: Engine, model: str) -> None:
+        self.model = model
+        self.registry = CollectorRegistry()
+        labels = ("model", "endpoint")
+        r = self.registry
+        self.ttft = Histogram(
+            "edgeserve_time_to_first_token_seconds",
+            "Admission to first token (queue wait and prefill included).",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "edgeserve_time_per_output_token_seconds",
+            "Mean seconds per generated token after the first.",
+            labels,
+            buckets=PER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "edgeserve_queue_wait_seconds", "Admission to start of work.", labels, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "edgeserve_e2e_request_latency_seconds",
+            "Admission to the last token.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("edgeserve_prompt_tokens", "Prompt tokens of ended requests.", labels, registry=r)
+        self.generation_tokens = Counter("edgeserve_generation_tokens", "Tokens generated.", labels, registry=r)
+        self.requests = Counter("edgeserve_requests", "Requests by outcome.", (*labels, "outcome"), registry=r)
+        depth = Gauge("edgeserve_queue_depth", "Requests waiting for the engine.", ("model",), registry=r)
+        depth.labels(model).set_function(lambda: engine.queue_depth)
+        running = Gauge("edgeserve_requests_running", "Requests running now (0 or 1).", ("model",), registry=r)
+        running.labels(model).set_function(lambda: float(engine.busy))
+
+    def finished(self, endpoint: str, result: GenerationResult) -> None:
+        """A request that reached its end (its finish reason is the outcome)."""
+        m, e = self.model, endpoint
+        self.requests.labels(m, e, result.finish_reason.value).inc()
+        self.prompt_tokens.labels(m, e).inc(result.prompt_tokens)
+        self.generation_tokens.labels(m, e).inc(result.completion_tokens)
+        self.queue_wait.labels(m, e).observe(result.queue_wait_s)
+        self.e2e.labels(m, e).observe(result.total_s)
+        if result.ttft_s is not None:
+            self.ttft.labels(m, e).observe(result.ttft_s)
+        if result.decode_tok_s:
+            self.tpot.labels(m, e).observe(1.0 / result.decode_tok_s)
+
+    def ended_early(self, endpoint: str, outcome: str, generated_tokens: int = 0) -> None:
+        """A request with no result: refused, failed, or abandoned by its client."""
+        self.requests.labels(self.model, endpoint, outcome).inc()
+        if generated_tokens:
+            self.generation_tokens.labels(self.model, endpoint).inc(generated_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

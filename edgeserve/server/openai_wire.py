@@ -1,0 +1,225 @@
+"""OpenAI wire types: the JSON that ``/v1/*`` reads and writes, as pydantic models.
+
+Only what edgeserve serves is declared; unknown request fields are ignored (clients send many), and
+fields that would change the answer in a way edgeserve cannot honour (``n > 1``, ``logprobs``,
+``tools``) are declared so that the route can refuse them with a clear 400 instead of ignoring them.
+For those, validation accepts the field's usual shape and the route says what is wrong, while the
+documented schema (``Documented``) states only what is served: a request that fits the schema is
+served. ``ignore_eos``, ``priority``, ``top_k``, ``min_p`` and ``repetition_penalty`` are extensions.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+TokenId = Annotated[int, Field(ge=0)]
+Bias = Annotated[float, Field(ge=-100, le=100)]
+StopText = Annotated[str, Field(min_length=1)]
+StopList = Annotated[list[StopText], Field(max_length=16)]
+
+
+#: The schema to publish for a field whose validation is looser, so that the route can refuse an
+#: unsupported value with a message that names it rather than a generic type error.
+Documented = WithJsonSchema
+
+NULL = {"type": "null"}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="Send one last chunk with token usage before [DONE].")
+
+
+class SamplingFields(BaseModel):
+    """Fields the chat and the text completion requests share."""
+
+    model: str = Field(min_length=1, description="Model id, as listed by GET /v1/models.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate at most; omitted: until the end of text or a full context."
+    )
+    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy. Default 1.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass. Default 1.")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="Same seed, same request: same text.")
+    stop: StopText | StopList | None = Field(None, description="Stop sequences (not included in the text).")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Documented({"type": "integer", "minimum": 1, "maximum": 1})] = Field(
+        1, description="Choices per request; only 1 is supported."
+    )
+    logit_bias: Annotated[
+        dict[str, Bias] | None,
+        Documented(
+            {
+                "anyOf": [
+                    {
+                        "type": "object",
+                        "patternProperties": {"^[0-9]{1,9}$": {"type": "number", "minimum": -100, "maximum": 100}},
+                        "additionalProperties": False,
+                    },
+                    NULL,
+                ]
+            }
+        ),
+    ] = Field(None, description="Token id (as a string) → bias added to its logit.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logprobs: Annotated[bool | int | None, Documented({"enum": [False, 0, None]})] = Field(
+        None, description="Not supported: must be absent, null, false or 0."
+    )
+    user: str | None = None
+    # Extensions (llama.cpp server and vLLM accept the same names).
+    ignore_eos: bool = Field(False, description="Extension: keep going through end-of-text tokens (benchmarks).")
+    priority: int = Field(
+        0, ge=-(2**31), lt=2**31, description="Extension: admission priority for the engine's queue policy."
+    )
+    top_k: int | None = Field(None, ge=0, description="Extension: sample from the k likeliest tokens (0: off).")
+    min_p: float | None = Field(None, ge=0, le=1, description="Extension: drop tokens below min_p × the best.")
+    repetition_penalty: float | None = Field(None, gt=0, description="Extension: 1.0 disables it.")
+
+
+def _text_part_only(schema: dict[str, Any]) -> None:
+    schema["properties"]["type"] = {"const": "text", "type": "string"}
+    schema["properties"]["text"] = {"type": "string"}
+    schema["required"] = ["type", "text"]
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``text`` parts can be served (the engine says so for
+    others, naming the part's type)."""
+
+    model_config = ConfigDict(json_schema_extra=_text_part_only)
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Preferred name for max_tokens; wins over it.")
+    tools: Annotated[list[dict[str, Any]] | None, Documented({"anyOf": [{"type": "array", "maxItems": 0}, NULL]})] = (
+        Field(None, description="Not supported: must be absent or empty.")
+    )
+    response_format: Annotated[
+        dict[str, Any] | None,
+        Documented({"anyOf": [{"type": "object", "properties": {"type": {"const": "text"}}}, NULL]}),
+    ] = Field(None, description="Only {'type': 'text'} is supported.")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    ) = Field(description="Text, or token ids (below the model's vocabulary size); one prompt per request.")
+    max_tokens: int | None = Field(
+        16, ge=1, description="Tokens to generate at most (default 16, as OpenAI); null: until the end of text."
+    )
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+FinishReasonWire = Literal["stop", "length"]
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReasonWire
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: FinishReasonWire | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE ``data:`` line of a streamed chat completion; the stream ends with ``data: [DONE]``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    #: Set only on the last chunk (whose ``choices`` is empty) when ``stream_options.include_usage``.
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReasonWire | None = None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A text completion; streamed chunks have the same shape (``finish_reason`` null until the last)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "edgeserve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error from /v1 (and from routes outside /api), and the in-stream error event."""
+
+    error: ErrorDetail
