@@ -65,3 +65,23 @@ def test_info_shows_the_training_summary() -> None:
     info = json.loads(result.output)
     assert info["training_data"]["pairs"] > 50_000
     assert info["features"]["vocabulary_terms"] > 0
+
+
+def test_cli_import_stays_cheap() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, edgeserve.predictor.cli;"
+        "print(sorted(m for m in ('onnxruntime', 'xgboost', 'rich.progress', 'edgeserve.predictor.model')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_public_names_resolve() -> None:
+    import edgeserve.predictor as package
+
+    for name in package.__all__:
+        assert getattr(package, name) is not None

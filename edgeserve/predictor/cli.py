@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from edgeserve.errors import EdgeserveError
+
+if TYPE_CHECKING:  # the real import waits for a command to run: it pulls in numpy
+    from edgeserve.predictor.model import LengthPredictor
 
 
 @click.group("predictor")
@@ -55,8 +58,14 @@ def train_command(out: Path, seed: int | None, tokenizer: str, limit: int, share
     config = TrainConfig(tokenizer=tokenizer, limit=limit)
     if seed is not None:
         config = replace(config, seed=seed)
-    with _RichProgress() as progress:
-        result = train(config, progress, sharegpt)
+    try:
+        with _RichProgress() as progress:
+            result = train(config, progress, sharegpt)
+    except ImportError as e:
+        raise click.ClickException(
+            f"{e.name or e}: training needs the train extra (pip install 'edgeserve[train]'); "
+            "without llama-cpp-python, --tokenizer approx counts tokens approximately"
+        ) from e
     same_as_shipped = result.onnx_bytes == _shipped_onnx()  # read before --out may overwrite it
     onnx_path, json_path = write_artefact(out, result.onnx_bytes, result.meta)
     test = result.meta["metrics"]["test"]
@@ -97,14 +106,16 @@ def adapt_command(log: Path, base: Path | None, out: Path, log_weight: float | N
     artefact; serve it with ``LengthPredictor.load(OUT)``."""
     from edgeserve.predictor.adapt import AdaptConfig, adapt_log
     from edgeserve.predictor.export import write_artefact
-    from edgeserve.predictor.model import LengthPredictor
 
     config = AdaptConfig() if log_weight is None else AdaptConfig(log_weight=log_weight)
+    predictor_ = _load(base)
     try:
         with _RichProgress() as progress:
-            result = adapt_log(LengthPredictor.load(base), log, config, progress=progress, sharegpt=sharegpt)
+            result = adapt_log(predictor_, log, config, progress=progress, sharegpt=sharegpt)
     except EdgeserveError as e:
         raise click.ClickException(str(e)) from e
+    except ImportError as e:
+        raise click.ClickException(f"{e.name or e}: adapting needs the train extra") from e
     info = result.meta["adaptation"]
     after = info["sharegpt_test_after"]
     click.echo(f"{info['records']} logged requests used ({info['skipped_lines']} lines skipped)")
@@ -120,9 +131,7 @@ def adapt_command(log: Path, base: Path | None, out: Path, log_weight: float | N
 @click.argument("path", type=click.Path(path_type=Path), required=False)
 def info_command(path: Path | None) -> None:
     """Show an artefact's training summary and metrics (default: the shipped one)."""
-    from edgeserve.predictor.model import LengthPredictor
-
-    meta = LengthPredictor.load(path).meta
+    meta = _load(path).meta
     shown = {k: v for k, v in meta.items() if k != "features"}
     shown["features"] = {"version": meta["features"]["version"], "vocabulary_terms": len(meta["features"]["vocab"])}
     click.echo(json.dumps(shown, indent=1))
@@ -141,14 +150,12 @@ def info_command(path: Path | None) -> None:
 def predict_command(input_file: IO[str], model: Path | None) -> None:
     """Predict answer lengths: one JSON line out per line in, in order,
     {"expected_tokens": float, "class": "short"|"medium"|"long"} or {"error": "...", "line": n}."""
-    from edgeserve.predictor.model import LengthPredictor
-
-    predictor_ = LengthPredictor.load(model)
+    predictor_ = _load(model)
     for number, line in enumerate(input_file, start=1):
         click.echo(json.dumps(_predict_line(predictor_, line, number)))
 
 
-def _predict_line(predictor_: Any, line: str, number: int) -> dict[str, Any]:
+def _predict_line(predictor_: LengthPredictor, line: str, number: int) -> dict[str, Any]:
     """One input line to one output object; every failure becomes an error object, never an exit."""
     try:
         item = json.loads(line)
@@ -162,6 +169,15 @@ def _predict_line(predictor_: Any, line: str, number: int) -> dict[str, Any]:
         return {"error": str(e), "line": number}
     result: dict[str, Any] = prediction.to_json()
     return result
+
+
+def _load(path: Path | None) -> LengthPredictor:
+    from edgeserve.predictor.model import LengthPredictor
+
+    try:
+        return LengthPredictor.load(path)
+    except EdgeserveError as e:
+        raise click.ClickException(str(e)) from e
 
 
 def _shipped_onnx() -> bytes | None:
