@@ -326,7 +326,8 @@ class _Sampler:
             if p.repetition_penalty != 1:
                 seen = mx.where(seen <= 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
             seen = seen - n * p.frequency_penalty - p.presence_penalty
-            logits[ids] = seen
+            # Functional update: the backend's logits array must never change under it.
+            logits = logits.at[ids].add(seen - logits[ids])
         token = int(mx.argmax(logits).item()) if p.greedy else self._draw(logits)
         self.history.append(token)
         return token
@@ -346,8 +347,10 @@ class _Sampler:
             logits = logits[order]
             ids = order if ids is None else ids[order]
         if p.min_p > 0:
-            kept = logits >= mx.max(logits) + math.log(p.min_p)
-            order = mx.array([i for i, k in enumerate(kept.tolist()) if k])
+            # Keep tokens at least min_p times as likely as the likeliest (a prefix once sorted).
+            order = mx.argsort(-logits)
+            keep = int(mx.sum(logits >= mx.max(logits) + math.log(p.min_p)).item())
+            order = order[: max(keep, 1)]
             logits = logits[order]
             ids = order if ids is None else ids[order]
         self.key, sub = mx.random.split(self.key)

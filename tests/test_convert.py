@@ -203,3 +203,14 @@ def test_cli_module_imports_no_numeric_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_architecture_is_read_from_the_header_alone(gguf_path: Path, tmp_path: Path) -> None:
+    from edgeserve.models.convert import archs
+
+    assert archs.gguf_architecture(gguf_path) == "gemma3" and archs.supported(gguf_path)
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(gguf_path.open("rb").read(30))
+    not_gguf = tmp_path / "x.gguf"
+    not_gguf.write_bytes(b"ABCD" + bytes(100))
+    assert archs.gguf_architecture(truncated) is None and not archs.supported(not_gguf)

@@ -8,13 +8,16 @@ is adding an ``Arch`` (and a test that its logits agree with llama.cpp's).
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from edgeserve.errors import UserError
+
+if TYPE_CHECKING:  # numpy is imported where tensors are converted, not by `supported()`
+    import numpy as np
 
 Meta = Mapping[str, Any]
 
@@ -89,7 +92,7 @@ def _gemma3_config(meta: Meta, n_vocab: int) -> dict[str, Any]:
 
 def _gemma_fix(name: str, w: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's converter stores 1 + weight.
-    return w - np.float32(1) if name.endswith("norm.weight") else w
+    return w - w.dtype.type(1) if name.endswith("norm.weight") else w
 
 
 GEMMA3 = Arch(
@@ -125,3 +128,53 @@ def get(name: str) -> Arch:
             f"converting a {name!r} GGUF is not supported (supported: {', '.join(sorted(ARCHS))}); "
             "use the llama backend for it"
         ) from None
+
+
+def supported(gguf_path: Path) -> bool:
+    """Whether ``gguf_path`` is a GGUF this converter can turn into an HF/MLX folder (read from the
+    file header in well under a millisecond; ``gguf.GGUFReader`` parses the whole vocabulary)."""
+    return gguf_architecture(gguf_path) in ARCHS
+
+
+# Byte sizes of GGUF scalar value types (gguf.GGUFValueType), by type id; 8 is a string, 9 an array.
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """``general.architecture`` of a GGUF file, or None if it is not one (or does not say)."""
+    try:
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+            _version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+            for _ in range(n_kv):
+                key = _string(f)
+                (kind,) = struct.unpack("<I", f.read(4))
+                if key == "general.architecture" and kind == 8:
+                    return _string(f)
+                _skip(f, kind)
+    except (OSError, struct.error, UnicodeDecodeError, ValueError):
+        return None
+    return None
+
+
+def _string(f: BinaryIO) -> str:
+    (n,) = struct.unpack("<Q", f.read(8))
+    return f.read(n).decode("utf-8")
+
+
+def _skip(f: BinaryIO, kind: int) -> None:
+    if kind == 8:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(n, 1)
+    elif kind == 9:
+        item, count = struct.unpack("<IQ", f.read(12))
+        if item in _SCALAR_SIZES:
+            f.seek(count * _SCALAR_SIZES[item], 1)
+        else:
+            for _ in range(count):
+                _skip(f, item)
+    elif kind in _SCALAR_SIZES:
+        f.seek(_SCALAR_SIZES[kind], 1)
+    else:
+        raise ValueError(f"unknown GGUF value type {kind}")
