@@ -47,6 +47,27 @@ def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
     wait_for(lambda: not engine.busy and engine.queue_depth == 0, timeout=timeout, what="the engine to go idle")
 
 
+class DecodeCounter:
+    """Wraps a backend's ``decode`` to count the tokens the model really produced: the proof that a
+    cancelled request stopped early, whatever the machine's speed."""
+
+    def __init__(self, decode: Callable[[SamplingParams], Iterator[int]]) -> None:
+        self._decode = decode
+        self.tokens = 0
+        #: Requests that reached the model (one decode per request run).
+        self.runs = 0
+
+    def __call__(self, params: SamplingParams) -> Iterator[int]:
+        self.runs += 1
+        steps = self._decode(params)
+        try:
+            for token in steps:
+                self.tokens += 1
+                yield token
+        finally:
+            steps.close()  # type: ignore[attr-defined]
+
+
 class FailingBackend:
     """Bytes as tokens; ``decode`` yields ``good_tokens`` letters, then fails like a lost device."""
 

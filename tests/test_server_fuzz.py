@@ -86,7 +86,7 @@ def _fuzz(operation: Any, mode: GenerationMode, engine: Engine) -> None:
     @settings(
         max_examples=EXAMPLES_PER_OPERATION,
         deadline=None,
-        derandomize=True,  # the same cases every run: a failure here is reproducible
+        derandomize=True,  # Hypothesis's choices fixed (schemathesis adds a little randomness of its own)
         phases=(Phase.explicit, Phase.generate),  # no shrinking: each step would run the model again
         suppress_health_check=list(HealthCheck),
     )
