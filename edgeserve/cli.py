@@ -253,3 +253,17 @@ def info(as_json: bool) -> None:
         state = "installed" if installed[name] else f"not installed (pip install 'edgeserve[{spec.extra}]')"
         click.echo(f"backend:  {name:<6} {spec.description}: {state}")
     click.echo(f"chosen:   {report['chosen_backend']}")
+
+
+def _register() -> None:
+    # Feature commands live beside their features; each module keeps its heavy imports inside the
+    # command bodies, so registering them costs only the click objects.
+    from edgeserve.models.convert.cli import convert
+    from edgeserve.predictor.cli import predict_command, predictor
+    from edgeserve.server.cli import serve
+
+    for command in (serve, convert, predict_command, predictor):
+        main.add_command(command)
+
+
+_register()
