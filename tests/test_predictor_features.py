@@ -168,3 +168,15 @@ def test_vocabulary_hits_match_the_terms_selection_counted(shipped: LengthPredic
         expected = {shipped.spec.columns[t] for t in request_terms(to_request(prompt)) if t in shipped.spec.columns}
         assert lit == expected
         assert expected  # the prompts do use vocabulary terms
+
+
+def test_lexical_prior_sums_the_weights_of_the_terms_training_used(shipped: LengthPredictor) -> None:
+    from edgeserve.predictor.features import request_terms
+
+    spec = shipped.spec
+    assert len(spec.prior) > 1000
+    for prompt in ["Write a story about a dragon, a dragon!", "hi", "Translate to French: good morning"]:
+        terms = request_terms(to_request(prompt))
+        expected = spec.prior_intercept + sum(spec.prior.get(t, 0.0) for t in terms)
+        row = shipped.features(prompt)
+        assert float(row[DENSE_NAMES.index("lexical_prior")]) == pytest.approx(expected, abs=1e-5)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from edgeserve.predictor.request import PredictorInput, Request, to_request
 from edgeserve.predictor.scan import CUE_INDEX, N_VERBS, WordInfo, WordScan, compile_table, scan_words
 
 #: Bump whenever a feature changes meaning; a model trained on another version refuses to load.
-FEATURE_SPEC_VERSION = 1
+FEATURE_SPEC_VERSION = 2
 
 #: Characters scanned from the start and the end of the last user turn. Instructions sit at the
 #: ends of a prompt ("Summarize this: <pasted text>", "<pasted text> Rewrite it briefly").
@@ -70,6 +70,7 @@ DENSE_NAMES: tuple[str, ...] = (
     "log_mean_answer_chars",
     "log_history_user_chars",
     "media_parts",
+    "lexical_prior",
 )
 N_DENSE = len(DENSE_NAMES)
 
@@ -84,28 +85,38 @@ class FeatureSpec:
 
     vocab: tuple[str, ...] = ()
     version: int = FEATURE_SPEC_VERSION
+    #: The lexical prior (see ``prior``): a weight per term, and the intercept.
+    prior: dict[str, float] = field(default_factory=dict, repr=False)
+    prior_intercept: float = 0.0
     #: Column of each vocabulary term, and the word table compiled from it (see ``scan``).
     columns: dict[str, int] = field(init=False, repr=False, compare=False)
     table: dict[str, WordInfo] = field(init=False, repr=False, compare=False)
-    #: First words of the vocabulary's bigrams: only bigrams starting with one are looked up.
-    bigram_starts: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         columns = {term: N_DENSE + i for i, term in enumerate(self.vocab)}
         object.__setattr__(self, "columns", columns)
         object.__setattr__(self, "table", compile_table(columns))
-        object.__setattr__(self, "bigram_starts", frozenset(t.split(" ")[0] for t in self.vocab if " " in t))
 
     @property
     def n_features(self) -> int:
         return N_DENSE + len(self.vocab)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "vocab": list(self.vocab)}
+        return {
+            "version": self.version,
+            "vocab": list(self.vocab),
+            "prior_intercept": self.prior_intercept,
+            "prior": self.prior,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeatureSpec:
-        return cls(vocab=tuple(str(t) for t in data["vocab"]), version=int(data["version"]))
+        return cls(
+            vocab=tuple(str(t) for t in data["vocab"]),
+            version=int(data["version"]),
+            prior={str(t): float(v) for t, v in data.get("prior", {}).items()},
+            prior_intercept=float(data.get("prior_intercept", 0.0)),
+        )
 
 
 def feature_names(spec: FeatureSpec) -> list[str]:
@@ -116,13 +127,17 @@ def featurize(request: Request, spec: FeatureSpec, out: npt.NDArray[np.float32])
     """Write the feature row of ``request`` into ``out`` (shape ``(spec.n_features,)``)."""
     window = _window(request.last_user)
     words = lexicon.WORD_RE.findall(window)
+    phrases = _phrase_terms(words)
     scan = scan_words(words, spec.table)
-    out[:N_DENSE] = _dense(request, window, words, scan, spec.table)
+    out[:N_DENSE] = _dense(request, window, words, scan, spec.table, _prior(words, phrases, spec))
     out[N_DENSE:] = 0.0
     for column in scan.columns:
         out[column] = 1.0
-    for column in _phrase_columns(words, spec):
-        out[column] = 1.0
+    columns = spec.columns
+    for term in phrases:
+        phrase_column = columns.get(term)
+        if phrase_column is not None:
+            out[phrase_column] = 1.0
 
 
 def feature_row(prompt: PredictorInput, spec: FeatureSpec) -> npt.NDArray[np.float32]:
@@ -138,32 +153,11 @@ def request_terms(request: Request) -> set[str]:
     return {*words, *_phrase_terms(words)}
 
 
-def _phrase_terms(words: Sequence[str]) -> Iterator[str]:
+def _phrase_terms(words: Sequence[str]) -> list[str]:
     """The first word (as ``^w``) and the bigrams of the turn's first words: its phrasing."""
-    if words:
-        yield "^" + words[0]
-    head = words[:BIGRAM_WORDS]
-    for a, b in itertools.pairwise(head):
-        yield a + " " + b
-
-
-def _phrase_columns(words: Sequence[str], spec: FeatureSpec) -> list[int]:
-    """Vocabulary columns of ``_phrase_terms(words)``, without building bigrams that cannot match."""
     if not words:
         return []
-    columns = spec.columns
-    found = []
-    first = columns.get("^" + words[0])
-    if first is not None:
-        found.append(first)
-    starts = spec.bigram_starts
-    head = words[:BIGRAM_WORDS]
-    for i in range(len(head) - 1):
-        if head[i] in starts:
-            column = columns.get(head[i] + " " + head[i + 1])
-            if column is not None:
-                found.append(column)
-    return found
+    return ["^" + words[0], *(a + " " + b for a, b in itertools.pairwise(words[:BIGRAM_WORDS]))]
 
 
 def _window(text: str) -> str:
@@ -173,7 +167,7 @@ def _window(text: str) -> str:
 
 
 def _dense(
-    request: Request, window: str, words: Sequence[str], scan: WordScan, table: dict[str, WordInfo]
+    request: Request, window: str, words: Sequence[str], scan: WordScan, table: dict[str, WordInfo], prior: float
 ) -> list[float]:
     text = request.last_user
     n = len(text)
@@ -218,8 +212,16 @@ def _dense(
         math.log1p(request.assistant_chars / answers) if answers else 0.0,
         math.log1p(request.history_user_chars),
         float(request.media_parts),
+        prior,
     ]
     return row
+
+
+def _prior(words: Sequence[str], phrases: Sequence[str], spec: FeatureSpec) -> float:
+    """The lexical prior over the distinct terms ``request_terms`` counts. ``fsum`` is exact, so
+    the set's (per-process) iteration order cannot change the result in the last bit."""
+    present = filter(None, map(spec.prior.get, {*words, *phrases}))
+    return math.fsum((spec.prior_intercept, *present))
 
 
 def _system(system: str, table: dict[str, WordInfo]) -> list[float]:

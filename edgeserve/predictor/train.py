@@ -1,7 +1,8 @@
 """Training the shipped length predictor, phase by phase; ``train()`` runs them all.
 
     load ShareGPT pairs → count answer tokens → split by conversation → choose vocabulary
-    → featurize → fit XGBoost on log1p(tokens) → calibrate on valid → measure on test → export
+    → fit the lexical prior → featurize → fit XGBoost on log1p(tokens) → calibrate on valid
+    → measure on test → export
 
 Why a regression on log1p(tokens) and not the anchor's 3-class classifier: SJF needs an order,
 and a regression gives one continuous score per request whose errors are symmetric on the scale
@@ -25,8 +26,9 @@ import numpy.typing as npt
 
 from edgeserve.predictor import metrics
 from edgeserve.predictor.data import Example, count_records, load_sharegpt, split_by_group, with_token_counts
-from edgeserve.predictor.features import FEATURE_SPEC_VERSION, FeatureSpec, featurize, request_terms
+from edgeserve.predictor.features import DENSE_NAMES, FEATURE_SPEC_VERSION, FeatureSpec, featurize, request_terms
 from edgeserve.predictor.model import Calibration
+from edgeserve.predictor.prior import fit_prior
 from edgeserve.predictor.request import to_request
 from edgeserve.predictor.tokens import cached_counts
 
@@ -58,6 +60,9 @@ class TrainConfig:
     #: A term must occur in this many training conversations (of ~7.5k) to enter the vocabulary.
     #: At 30, one prolific user's domain words (Australian building-contract law) got in.
     min_groups: int = 100
+    #: The lexical prior's terms need this many training conversations; its ridge penalty.
+    prior_min_groups: int = 10
+    prior_alpha: float = 30.0
     #: Pairs are weighted 1 / (pairs in their conversation) ** this (see ``conversation_weights``).
     weight_power: float = 0.5
     n_trees: int = 200
@@ -245,15 +250,22 @@ def prepare(
     train_ex, valid_ex, test_ex = split_by_group(
         examples, test_fraction=config.test_fraction, valid_fraction=config.valid_fraction, seed=config.seed
     )
+    progress.phase("choosing vocabulary, fitting the lexical prior", None)
+    y_train = np.log1p(np.array([e.output_tokens for e in train_ex], dtype=np.float64))
+    w_train = conversation_weights(train_ex, config.weight_power)
+    prior, intercept, out_of_fold = fit_prior(
+        train_ex, y_train, w_train, min_groups=config.prior_min_groups, alpha=config.prior_alpha, seed=config.seed
+    )
     if spec is None:
-        progress.phase("choosing vocabulary", None)
-        y_train = np.log1p(np.array([e.output_tokens for e in train_ex], dtype=np.float64))
-        w_train = conversation_weights(train_ex, config.weight_power)
-        spec = FeatureSpec(vocab=select_vocab(train_ex, y_train, w_train, config.vocab_size, config.min_groups))
+        vocab = select_vocab(train_ex, y_train, w_train, config.vocab_size, config.min_groups)
+        spec = FeatureSpec(vocab=vocab, prior=prior, prior_intercept=intercept)
+    train = build_dataset(train_ex, spec, progress, "train", config.weight_power)
+    # Stacking: the trees train on the prior as it is for unseen requests (out of fold).
+    train.x[:, DENSE_NAMES.index("lexical_prior")] = out_of_fold
     return Prepared(
         examples=examples,
         spec=spec,
-        train=build_dataset(train_ex, spec, progress, "train", config.weight_power),
+        train=train,
         valid=build_dataset(valid_ex, spec, progress, "valid"),
         test=build_dataset(test_ex, spec, progress, "test"),
     )
