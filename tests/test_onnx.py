@@ -1,0 +1,269 @@
+"""ONNX Runtime specifics: the sampler on hand-made logits, the model builder's adjustments, the
+converter's cache, cross-backend agreement with llama.cpp under teacher forcing, and the token-only
+KV state moving between engines."""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeserve import Engine, SamplingParams
+from edgeserve.errors import InvalidParameterError
+from edgeserve.settings import ModelSettings
+
+og = pytest.importorskip("onnxruntime_genai", reason="the onnx extra is not installed: pip install 'edgeserve[onnx]'")
+
+from edgeserve.backends import onnx as onnx_backend  # noqa: E402
+from edgeserve.models import convert as conv  # noqa: E402
+from edgeserve.models.convert import onnx as onnx_format  # noqa: E402
+
+SETTINGS = ModelSettings(model="default", backend="onnx", n_ctx=1024, threads=1)
+
+#: The fixed text of the agreement check (the one the MLX backend is measured on).
+AGREEMENT_TEXT = (
+    "The river rises in the hills to the north of the town and runs south for about forty miles before it "
+    "reaches the sea. For most of the year it is slow and shallow, and children wade across it in summer to "
+    "reach the meadows on the far bank. In the spring, when the snow on the hills melts, the water comes up "
+    "quickly and the old stone bridge has more than once been closed. The town grew up around a mill that "
+    "stood beside the bridge. The mill ground wheat for the farms of the valley until the railway arrived, "
+    "and with it cheaper flour from the cities. The building still stands, though the wheel is gone, and it "
+    "is now a small museum where visitors can see the millstones and read about the families who worked "
+    "there. On market days the square in front of the church fills with stalls selling cheese, bread, "
+    "vegetables and flowers, and the cafes put their tables out on the pavement. Most of the people who live "
+    "in the town today work in the larger city to the south, and they travel there each morning by train. "
+    "The station is a short walk from the square, and the first train leaves a little after six o'clock."
+)
+AGREEMENT_MIN = 0.95
+
+
+# ---- the sampler, on hand-made logits -------------------------------------------------------
+
+
+def _draws(params: SamplingParams, logits: list[float], n: int = 200) -> Counter[int]:
+    sample = onnx_backend._Sampler(params, len(logits))
+    array = np.array(logits, dtype=np.float32)
+    return Counter(sample(array) for _ in range(n))
+
+
+PROBS = [0.5, 0.3, 0.15, 0.05]
+LOGITS = [float(np.log(p)) for p in PROBS]
+
+
+def test_greedy_bias_and_penalties() -> None:
+    assert _draws(SamplingParams(temperature=0), LOGITS, 3) == Counter({0: 3})
+    assert _draws(SamplingParams(temperature=0, logit_bias={2: 5.0}), LOGITS, 3) == Counter({2: 3})
+    # After token 0 is drawn once, a strong presence penalty moves greedy to token 1, then 2, ...
+    assert _draws(SamplingParams(temperature=0, presence_penalty=2.0), LOGITS, 3) == Counter({0: 1, 1: 1, 2: 1})
+    # Repetition penalty divides positive logits and multiplies negative ones (llama.cpp's rule).
+    assert _draws(SamplingParams(temperature=0, repetition_penalty=3.0), LOGITS, 2) == Counter({0: 1, 1: 1})
+
+
+def test_the_sampler_leaves_the_runtime_logits_alone() -> None:
+    logits = np.array(LOGITS, dtype=np.float32)
+    before = logits.copy()
+    sample = onnx_backend._Sampler(SamplingParams(temperature=0, logit_bias={3: 9.0}, presence_penalty=1.0), 4)
+    sample(logits), sample(logits)
+    assert np.array_equal(logits, before)
+
+
+@pytest.mark.parametrize(
+    ("narrow", "allowed"),
+    [
+        (dict(top_k=2), {0, 1}),
+        (dict(top_p=0.5), {0}),  # the first token alone reaches 0.5
+        (dict(top_p=0.81), {0, 1, 2}),
+        (dict(min_p=0.5), {0, 1}),  # p >= 0.5 * 0.5
+        (dict(min_p=0.11), {0, 1, 2}),  # p >= 0.055 leaves out 0.05
+        (dict(top_k=3, top_p=0.7, min_p=0.2), {0, 1}),
+    ],
+)
+def test_truncation_keeps_exactly_the_allowed_tokens(narrow: dict[str, Any], allowed: set[int]) -> None:
+    params = SamplingParams(**{"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 1, **narrow})
+    assert set(_draws(params, LOGITS, 300)) == allowed
+
+
+def test_seeded_draws_repeat_and_follow_the_distribution() -> None:
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=11)
+    a, b = _draws(params, LOGITS, 400), _draws(params, LOGITS, 400)
+    assert a == b
+    assert abs(a[0] / 400 - 0.5) < 0.08 and abs(a[3] / 400 - 0.05) < 0.04
+    hot = _draws(SamplingParams(temperature=5.0, top_k=0, top_p=1.0, seed=11), LOGITS, 400)
+    assert hot[3] > a[3]  # a higher temperature flattens the distribution
+
+
+# ---- the converter --------------------------------------------------------------------------
+
+
+def test_transformers_5_rope_settings_are_flattened_for_the_builder() -> None:
+    config = types.SimpleNamespace(
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        }
+    )
+    onnx_format._flatten_rope(config)
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1_000_000.0}
+    assert (config.rope_theta, config.rope_local_base_freq) == (1_000_000.0, 10_000.0)
+    flat = types.SimpleNamespace(rope_parameters={"rope_type": "linear", "factor": 8.0})
+    onnx_format._flatten_rope(flat)
+    assert flat.rope_parameters == {"rope_type": "linear", "factor": 8.0}
+
+
+def test_builder_output_becomes_progress_stages() -> None:
+    seen: list[tuple[str, int, int]] = []
+    lines = [
+        "Reading embedding layer\n",
+        "Reading layer 0\n",
+        "Reading layer 1\n",
+        "2026 [INFO] - complete quantization of /lm_head/MatMul with 8 bits ...\n",
+        "Saving x: 1%\rSaving y: 2%\n",
+        "Saving GenAI config in /tmp/x\n",
+    ]
+    tail: list[str] = []
+    onnx_format._follow(lines, lambda *a: seen.append(a), tail, 2)
+    assert seen == [
+        ("making the graph", 1, 2),
+        ("making the graph", 2, 2),
+        ("quantizing weights", 1, 0),
+        ("writing the model", 0, 0),
+    ]
+    assert tail[-1] == "Saving GenAI config in /tmp/x" and "Saving y: 2%" in tail
+
+
+@pytest.mark.parametrize("options", [{"precision": "int3"}, {"target": "tpu"}, {"dtype": "float32"}])
+def test_bad_options_fail_before_any_work(gguf_path: Path, tmp_path: Path, options: dict[str, str]) -> None:
+    with pytest.raises(InvalidParameterError):
+        conv.convert(gguf_path, "onnx", cache_dir=tmp_path, options=options)
+    assert not (tmp_path / "converted").exists()
+
+
+def test_a_conversion_is_built_once_then_served_from_the_cache(gguf_path: Path, onnx_folder: Path) -> None:
+    @contextlib.contextmanager
+    def must_not_build(title: str) -> Iterator[Any]:
+        raise AssertionError(f"converted again: {title}")
+        yield
+
+    again = conv.convert(gguf_path, "onnx", cache_dir=SETTINGS.cache_dir, bar=must_not_build)
+    assert again == onnx_folder
+    assert again.name == f"onnx-{onnx_format.DEFAULT_PRECISION}-{onnx_format.default_target()}"
+    for name in ("genai_config.json", "model.onnx", "tokenizer.json", conv.STAMP):
+        assert (again / name).is_file(), name
+    # The HF folder's tokenizer files replace the builder's re-saved ones (which lose add_bos_token).
+    hf = conv.convert(gguf_path, "hf", cache_dir=SETTINGS.cache_dir)
+    assert (again / "tokenizer_config.json").read_text() == (hf / "tokenizer_config.json").read_text()
+    assert not (again / ".builder-cache").exists()
+
+
+def test_the_cli_prints_the_cached_folder(onnx_folder: Path) -> None:
+    from edgeserve.models.convert.cli import convert
+
+    result = CliRunner().invoke(convert, ["default", "--to", "onnx"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(onnx_folder)
+    bad = CliRunner().invoke(convert, ["default", "--to", "onnx", "--precision", "int2"])
+    assert bad.exit_code == 2
+
+
+# ---- the default model ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    from edgeserve.models import resolve
+
+    return resolve("default", cache_dir=SETTINGS.cache_dir).path
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(gguf_path: Path) -> Path:
+    return conv.convert(gguf_path, "onnx", cache_dir=SETTINGS.cache_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(onnx_folder: Path) -> Iterator[Engine]:
+    with Engine.from_settings(SETTINGS) as eng:
+        yield eng
+
+
+def test_the_execution_provider_is_reported(engine: Engine) -> None:
+    providers = onnx_backend.execution_providers()
+    assert providers[-1] == "cpu"
+    assert engine.capabilities.device in providers
+
+
+def test_teacher_forced_next_token_agreement_with_llama_cpp(
+    engine: Engine, gguf_path: Path, record_property: Any
+) -> None:
+    """Both backends read the same text; at each position, do they predict the same next token?
+    llama.cpp runs the GGUF's Q4_K/Q5_0/Q6_K/Q8_0 weights; ONNX Runtime the builder's re-quantized
+    (or float32) copy of their dequantized values. The graph returns the last position's logits
+    only (pruned output layer), so the text is fed one token at a time."""
+    import llama_cpp
+
+    tokens = engine.tokenize(AGREEMENT_TEXT)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path), n_ctx=1024, n_batch=512, n_threads=1, logits_all=True, verbose=False
+    )
+    try:
+        llm.eval(tokens)
+        theirs = np.asarray(llm.scores[: len(tokens)]).argmax(axis=-1)
+    finally:
+        llm.close()
+
+    def ours(backend: Any) -> np.ndarray[Any, Any]:
+        backend._reset()
+        out = []
+        for t in tokens:
+            backend._extend([t])
+            out.append(int(np.argmax(backend._last_logits())))
+        backend._reset()
+        return np.array(out)
+
+    agreement = float((engine.call(ours) == theirs).mean())
+    record_property("onnx_llama_argmax_agreement", agreement)
+    print(f"\nONNX Runtime vs llama.cpp next-token argmax agreement: {agreement:.4f} over {len(tokens)} positions")
+    assert agreement >= AGREEMENT_MIN
+
+
+def test_greedy_continuation_starts_as_llama_cpp_does(engine: Engine, gguf_path: Path) -> None:
+    import llama_cpp
+
+    prompt = "The capital of France is"
+    raw = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, n_threads=1, verbose=False)
+    try:
+        theirs = raw.create_completion(prompt, max_tokens=8, temperature=0)["choices"][0]["text"]
+    finally:
+        raw.close()
+    assert engine.generate(prompt, max_tokens=8, temperature=0).text == theirs
+
+
+def test_a_state_moves_to_another_engine_as_tokens(engine: Engine) -> None:
+    prompt = "The three primary colours are"
+    tokens = engine.tokenize(prompt)
+    blob = engine.call(lambda b: (b.prefill(tokens, reuse=False), b.export_state())[1])
+    assert len(blob) < 1000  # the tokens, not the keys and values
+    expected = engine.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True, seed=1).text
+    with Engine.from_settings(SETTINGS) as other:
+        assert other.import_state(blob) == tokens
+        again = other.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True)
+    assert again.cached_prompt_tokens == len(tokens) - 1
+    assert again.text == expected
+
+
+def test_a_long_prompt_past_the_sliding_window_is_reused_exactly(engine: Engine) -> None:
+    # Past 512 tokens (+16 slack as built) the sliding-window layers' ring would have dropped the
+    # positions a rewind needs; the backend sizes the ring to the context so that it never does.
+    long_prompt = AGREEMENT_TEXT + " " + AGREEMENT_TEXT + " " + AGREEMENT_TEXT
+    fresh = engine.generate(long_prompt, max_tokens=6, temperature=0, ignore_eos=True, seed=2)
+    assert fresh.prompt_tokens > 600
+    reused = engine.generate(long_prompt, max_tokens=6, temperature=0, ignore_eos=True)
+    assert reused.cached_prompt_tokens == fresh.prompt_tokens - 1
+    assert reused.text == fresh.text
