@@ -26,7 +26,7 @@ from edgeserve import (
 from edgeserve.backend import get_spec
 from edgeserve.settings import EngineSettings, ModelSettings
 
-BACKENDS = ["llama", "mlx"]
+BACKENDS = ["llama", "mlx", "onnx"]
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 N = 8  # tokens per generation unless a test needs more
 GREEDY = SamplingParams(max_tokens=N, temperature=0)

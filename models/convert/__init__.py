@@ -2,7 +2,7 @@
 
     GGUF ──hf──▶ Hugging Face folder (config.json, float32 model.safetensors, tokenizer.json)
                    └──mlx──▶ mlx-lm folder: the HF folder itself, or re-typed / MLX-quantized
-                   └──(onnx: the ONNX Runtime issue adds it here, built from the HF folder)
+                   └──onnx──▶ ONNX Runtime GenAI folder, built by its model builder (int8/int4/fp32)
 
 A format is a registry entry naming its module, which is imported only when that format is asked
 for (importing this package pulls in no numeric stack). Each module offers
@@ -74,6 +74,14 @@ FORMATS: dict[str, Format] = {
             "Hugging Face folder: config.json, float32 safetensors, tokenizer.json",
         ),
         Format("mlx", "edgeserve.models.convert.mlx", "mlx_lm", "mlx", "hf", "mlx-lm folder, optionally MLX-quantized"),
+        Format(
+            "onnx",
+            "edgeserve.models.convert.onnx",
+            "onnxruntime_genai",
+            "onnx",
+            "hf",
+            "ONNX Runtime GenAI folder, built by its model builder (int8 default; int4, fp32)",
+        ),
     )
 }
 

@@ -29,6 +29,9 @@ _MODEL_ONLY = ("model", "backend", "n_ctx", "threads", "n_batch", "gpu_layers", 
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="mlx: MLX's own quantization (bits).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None, help="mlx: quantization group.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="mlx: weight dtype.")
+@click.option(
+    "--precision", type=click.Choice(["int4", "int8", "fp32"]), default=None, help="onnx: weight precision (int8)."
+)
 @click.option("--force", is_flag=True, help="Convert again even if a cached conversion exists.")
 @options_from(ModelSettings, exclude=_MODEL_ONLY)
 def convert(
@@ -37,6 +40,7 @@ def convert(
     quantize: str | None,
     group_size: str | None,
     dtype: str | None,
+    precision: str | None,
     force: bool,
     **values: Any,
 ) -> None:
@@ -53,6 +57,7 @@ def convert(
         "quantize": int(quantize) if quantize else None,
         "group_size": int(group_size) if group_size else None,
         "dtype": dtype,
+        "precision": precision,
     }
     # Mapped here as edgeserve's command group maps them, so the command reads the same on its own.
     try:
