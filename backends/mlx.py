@@ -8,6 +8,9 @@ temperature → a seeded draw) in MLX ops.
 
 A ``.gguf`` model is converted on first use to a cached folder (``edgeserve convert MODEL --to
 mlx`` does the same ahead of time); a folder model (an mlx-lm or Hugging Face folder) loads as is.
+``threads`` does not apply (MLX schedules its own CPU work); ``n_batch`` is the prefill chunk.
+Prefix reuse trims the KV cache, which a sliding-window cache allows only until it first wraps
+(Gemma 3: 512 tokens); past that a new prompt is evaluated from scratch.
 
 Every MLX call runs on one long-lived thread (``WORKER``), never on the engine's loop thread: MLX
 streams belong to the thread that made them, and an MLX thread that exits before the process does
