@@ -180,7 +180,13 @@ def test_bad_formats_and_options_fail_before_any_work(gguf_path: Path, tmp_path:
         with pytest.raises(InvalidParameterError):
             conv.convert(gguf_path, to, cache_dir=tmp_path, options=options)
     assert not (tmp_path / "converted").exists()
-    from edgeserve.models.convert import archs
+    from edgeserve.models.convert import archs, mlx
+
+    # float32 MLX is the HF folder itself; other dtypes and quantizations get folders of their own.
+    assert mlx.folder_name({}) is None and mlx.folder_name({"dtype": "bfloat16"}) == "mlx-bfloat16"
+    assert mlx.folder_name({"quantize": 4, "group_size": 32}) == "mlx-float32-q4g32"
+    with pytest.raises(InvalidParameterError):
+        mlx.folder_name({"group_size": 32})  # a group size without quantization means nothing
 
     with pytest.raises(UserError, match="not supported"):
         archs.get("llama")
