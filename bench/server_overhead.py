@@ -7,7 +7,10 @@ clock: TTFT is request start → first text (the first SSE chunk with content, o
 TokenEvent), decode tok/s is (tokens - 1) / (last token - first token) as the caller receives them.
 Each repetition runs both sides on the same token prompt (500 tokens, a window starting at a
 different place each time so no side reuses a cached prefix) and generates 128 tokens (greedy, EOS
-ignored), alternating which side goes first. Reported: medians per side and the ratios server/engine.
+ignored), alternating which side goes first. Reported: medians per side and the ratios server/engine,
+also paired per repetition; and, for each server request, the client's timings against the server's
+own engine timings of that same generation (from /metrics), which isolate the HTTP layer from load
+drift between generations on a shared machine.
 
     python bench/server_overhead.py [--reps 7] [--prompt-tokens 500] [--gen-tokens 128] [--threads 1]
 
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
@@ -46,6 +50,18 @@ def engine_run(engine: Any, tokens: list[int], n_gen: int) -> tuple[float, float
             stamps.append(time.perf_counter())
     end = time.perf_counter()
     return _timings(start, stamps, end, n_gen)
+
+
+def engine_side(client: Any) -> tuple[float, float]:
+    """The server's own engine timings so far (sums of TTFT and of seconds per token over requests
+    to /v1/completions), from /metrics: their change over one request is that request's."""
+    text = client.get("/metrics").text
+
+    def value(name: str) -> float:
+        match = re.search(rf'^{name}_sum{{endpoint="/v1/completions",model="default"}} (\S+)$', text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    return value("edgeserve_time_to_first_token_seconds"), value("edgeserve_time_per_output_token_seconds")
 
 
 def server_run(client: Any, tokens: list[int], n_gen: int) -> tuple[float, float, float]:
@@ -139,8 +155,14 @@ def main() -> None:
                 if rep % 2:
                     sides.reverse()
                 for name, fn in sides:
+                    before = engine_side(client)
                     ttft, rate, total = fn()
-                    rows.append({"rep": rep, "side": name, "ttft_s": ttft, "decode_tok_s": rate, "e2e_s": total})
+                    row = {"rep": rep, "side": name, "ttft_s": ttft, "decode_tok_s": rate, "e2e_s": total}
+                    if name == "server":  # the same generation as the server's engine timed it
+                        after = engine_side(client)
+                        row["engine_side_ttft_s"] = after[0] - before[0]
+                        row["engine_side_decode_tok_s"] = 1.0 / (after[1] - before[1])
+                    rows.append(row)
                     print(
                         f"rep {rep} {name:>6}: TTFT {ttft * 1000:7.1f} ms  decode {rate:6.1f} tok/s  "
                         f"e2e {total:6.2f} s",
@@ -182,6 +204,15 @@ def main() -> None:
             "e2e_server_over_engine": paired("e2e_s"),
         },
     }
+    server_rows = [r for r in rows if r["side"] == "server"]
+    within_request = {
+        # Client-observed over engine-observed, on the very same generation: what the HTTP layer adds,
+        # free of the load drift between separate generations.
+        "ttft_added_ms_p50": statistics.median((r["ttft_s"] - r["engine_side_ttft_s"]) * 1000 for r in server_rows),
+        "decode_tok_s_client_over_engine_p50": statistics.median(
+            r["decode_tok_s"] / r["engine_side_decode_tok_s"] for r in server_rows
+        ),
+    }
     report = {
         "benchmark": "server_overhead",
         "command": " ".join(["python", "bench/server_overhead.py", *sys.argv[1:]]),
@@ -195,12 +226,13 @@ def main() -> None:
         "machine": {"system": platform.system(), "machine": platform.machine(), "cores": os.cpu_count()},
         "summary": summary,
         "ratios": ratios,
+        "server_within_request": within_request,
         "rows": rows,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "server_overhead.json").write_text(json.dumps(report, indent=2))
     plot(report, OUT / "server_overhead.png")
-    print(json.dumps({"summary": summary, "ratios": ratios}, indent=2))
+    print(json.dumps({"summary": summary, "ratios": ratios, "server_within_request": within_request}, indent=2))
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -536,6 +536,7 @@ def test_serve_flags_come_from_the_settings() -> None:
     for flag in ("--host", "--port", "--api-key", "--max-body-bytes", "--log-prompts", "--model", "--max-queue"):
         assert flag in out, flag
     assert "EDGESERVE_API_KEY" in out
+    assert ServerSettings.model_fields["host"].default == "127.0.0.1"  # loopback unless asked otherwise
 
 
 def test_serve_command_runs_a_server(default_model_path: object) -> None:
