@@ -27,7 +27,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
-BACKENDS = ["llama", "mlx"]
+BACKENDS = ["llama", "mlx", "onnx"]
 
 PARAGRAPH = (
     "The river rises in the hills to the north of the town and runs south for about forty miles before it "
@@ -107,7 +107,7 @@ def main() -> None:
     hw = probe()
     report = {
         "benchmark": "backends",
-        "model": "default (Gemma 3 270M Q4_K_M; MLX runs its float32 conversion)",
+        "model": "default (Gemma 3 270M Q4_K_M; MLX runs its float32 conversion, ONNX Runtime its int8 one)",
         "prompt_tokens": n_prompt,
         "gen_tokens": args.gen_tokens,
         "reps": args.reps,
