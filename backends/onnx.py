@@ -28,7 +28,8 @@ A ``.gguf`` model is converted on first use to a cached folder (``edgeserve conv
 onnx`` does the same ahead of time); a folder model (one with ``genai_config.json``) loads as is.
 
 Invariant: ``self._tokens`` lists exactly the tokens whose keys and values are in the generator;
-``self._live`` says whether the generator's logits are those after the last of them.
+``self._live`` says whether the generator's logits are those after the last of them;
+``self._pending`` holds an imported state's last token until a prefill evaluates it.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
+from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError, UserError
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 
@@ -152,6 +153,7 @@ class OnnxBackend:
         }
         self._generator: Any = None
         self._tokens: list[int] = []
+        self._pending: list[int] = []
         self._live = False
         self._reset()
 
@@ -170,6 +172,7 @@ class OnnxBackend:
 
     def prefill(self, prompt: Sequence[int], *, reuse: bool = True) -> int:
         prompt = list(prompt)
+        self._pending = []
         keep = 0
         if reuse:
             common = _common_prefix(self._tokens, prompt)
@@ -196,7 +199,7 @@ class OnnxBackend:
             self._extend([token])
 
     def export_state(self) -> bytes:
-        header = {**self._fingerprint, "tokens": self._tokens}
+        header = {**self._fingerprint, "tokens": self._tokens + self._pending}
         return STATE_MAGIC + json.dumps(header).encode() + b"\n"
 
     def import_state(self, blob: bytes) -> list[int]:
@@ -221,11 +224,12 @@ class OnnxBackend:
         # the last: the next prefill evaluates that one, as after a llama.cpp state restore.
         self._reset()
         self._extend(tokens[:-1])
+        self._pending = tokens[-1:]
         return list(tokens)
 
     def close(self) -> None:
         self._generator = None
-        self._tokens, self._live = [], False
+        self._tokens, self._pending, self._live = [], [], False
         self._model = None
 
     # ---- model steps ------------------------------------------------------------------------
@@ -235,7 +239,7 @@ class OnnxBackend:
         params = og.GeneratorParams(self._model)
         params.set_search_options(max_length=self._max_length)
         self._generator = og.Generator(self._model, params)
-        self._tokens, self._live = [], False
+        self._tokens, self._pending, self._live = [], [], False
 
     def _rewind(self, n: int) -> bool:
         """Drop all but the first ``n`` tokens from the cache; False if it cannot."""
@@ -359,7 +363,7 @@ def _token_pieces(tokenizer: Any, n_vocab: int) -> list[bytes]:
     the converter makes SentencePiece ones only, and printing them differently would be wrong."""
     decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
     if "ByteLevel" in json.dumps(decoder):
-        raise ModelNotFoundError("the onnx backend reads SentencePiece tokenizers only (this one is byte-level BPE)")
+        raise UserError("the onnx backend reads SentencePiece tokenizers only (this one is byte-level BPE)")
     special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
     pieces = [b""] * n_vocab
     for text, i in tokenizer.get_vocab().items():
