@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from edgeserve import chat
 from edgeserve.backend import Backend
@@ -50,6 +50,31 @@ from edgeserve.types import (
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 Sink = Callable[[StreamEvent], None]
+PredictorInput = str | Sequence[Message]
+
+#: Aging before any short request has been measured; replaced once one has.
+INITIAL_AGING_S = 60.0
+#: Answers shorter than this count as short when deriving the aging threshold (Clairvoyant's class).
+SHORT_TOKENS = 200
+#: Weight of the newest short request in the running service-time estimate.
+EWMA_ALPHA = 0.2
+
+
+class _Prediction(Protocol):
+    @property
+    def expected_tokens(self) -> float: ...
+
+
+class LengthEstimator(Protocol):
+    """What SJF admission needs from a length predictor (``edgeserve.predictor.LengthPredictor``)."""
+
+    def predict(self, prompt: PredictorInput) -> _Prediction: ...
+
+
+class LengthRecorder(Protocol):
+    """Where real answer lengths go for online adaptation (``edgeserve.predictor.AdaptationLog``)."""
+
+    def record(self, request: PredictorInput, actual_tokens: int) -> None: ...
 
 
 @dataclass
@@ -64,6 +89,9 @@ class _Request:
     chat_template: str | None
     submitted: float
     sink: Sink = field(repr=False)
+    predicted_tokens: float | None = None
+    #: Kept only while a LengthRecorder wants it, and only in memory.
+    predictor_input: PredictorInput | None = field(default=None, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
@@ -170,12 +198,23 @@ class Engine:
         settings: EngineSettings | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        predictor: LengthEstimator | None = None,
+        recorder: LengthRecorder | None = None,
     ) -> None:
+        """``predictor`` scores requests for the sjf and priority policies (without one every request
+        counts as medium-length, which makes them first come, first served); ``recorder`` receives
+        the real length of every naturally ended answer."""
         self.settings = settings or EngineSettings()
         self.backend = backend
         self.capabilities: Capabilities = backend.capabilities()
         self._clock = clock
-        self._scheduler: Scheduler[_Request] = Scheduler(self.settings.policy, self.settings.max_queue)
+        self._predictor = predictor if self.settings.policy != "fcfs" else None
+        self._predict_lock = threading.Lock()  # predictors reuse one feature buffer
+        self._recorder = recorder
+        self._short_service_s: float | None = None
+        self._scheduler: Scheduler[_Request] = Scheduler(
+            self.settings.policy, self.settings.max_queue, aging_s=self.settings.aging_s or INITIAL_AGING_S
+        )
         self._cond = threading.Condition()
         self._control: collections.deque[Callable[[], None]] = collections.deque()
         self._running: _Request | None = None
@@ -191,9 +230,18 @@ class Engine:
         from edgeserve.models import resolve
 
         model = model or ModelSettings()
+        engine = engine or EngineSettings()
         resolved = resolve(model.model, cache_dir=model.cache_dir)
         backend_name = choose_backend() if model.backend == "auto" else model.backend
-        return cls(load_backend(backend_name, resolved, model), engine)
+        predictor = recorder = None
+        if engine.policy != "fcfs" or engine.adapt_log:
+            from edgeserve.predictor import AdaptationLog, LengthPredictor
+
+            predictor = LengthPredictor.load()
+            if engine.adapt_log:
+                recorder = AdaptationLog(engine.adapt_log, predictor.spec)
+        backend = load_backend(backend_name, resolved, model)
+        return cls(backend, engine, predictor=predictor, recorder=recorder)
 
     # ---- submitting -------------------------------------------------------------------------
 
@@ -210,7 +258,7 @@ class Engine:
         """Queue a request and return its handle. Raises at once on bad input or a full queue."""
         events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         request = self._prepare(prompt, messages, params, request_id, events.put)
-        self._enqueue(request, priority, predicted_tokens)
+        self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
         return RequestHandle(self, request, events)
 
     def submit_async(
@@ -236,7 +284,7 @@ class Engine:
 
         request = self._prepare(prompt, messages, params, request_id, sink)
         holder.append(request)
-        self._enqueue(request, priority, predicted_tokens)
+        self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
         return AsyncRequestHandle(self, request, events)
 
     # ---- convenience ------------------------------------------------------------------------
@@ -325,6 +373,12 @@ class Engine:
             return len(self._scheduler)
 
     @property
+    def aging_s(self) -> float:
+        """The aging threshold in force (set, or derived from measured short requests)."""
+        with self._cond:
+            return self._scheduler.aging_s
+
+    @property
     def busy(self) -> bool:
         with self._cond:
             return self._running is not None
@@ -398,7 +452,24 @@ class Engine:
         bos = self.capabilities.bos_token
         return self.backend.tokenize(text, add_bos=not (bos and text.startswith(bos)))
 
-    def _enqueue(self, request: _Request, priority: int, predicted_tokens: float | None) -> None:
+    def _enqueue(
+        self,
+        request: _Request,
+        priority: int,
+        predicted_tokens: float | None,
+        source: str | Sequence[int] | Sequence[Message] | None,
+    ) -> None:
+        # Token prompts carry no text to read: they wait as medium-length requests.
+        readable: PredictorInput | None = source if isinstance(source, str) or _is_messages(source) else None  # type: ignore[assignment]
+        if predicted_tokens is None and self._predictor is not None and readable is not None:
+            try:
+                with self._predict_lock:
+                    predicted_tokens = self._predictor.predict(readable).expected_tokens
+            except EdgeserveError:  # nothing it can read (e.g. only a system prompt): servable all the same
+                predicted_tokens = None
+        request.predicted_tokens = predicted_tokens
+        if self._recorder is not None:
+            request.predictor_input = readable
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
@@ -517,9 +588,26 @@ class Engine:
                     decode_tok_s=decode_tok_s,
                     chat_template=request.chat_template,
                     cached_prompt_tokens=cached,
+                    predicted_tokens=request.predicted_tokens,
                 )
             )
         )
+        if finish is FinishReason.STOP:  # a natural end: the answer's real length is known
+            self._learn(request, n_out, end - started)
+
+    def _learn(self, request: _Request, n_out: int, service_s: float) -> None:
+        """Feed a finished request back: its service time into derived aging, its real length into
+        the recorder. Runs on the loop thread after the caller already has its result."""
+        if self.settings.aging_s is None and n_out < SHORT_TOKENS:
+            prev = self._short_service_s
+            self._short_service_s = service_s if prev is None else (1 - EWMA_ALPHA) * prev + EWMA_ALPHA * service_s
+            with self._cond:
+                self._scheduler.set_aging(max(self.settings.aging_factor * self._short_service_s, 1e-3))
+        if self._recorder is not None and request.predictor_input is not None:
+            try:
+                self._recorder.record(request.predictor_input, n_out)
+            except (OSError, EdgeserveError) as exc:  # losing a log line must never fail serving
+                log.warning("could not record answer length: %s", exc)
 
 
 def _empty_result(request: _Request, now: float, finish: FinishReason) -> GenerationResult:
@@ -534,7 +622,12 @@ def _empty_result(request: _Request, now: float, finish: FinishReason) -> Genera
         total_s=now - request.submitted,
         decode_tok_s=None,
         chat_template=request.chat_template,
+        predicted_tokens=request.predicted_tokens,
     )
+
+
+def _is_messages(source: object) -> bool:
+    return isinstance(source, Sequence) and not isinstance(source, str) and all(hasattr(m, "get") for m in source)
 
 
 def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams | None:

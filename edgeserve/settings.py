@@ -45,7 +45,24 @@ class ModelSettings(_Settings):
 
 class EngineSettings(_Settings):
     max_queue: int = Field(64, ge=1, description="Requests that may wait for the engine; more get 429.")
-    policy: Literal["fcfs"] = Field("fcfs", description="Admission order of waiting requests.")
+    policy: Literal["sjf", "fcfs", "priority"] = Field(
+        "sjf",
+        description="Admission order: sjf (shortest predicted answer first), fcfs, or priority (then sjf).",
+    )
+    aging_s: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds after which a waiting request runs next whatever its order (default: derived "
+        "from the measured service time of short requests).",
+    )
+    aging_factor: float = Field(
+        8.0, gt=0, description="Derived aging: this many times the service time of a short request."
+    )
+    adapt_log: Path | None = Field(
+        None,
+        description="Record (prompt features, real answer tokens) of served requests here for "
+        "'edgeserve predictor adapt' (no prompt text is stored).",
+    )
 
 
 class ServerSettings(_Settings):

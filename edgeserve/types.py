@@ -171,6 +171,8 @@ class GenerationResult:
     chat_template: str | None = None
     #: Tokens of the prompt served from the backend's KV cache instead of prefilled again.
     cached_prompt_tokens: int = 0
+    #: What the length predictor expected (None: not predicted, e.g. under fcfs).
+    predicted_tokens: float | None = None
 
 
 @dataclass(frozen=True)
