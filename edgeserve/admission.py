@@ -61,13 +61,15 @@ class Admission:
         self, request_id: str, *, priority: int = 0, predicted_tokens: float | None = None
     ) -> AsyncIterator[Ticket]:
         """Hold one upstream slot for the body of the ``async with``. Raises ``QueueFullError``."""
-        ticket = await self._acquire(request_id, priority, predicted_tokens)
+        ticket = await self.acquire(request_id, priority=priority, predicted_tokens=predicted_tokens)
         try:
             yield ticket
         finally:
-            self._release()
+            self.release()
 
-    async def _acquire(self, request_id: str, priority: int, predicted_tokens: float | None) -> Ticket:
+    async def acquire(self, request_id: str, *, priority: int = 0, predicted_tokens: float | None = None) -> Ticket:
+        """Wait for a slot; every successful call must be paired with one ``release``. Cancelling the
+        waiting task removes the request from the queue (or returns a slot granted meanwhile)."""
         arrived = self._clock()
         if self._inflight < self._max_inflight and not len(self._scheduler):
             self._inflight += 1
@@ -79,11 +81,11 @@ class Admission:
             await future
         except asyncio.CancelledError:
             if self._scheduler.cancel(request_id) is None and future.done() and not future.cancelled():
-                self._release()  # the slot was granted in the same instant the client left
+                self.release()  # the slot was granted in the same instant the client left
             raise
         return Ticket(request_id, position, self._clock() - arrived)
 
-    def _release(self) -> None:
+    def release(self) -> None:
         self._inflight -= 1
         self._pump()
 

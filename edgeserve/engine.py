@@ -32,7 +32,7 @@ from edgeserve.errors import (
     EngineClosedError,
     InvalidParameterError,
 )
-from edgeserve.scheduler import Entry, QueueView, Scheduler
+from edgeserve.scheduler import AgingTracker, Entry, QueueView, Scheduler
 from edgeserve.settings import EngineSettings, ModelSettings
 from edgeserve.textstream import TextStream
 from edgeserve.types import (
@@ -54,10 +54,6 @@ PredictorInput = str | Sequence[Message]
 
 #: Aging before any short request has been measured; replaced once one has.
 INITIAL_AGING_S = 60.0
-#: Answers shorter than this count as short when deriving the aging threshold (Clairvoyant's class).
-SHORT_TOKENS = 200
-#: Weight of the newest short request in the running service-time estimate.
-EWMA_ALPHA = 0.2
 
 
 class _Prediction(Protocol):
@@ -211,7 +207,7 @@ class Engine:
         self._predictor = predictor if self.settings.policy != "fcfs" else None
         self._predict_lock = threading.Lock()  # predictors reuse one feature buffer
         self._recorder = recorder
-        self._short_service_s: float | None = None
+        self._aging = AgingTracker(self.settings.aging_factor) if self.settings.aging_s is None else None
         self._scheduler: Scheduler[_Request] = Scheduler(
             self.settings.policy, self.settings.max_queue, aging_s=self.settings.aging_s or INITIAL_AGING_S
         )
@@ -598,11 +594,10 @@ class Engine:
     def _learn(self, request: _Request, n_out: int, service_s: float) -> None:
         """Feed a finished request back: its service time into derived aging, its real length into
         the recorder. Runs on the loop thread after the caller already has its result."""
-        if self.settings.aging_s is None and n_out < SHORT_TOKENS:
-            prev = self._short_service_s
-            self._short_service_s = service_s if prev is None else (1 - EWMA_ALPHA) * prev + EWMA_ALPHA * service_s
+        aging_s = self._aging.observe(n_out, service_s) if self._aging is not None else None
+        if aging_s is not None:
             with self._cond:
-                self._scheduler.set_aging(max(self.settings.aging_factor * self._short_service_s, 1e-3))
+                self._scheduler.set_aging(aging_s)
         if self._recorder is not None and request.predictor_input is not None:
             try:
                 self._recorder.record(request.predictor_input, n_out)

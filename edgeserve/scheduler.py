@@ -161,3 +161,23 @@ class Scheduler(Generic[T]):
             heapq.heappop(self._heap)
         while self._arrivals and not self._alive(self._arrivals[0]):
             self._arrivals.popleft()
+
+
+@dataclass
+class AgingTracker:
+    """Derives the aging threshold from what short requests really cost: ``factor`` times a running
+    estimate of their service time. A request is short by Clairvoyant's class (< 200 tokens)."""
+
+    factor: float = 8.0
+    short_tokens: int = 200
+    #: Weight of the newest observation in the running estimate.
+    alpha: float = 0.2
+    estimate_s: float | None = None
+
+    def observe(self, output_tokens: int, service_s: float) -> float | None:
+        """Feed one finished request; returns the new threshold, or None if it was not short."""
+        if output_tokens >= self.short_tokens or service_s <= 0:
+            return None
+        prev = self.estimate_s
+        self.estimate_s = service_s if prev is None else (1 - self.alpha) * prev + self.alpha * service_s
+        return self.factor * self.estimate_s

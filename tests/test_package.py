@@ -29,6 +29,13 @@ def test_wheel_maps_backends_and_models_under_edgeserve(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "edgeserve/backends/llama.py" in names
     assert "edgeserve/models/resolve.py" in names
+    assert "edgeserve/models/length_predictor.onnx" in names
+    # Every package folder of the tree ships, under its installed name.
+    installed = {"edgeserve": "edgeserve", "backends": "edgeserve/backends", "models": "edgeserve/models"}
+    for top, prefix in installed.items():
+        for init in (ROOT / top).rglob("__init__.py"):
+            shipped = prefix + "/" + init.relative_to(ROOT / top).as_posix()
+            assert shipped in names, f"{init.relative_to(ROOT)} is not in the wheel: list its package in pyproject"
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"edgeserve"}, f"the wheel claims top-level names {sorted(top - {'edgeserve'})}"
 

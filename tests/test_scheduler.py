@@ -148,3 +148,12 @@ def test_sjf_without_aging_would_starve_the_long_job() -> None:
 def test_aging_must_be_positive() -> None:
     with pytest.raises(InvalidParameterError):
         Scheduler("sjf", aging_s=0)
+
+
+def test_aging_tracker_follows_short_requests_only() -> None:
+    from edgeserve.scheduler import AgingTracker
+
+    t = AgingTracker(factor=10, alpha=0.5)
+    assert t.observe(900, 30.0) is None  # long: says nothing about short service time
+    assert t.observe(50, 2.0) == 20.0
+    assert t.observe(50, 4.0) == 30.0  # running estimate (2 + 4) / 2
