@@ -5,10 +5,12 @@ differently. Serving code records (feature row, actual output tokens) per finish
 JSON-lines log (opt-in; the prompt text is stored only if asked for). ``adapt`` then refits the
 model on its ShareGPT training split plus the logged rows, each logged row weighted like many
 ShareGPT pairs, with the base's feature spec and settings. The result is an ordinary artefact that
-serves exactly like the shipped one.
+serves exactly like the shipped one. Adapting an adapted artefact starts again from ShareGPT plus
+the log given, so keep one growing log rather than a log per round.
 
-(A small correction model fitted on the log alone, trees or ridge, gained nothing on 250 records
-in our evaluation; refitting with the log weighted did; see bench/predictor_eval.py.)
+(A correction fitted on the log alone, small trees on the base's residuals or a ridge, gained
+nothing on 250 records when tried during development; refitting with the log weighted did, and
+bench/predictor_eval.py measures that.)
 
 Log line::
 
@@ -149,8 +151,8 @@ def adapt(
     progress = progress or NoProgress()
     train_config = TrainConfig(**base.meta["model"]["config"])
     data = prepared or prepare(train_config, progress, sharegpt, spec=base.spec)
-    if data.spec.vocab != base.spec.vocab:
-        raise InvalidParameterError("prepared data was featurized with another vocabulary", param="prepared")
+    if data.spec != base.spec:
+        raise InvalidParameterError("prepared data was featurized with another feature spec", param="prepared")
     y = np.log1p(tokens)
     combined = Dataset(
         examples=[],

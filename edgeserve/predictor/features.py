@@ -8,6 +8,10 @@ turn are scanned word by word; the rest contributes through C-speed counts.
 Row layout (``feature_names(spec)`` names every column)::
 
     [ dense features (len(DENSE_NAMES)) | learned vocabulary, multi-hot (len(spec.vocab)) ]
+
+One deliberate exception: in the *training* matrix the ``lexical_prior`` column is replaced by
+out-of-fold values (stacking, see ``prior``); every other row, served or evaluated, uses this
+function's value.
 """
 
 from __future__ import annotations

@@ -13,9 +13,14 @@ import re
 CUES: dict[str, str] = {}
 
 
+def _words(text: str) -> tuple[str, ...]:
+    """``"a|b|c"`` → ``("a", "b", "c")``: long word lists stay a few lines long."""
+    return tuple(word.strip() for word in text.split("|"))
+
+
 def _add(group: str, phrases: str) -> None:
-    for phrase in phrases.split("|"):
-        CUES[phrase.strip()] = group
+    for phrase in _words(phrases):
+        CUES[phrase] = group
 
 
 # Asking for a short answer.
@@ -103,20 +108,7 @@ def _phrase_tables() -> tuple[dict[str, str], dict[str, list[tuple[tuple[str, ..
 CUE_WORDS, CUE_PHRASES = _phrase_tables()
 
 #: The Clairvoyant anchor's task verbs, in its priority order; first match wins.
-VERBS: tuple[str, ...] = (
-    "what",
-    "write",
-    "explain",
-    "summarize",
-    "how",
-    "list",
-    "implement",
-    "compare",
-    "describe",
-    "generate",
-    "why",
-    "define",
-)
+VERBS: tuple[str, ...] = _words("what|write|explain|summarize|how|list|implement|compare|describe|generate|why|define")
 
 NUMBER_WORDS = {
     "one": 1,
@@ -171,70 +163,16 @@ UNITS: dict[str, tuple[str, float]] = {
     "module": ("sections", 100.0),
     "modules": ("sections", 100.0),
 }
-for _item in [
-    "point",
-    "points",
-    "item",
-    "items",
-    "example",
-    "examples",
-    "idea",
-    "ideas",
-    "tip",
-    "tips",
-    "way",
-    "ways",
-    "reason",
-    "reasons",
-    "question",
-    "questions",
-    "step",
-    "steps",
-    "name",
-    "names",
-    "title",
-    "titles",
-    "option",
-    "options",
-    "tweet",
-    "tweets",
-    "post",
-    "posts",
-    "email",
-    "emails",
-    "headline",
-    "headlines",
-    "tagline",
-    "taglines",
-    "suggestion",
-    "suggestions",
-    "bullet",
-    "bullets",
-    "fact",
-    "facts",
-    "thing",
-    "things",
-    "question",
-    "questions",
-    "alternative",
-    "alternatives",
-    "variation",
-    "variations",
-    "version",
-    "versions",
-]:
+# Countable things asked for in lists ("10 ideas", "five tips").
+for _item in _words(
+    "point|points|item|items|example|examples|idea|ideas|tip|tips|way|ways|reason|reasons|question"
+    "|questions|step|steps|name|names|title|titles|option|options|tweet|tweets|post|posts|email|emails"
+    "|headline|headlines|tagline|taglines|suggestion|suggestions|bullet|bullets|fact|facts|thing|things"
+    "|alternative|alternatives|variation|variations|version|versions"
+):
     UNITS[_item] = ("items", 30.0)
 
-UNIT_GROUPS: tuple[str, ...] = (
-    "words",
-    "chars",
-    "sentences",
-    "lines",
-    "paragraphs",
-    "pages",
-    "sections",
-    "items",
-)
+UNIT_GROUPS: tuple[str, ...] = _words("words|chars|sentences|lines|paragraphs|pages|sections|items")
 
 #: Words just before a number that make it a ceiling ("under 50", "no more than 3", "at most 5").
 CEILING_WORDS = frozenset({"under", "than", "most", "max", "maximum", "within", "to"})
@@ -249,26 +187,5 @@ def number_value(word: str) -> float:
 
 #: Words that start a yes/no question, whose answers tend to be short.
 YES_NO_STARTS = frozenset(
-    [
-        "is",
-        "are",
-        "am",
-        "was",
-        "were",
-        "do",
-        "does",
-        "did",
-        "can",
-        "could",
-        "will",
-        "would",
-        "should",
-        "shall",
-        "has",
-        "have",
-        "had",
-        "may",
-        "might",
-        "must",
-    ]
+    _words("is|are|am|was|were|do|does|did|can|could|will|would|should|shall|has|have|had|may|might|must")
 )
