@@ -43,7 +43,7 @@ def options_from(model: type[BaseModel], *, exclude: Iterable[str] = ()) -> Call
                 continue
             kind, is_flag = _click_type(field.annotation)
             flag = "--" + name.replace("_", "-")
-            env = f"EDGESERVE_{name.upper()}"
+            env = f"{model.model_config.get('env_prefix', '')}{name.upper()}"
             help_text = f"{field.description or ''} [env {env}]"
             decls = [f"{flag}/--no-{name.replace('_', '-')}"] if is_flag else [flag]
             fn = click.option(*decls, name, type=None if is_flag else kind, default=None, help=help_text)(fn)

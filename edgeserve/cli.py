@@ -260,9 +260,10 @@ def _register() -> None:
     # command bodies, so registering them costs only the click objects.
     from edgeserve.models.convert.cli import convert
     from edgeserve.predictor.cli import predict_command, predictor
+    from edgeserve.proxy.cli import proxy
     from edgeserve.server.cli import serve
 
-    for command in (serve, convert, predict_command, predictor):
+    for command in (serve, proxy, convert, predict_command, predictor):
         main.add_command(command)
 
 

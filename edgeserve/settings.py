@@ -74,3 +74,32 @@ class ServerSettings(_Settings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Server log level (access lines never carry prompt text)."
     )
+
+
+class ProxySettings(_Settings):
+    """The sidecar proxy: SJF admission in front of another server (env ``EDGESERVE_PROXY_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGESERVE_PROXY_", extra="forbid", validate_default=True)
+
+    upstream: str = Field(
+        "http://127.0.0.1:11434",
+        description="Server to front: Ollama (default), llama.cpp's server, vLLM, any OpenAI-compatible URL.",
+    )
+    host: str = Field("127.0.0.1", description="Address to bind; loopback unless you mean it.")
+    port: int = Field(8081, ge=0, le=65535, description="Port to listen on.")
+    policy: Literal["sjf", "fcfs", "priority"] = Field("sjf", description="Admission order of waiting requests.")
+    max_inflight: int = Field(1, ge=1, description="Generation requests sent upstream at once (1: serial backend).")
+    max_queue: int = Field(64, ge=1, description="Requests that may wait; more get 429.")
+    aging_s: float | None = Field(
+        None, gt=0, description="Aging threshold in seconds (default: derived from measured short requests)."
+    )
+    aging_factor: float = Field(8.0, gt=0, description="Derived aging: this many times a short request's time.")
+    api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' from clients (not /health).")
+    upstream_api_key: str | None = Field(
+        None, description="Bearer key sent upstream (default: the client's Authorization passes through)."
+    )
+    timeout_s: float = Field(600.0, gt=0, description="Longest silence tolerated from the upstream, in seconds.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
+    adapt_log: Path | None = Field(
+        None, description="Record (prompt features, real answer tokens) for 'edgeserve predictor adapt'."
+    )

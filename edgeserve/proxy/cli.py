@@ -1,0 +1,42 @@
+"""``edgeserve proxy``: flags (generated from ``ProxySettings``) → app → uvicorn. Imports nothing
+from the ``server`` extra at module level, so the base install can list the command."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from edgeserve._options import build, options_from
+from edgeserve.settings import ProxySettings
+
+log = logging.getLogger("edgeserve.proxy")
+
+
+@click.command()
+@options_from(ProxySettings)
+def proxy(**values: Any) -> None:
+    """Sidecar in front of Ollama or any OpenAI-compatible server: short requests first.
+
+    Generation routes (/v1/chat/completions, /v1/completions, /api/chat, /api/generate) wait in an
+    SJF queue and go upstream --max-inflight at a time; everything else passes through. GET /queue
+    shows the queue, /metrics the latencies by policy and predicted class.
+    """
+    settings = build(ProxySettings, values)
+    try:
+        import uvicorn
+
+        from edgeserve.proxy.app import create_proxy_app
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the proxy needs the server extra: pip install 'edgeserve[server]' ({exc})"
+        ) from None
+    from edgeserve.predictor import AdaptationLog, LengthPredictor
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    predictor = LengthPredictor.load()
+    recorder = AdaptationLog(settings.adapt_log, predictor.spec) if settings.adapt_log else None
+    app = create_proxy_app(settings, predictor=predictor, recorder=recorder)
+    log.info("proxying %s with %s admission, %d in flight", settings.upstream, settings.policy, settings.max_inflight)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
