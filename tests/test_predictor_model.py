@@ -125,3 +125,12 @@ def test_kendall_tau_b_with_ties() -> None:
     expected = (concordant - discordant) / np.sqrt((n0 - ties_x) * (n0 - ties_y))
     assert m.kendall_tau(x, y) == pytest.approx(expected)
     assert m.kendall_tau(x, x) == pytest.approx(1.0)
+
+
+def test_class_is_the_bucket_of_expected_tokens(predictor: LengthPredictor) -> None:
+    for score in np.linspace(0.0, 9.0, 181):
+        p = predictor.from_score(float(score))
+        bucket = m.CLASSES[m.length_class(p.expected_tokens)]
+        # At a boundary itself float rounding may fall either way; everywhere else they agree.
+        if min(abs(p.expected_tokens - m.SHORT_MAX), abs(p.expected_tokens - m.LONG_MIN)) > 1e-6:
+            assert p.length_class == bucket

@@ -162,10 +162,9 @@ def adapt(
     )
     model = fit(combined, train_config, progress)
     log_scores = model.predict(x).astype(np.float64)
-    # The smearing factor comes from the served model's lengths; the class thresholds stay the
-    # base's (a few hundred records are too few to re-tune them).
-    smearing = float(np.mean(np.exp(y - log_scores)))
-    calibration = Calibration(smearing, base.calibration.short_below, base.calibration.long_from)
+    # The smearing factor comes from the served model's lengths (in-sample: a few hundred records
+    # are too few to hold some out).
+    calibration = Calibration.from_smearing(float(np.mean(np.exp(y - log_scores))))
     meta = dict(base.meta)
     meta["calibration"] = calibration.to_json()
     meta["adaptation"] = {

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-SHORT_MAX = 200  # short: fewer than 200 output tokens
+SHORT_MAX = 200  # short: fewer than 200 output tokens (the same boundaries as model.py's classes)
 LONG_MIN = 800  # long: 800 or more
 CLASSES: tuple[str, str, str] = ("short", "medium", "long")
 

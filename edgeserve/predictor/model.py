@@ -25,6 +25,8 @@ from edgeserve.predictor.features import FEATURE_SPEC_VERSION, FeatureSpec, feat
 from edgeserve.predictor.request import PredictorInput, to_request
 
 LengthClass = Literal["short", "medium", "long"]
+SHORT_MAX = 200  # short: fewer output tokens than this
+LONG_MIN = 800  # long: at least this many
 ARTEFACT_STEM = "length_predictor"
 
 
@@ -33,7 +35,8 @@ class Prediction:
     """One request's predicted answer length.
 
     Order requests by ``score`` (or, equivalently, ``expected_tokens``): both are continuous and
-    monotone in each other. ``length_class`` is for display and coarse policies only.
+    monotone in each other. ``length_class`` is the bucket of ``expected_tokens``, for display and
+    coarse policies only.
     """
 
     #: Model output: predicted log1p(output tokens).
@@ -48,13 +51,22 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Calibration:
-    """How a score becomes tokens and a class; fitted on the validation split."""
+    """How a score becomes tokens and a class.
 
-    #: Mean of exp(residual) on validation (Duan's smearing): turns exp(mean log) into a mean.
+    The class is the bucket of ``expected_tokens`` (short < 200 <= medium < 800 <= long), so the two
+    never disagree; the thresholds are those boundaries moved into score space.
+    """
+
+    #: Mean of exp(residual) on held-out rows (Duan's smearing): turns exp(mean log) into a mean.
     smearing: float
     #: Score thresholds: short below the first, long at or above the second.
     short_below: float
     long_from: float
+
+    @classmethod
+    def from_smearing(cls, smearing: float) -> Calibration:
+        # expm1(score) * smearing < 200  <=>  score < log1p(200 / smearing)
+        return cls(smearing, math.log1p(SHORT_MAX / smearing), math.log1p(LONG_MIN / smearing))
 
     def to_json(self) -> dict[str, float]:
         return {"smearing": self.smearing, "short_below": self.short_below, "long_from": self.long_from}
