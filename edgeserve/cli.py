@@ -221,11 +221,12 @@ def info(as_json: bool) -> None:
     from importlib.metadata import version
 
     from edgeserve.backend import REGISTRY
-    from edgeserve.hardware import choose_backend, installed_backends, probe
+    from edgeserve.hardware import choose_backend, installed_backends, onnx_execution_providers, onnx_provider, probe
 
     hw = probe()
     installed = installed_backends()
-    report = {
+    compiled = onnx_execution_providers()
+    report: dict[str, Any] = {
         "edgeserve": version("edgeserve"),
         "python": sys.version.split()[0],
         "hardware": {**asdict(hw), "apple_silicon": hw.apple_silicon},
@@ -238,6 +239,8 @@ def info(as_json: bool) -> None:
             for name, spec in REGISTRY.items()
         },
         "chosen_backend": choose_backend(hw),
+        "onnx_providers_compiled_in": compiled,
+        "onnx_provider": onnx_provider(hw, compiled),
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -252,6 +255,8 @@ def info(as_json: bool) -> None:
     for name, spec in REGISTRY.items():
         state = "installed" if installed[name] else f"not installed (pip install 'edgeserve[{spec.extra}]')"
         click.echo(f"backend:  {name:<6} {spec.description}: {state}")
+    if report["onnx_provider"]:
+        click.echo(f"onnx:     runs on {report['onnx_provider']} (providers compiled in: {', '.join(compiled)})")
     click.echo(f"chosen:   {report['chosen_backend']}")
 
 

@@ -54,6 +54,24 @@ def installed_backends() -> dict[str, bool]:
     return {name: spec.installed() for name, spec in REGISTRY.items()}
 
 
+def onnx_execution_providers() -> list[str]:
+    """Execution providers compiled into this ONNX Runtime GenAI install, best first (empty when the
+    onnx backend is absent). Compiled in is not present: pair with ``probe()`` to pick one."""
+    if not REGISTRY["onnx"].installed():
+        return []
+    from edgeserve.backends.onnx import execution_providers
+
+    providers: list[str] = execution_providers()
+    return providers
+
+
+def onnx_provider(hw: Hardware, compiled: list[str]) -> str | None:
+    """The provider the onnx backend would use on this machine."""
+    if not compiled:
+        return None
+    return "cuda" if hw.cuda and "cuda" in compiled else ("dml" if "dml" in compiled else "cpu")
+
+
 def choose_backend(hw: Hardware | None = None) -> str:
     """``auto``: MLX on Apple Silicon when installed (fastest there), llama.cpp everywhere else."""
     hw = hw or probe()
