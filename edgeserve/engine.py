@@ -228,7 +228,7 @@ class Engine:
         model = model or ModelSettings()
         engine = engine or EngineSettings()
         resolved = resolve(model.model, cache_dir=model.cache_dir)
-        backend_name = choose_backend() if model.backend == "auto" else model.backend
+        backend_name = choose_backend(model=resolved.path) if model.backend == "auto" else model.backend
         predictor = recorder = None
         if engine.policy != "fcfs" or engine.adapt_log:
             from edgeserve.predictor import AdaptationLog, LengthPredictor

@@ -72,10 +72,14 @@ def onnx_provider(hw: Hardware, compiled: list[str]) -> str | None:
     return "cuda" if hw.cuda and "cuda" in compiled else ("dml" if "dml" in compiled else "cpu")
 
 
-def choose_backend(hw: Hardware | None = None) -> str:
-    """``auto``: MLX on Apple Silicon when installed (fastest there), llama.cpp everywhere else."""
+def choose_backend(hw: Hardware | None = None, model: Path | None = None) -> str:
+    """``auto``: MLX on Apple Silicon when installed (fastest there) and able to take the model (a
+    converted folder, or a GGUF whose architecture the converter knows); llama.cpp everywhere else."""
     hw = hw or probe()
-    installed = installed_backends()
-    if hw.apple_silicon and installed.get("mlx"):
+    if not (hw.apple_silicon and installed_backends().get("mlx")):
+        return "llama"
+    if model is None or model.is_dir():
         return "mlx"
-    return "llama"
+    from edgeserve.models.convert.archs import supported
+
+    return "mlx" if supported(model) else "llama"

@@ -1,0 +1,256 @@
+"""Shared pieces of the admission benchmarks: a real serial upstream and the proxy as processes on
+loopback, a workload of real prompts with real answer lengths, and a load generator that times
+every request from the client's side."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "bench" / "results"
+CLASSES = ("short", "medium", "long")
+
+
+def length_class(tokens: int) -> str:
+    """Clairvoyant's classes, on the real (unscaled) answer length."""
+    return "short" if tokens < 200 else ("long" if tokens >= 800 else "medium")
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    prompt: str
+    #: What the answer really was (tokens of the model that wrote the dataset).
+    real_tokens: int
+    #: What this CPU generates for it: real_tokens scaled down (ignore_eos + max_tokens).
+    gen_tokens: int
+
+    @property
+    def cls(self) -> str:
+        return length_class(self.real_tokens)
+
+
+def workload(n: int, scale: float, seed: int, source: str = "oasst1") -> list[Job]:
+    """``n`` prompts of the Clairvoyant labeled set (cross-distribution for the predictor, which
+    trained on ShareGPT), each to generate its real answer length times ``scale``."""
+    path = DATA / "clairvoyant-labeled" / f"{source}_labeled.csv"
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["prompt"].strip()]
+    rng = random.Random(seed)
+    picked = rng.sample(rows, n)
+    return [
+        Job(f"j{i}", r["prompt"], int(r["actual_output_tokens"]), max(1, round(int(r["actual_output_tokens"]) * scale)))
+        for i, r in enumerate(picked)
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def process(args: Sequence[str], health: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeserve", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"edgeserve {' '.join(args)} exited: {proc.communicate()[1][-2000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(health, timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"edgeserve {' '.join(args)} did not start")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def upstream(threads: int, n_ctx: int = 2048) -> Iterator[str]:
+    """The serial backend: edgeserve's own server, first come first served, on the default model."""
+    port = free_port()
+    args = ["serve", "--port", str(port), "--policy", "fcfs", "--backend", "llama", "--n-ctx", str(n_ctx)]
+    args += ["--threads", str(threads), "--max-queue", "1024", "--log-level", "warning"]
+    with process(args, f"http://127.0.0.1:{port}/health"):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def proxy(upstream_url: str, policy: str, aging_s: float | None = None) -> Iterator[str]:
+    port = free_port()
+    args = ["proxy", "--upstream", upstream_url, "--port", str(port), "--policy", policy, "--max-queue", "1024"]
+    if aging_s is not None:
+        args += ["--aging-s", str(aging_s)]
+    with process(args, f"http://127.0.0.1:{port}/health"):
+        yield f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class Outcome:
+    job_id: str
+    cls: str
+    real_tokens: int
+    gen_tokens: int
+    sent: float
+    first_token: float
+    end: float
+    tokens_seen: int
+    queue_wait_ms: float | None
+    prompt_tokens: int
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token - self.sent
+
+    @property
+    def latency_s(self) -> float:
+        return self.end - self.sent
+
+
+async def send(client: httpx.AsyncClient, base: str, job: Job, t0: float) -> Outcome:
+    """One streamed chat completion; TTFT is the first content chunk, latency the last byte."""
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": job.prompt}],
+        "max_tokens": job.gen_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.monotonic()
+    first = None
+    seen = 0
+    prompt_tokens = 0
+    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        wait = response.headers.get("x-queue-wait-ms")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                prompt_tokens = event["usage"]["prompt_tokens"]
+            if not event.get("choices"):
+                continue
+            delta = event["choices"][0]["delta"].get("content")
+            if delta:
+                seen += 1
+                if first is None:
+                    first = time.monotonic()
+    end = time.monotonic()
+    return Outcome(
+        job.job_id,
+        job.cls,
+        job.real_tokens,
+        job.gen_tokens,
+        sent - t0,
+        (first or end) - t0,
+        end - t0,
+        seen,
+        float(wait) if wait is not None else None,
+        prompt_tokens,
+    )
+
+
+async def run_load(base: str, jobs: Sequence[Job], arrivals: Sequence[float]) -> list[Outcome]:
+    """Send ``jobs[i]`` at ``arrivals[i]`` seconds after the start, all concurrently."""
+    limits = httpx.Limits(max_connections=len(jobs) + 4, max_keepalive_connections=len(jobs) + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
+        t0 = time.monotonic()
+
+        async def at(job: Job, when: float) -> Outcome:
+            await asyncio.sleep(max(0.0, when - (time.monotonic() - t0)))
+            return await send(client, base, job, t0)
+
+        return list(await asyncio.gather(*(at(j, a) for j, a in zip(jobs, arrivals, strict=True))))
+
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for cls in (*CLASSES, "all"):
+        group = [o for o in outcomes if cls in ("all", o.cls)]
+        if not group:
+            continue
+        lat = [o.latency_s for o in group]
+        ttft = [o.ttft_s for o in group]
+        out[cls] = {
+            "n": len(group),
+            "latency_p50_s": pct(lat, 50),
+            "latency_p99_s": pct(lat, 99),
+            "ttft_p50_s": pct(ttft, 50),
+            "ttft_p99_s": pct(ttft, 99),
+            "latency_mean_s": statistics.fmean(lat),
+        }
+    return out
+
+
+def rows(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
+    return [asdict(o) for o in outcomes]
+
+
+def save(name: str, report: dict[str, Any]) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+def fit_profile(outcomes: Sequence[Outcome]) -> dict[str, float]:
+    """Service time = overhead + prompt/prefill + tokens/decode, fitted by least squares to requests
+    served back to back (each one's service is the gap since the previous one ended)."""
+    import numpy as np
+
+    ordered = sorted(outcomes, key=lambda o: o.end)
+    xs, ys = [], []
+    for prev, cur in itertools.pairwise(ordered):
+        start = max(prev.end, cur.sent)
+        xs.append([1.0, cur.prompt_tokens, cur.gen_tokens])
+        ys.append(cur.end - start)
+    coef, *_ = np.linalg.lstsq(np.array(xs), np.array(ys), rcond=None)
+    overhead, per_prompt, per_token = (float(c) for c in coef)
+    return {
+        "overhead_s": max(overhead, 0.0),
+        "prefill_tok_s": 1 / per_prompt if per_prompt > 0 else float("inf"),
+        "decode_tok_s": 1 / per_token,
+    }
