@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import itertools
-
 import _harness as h
 
-#: Aging threshold = this many times the measured service time of a short request (the engine's and
-#: the proxy's default factor). Benchmark answers end by max_tokens, never naturally, so the live
-#: derivation (which learns only from natural ends) would never fire: the bench derives it from the
-#: FCFS run instead and passes it explicitly.
-AGING_FACTOR = 8.0
+from edgeserve.settings import AGING_FACTOR
+
+# Aging threshold = AGING_FACTOR times the measured service time of a short request (the engine's
+# and the proxy's default). Benchmark answers end by max_tokens, never naturally, so the live
+# derivation (which learns only from natural ends) would never fire: the bench derives it from the
+# FCFS run instead and passes it explicitly.
 
 
 def short_service_s(outcomes: list[h.Outcome]) -> float:

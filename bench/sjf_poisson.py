@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h
 
+from edgeserve.settings import AGING_FACTOR
+
 RHOS = (0.5, 0.74, 0.9)
-AGING_FACTOR = 8.0
 
 
 def simulate_run(

@@ -168,7 +168,7 @@ class AgingTracker:
     """Derives the aging threshold from what short requests really cost: ``factor`` times a running
     estimate of their service time. A request is short by Clairvoyant's class (< 200 tokens)."""
 
-    factor: float = 8.0
+    factor: float = 128.0  # edgeserve.settings.AGING_FACTOR; the settings pass theirs in
     short_tokens: int = 200
     #: Weight of the newest observation in the running estimate.
     alpha: float = 0.2
