@@ -58,6 +58,9 @@ def test_aging_is_derived_from_measured_short_requests(recorded: tuple[Engine, P
     engine, _ = recorded
     results = [engine.generate("1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=24, temperature=0, stop=[" 10"]) for _ in range(2)]
     assert all(r.finish_reason is FinishReason.STOP for r in results)
-    # aging = factor x running estimate of the service time of short requests, each at most its total time.
+    # aging = factor x the running estimate of short requests' service time (AgingTracker, unit-tested
+    # in test_scheduler), which this engine has now measured.
+    tracker = engine._aging
+    assert tracker is not None and tracker.estimate_s is not None and tracker.estimate_s > 0
     assert engine.aging_s != INITIAL_AGING_S
-    assert 0 < engine.aging_s <= engine.settings.aging_factor * max(r.total_s for r in results)
+    assert engine.aging_s == pytest.approx(engine.settings.aging_factor * tracker.estimate_s)
