@@ -43,6 +43,8 @@ from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 
+from ._hf import FolderTokenizer, common_prefix
+
 if TYPE_CHECKING:
     import mlx.core as mx
 
@@ -51,7 +53,6 @@ log = logging.getLogger(__name__)
 STATE_MAGIC = b"EDGESERVE-MLX-KV1\n"
 #: How far back the repetition/frequency/presence penalties look, in tokens (as the llama backend).
 PENALTY_LAST_N = 64
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 R = TypeVar("R")
 
 
@@ -109,28 +110,20 @@ class MlxBackend:
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.utils import load_model
-        from tokenizers import Tokenizer
 
         if not (folder / "config.json").is_file():
             raise ModelNotFoundError(f"{folder} has no config.json; the mlx backend needs an mlx-lm or HF folder")
-        if not (folder / "tokenizer.json").is_file():
-            raise ModelNotFoundError(f"{folder} has no tokenizer.json; convert the model with `edgeserve convert`")
         try:
             self._model, config = load_model(folder)
         except (OSError, ValueError, KeyError) as exc:
             raise BackendError(f"mlx-lm could not load {folder}: {exc}") from exc
         self._mx = mx
         self._make_cache = make_prompt_cache
-        self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        tok_config = _read_json(folder / "tokenizer_config.json")
         text_config = config.get("text_config", config)
         self._n_vocab = int(text_config["vocab_size"])
-        self._pieces = _token_pieces(self._tokenizer, self._n_vocab)
-        vocab = self._tokenizer.get_vocab()
-        bos_text = _token_text(tok_config.get("bos_token"))
-        eos_text = _token_text(tok_config.get("eos_token"))
-        bos = vocab.get(bos_text) if bos_text else None
-        self._bos = bos if tok_config.get("add_bos_token", bos is not None) else None
+        self._tokenizer = tok = FolderTokenizer(folder, self._n_vocab, backend="mlx")
+        bos = tok.vocab.get(tok.bos_text) if tok.bos_text else None
+        self._bos = bos if tok.adds_bos(default=bos is not None) else None
         self._n_batch = settings.n_batch
         self._cache: list[Any] = make_prompt_cache(self._model)
         self._tokens: list[int] = []
@@ -141,11 +134,11 @@ class MlxBackend:
             model=model.name,
             n_ctx=min(settings.n_ctx, int(text_config.get("max_position_embeddings", settings.n_ctx))),
             n_vocab=self._n_vocab,
-            eog_token_ids=_eog_ids(config, vocab, eos_text),
+            eog_token_ids=tok.eog_ids(config.get("eos_token_id")),
             bos_token_id=bos,
-            chat_template=tok_config.get("chat_template") or None,
-            bos_token=bos_text or "",
-            eos_token=eos_text or "",
+            chat_template=tok.chat_template,
+            bos_token=tok.bos_text,
+            eos_token=tok.eos_text,
             architecture=architecture.removesuffix("_text"),
             kv_state=True,
             device="gpu" if mx.metal.is_available() else "cpu",
@@ -165,12 +158,10 @@ class MlxBackend:
         return self._caps
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
-        return [self._bos, *ids] if add_bos and self._bos is not None else ids
+        return self._tokenizer.tokenize(text, self._bos if add_bos else None)
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
-        pieces = self._pieces
-        return b"".join(pieces[t] if 0 <= t < len(pieces) else b"" for t in tokens)
+        return self._tokenizer.detokenize(tokens)
 
     def prefill(self, prompt: Sequence[int], *, reuse: bool = True) -> int:
         return WORKER.call(lambda: self._prefill(list(prompt), reuse))
@@ -196,7 +187,7 @@ class MlxBackend:
     def _prefill(self, prompt: list[int], reuse: bool) -> int:
         keep = 0
         if reuse:
-            common = _common_prefix(self._tokens, prompt)
+            common = common_prefix(self._tokens, prompt)
             if common == len(prompt) == len(self._tokens) and self._logits is not None:
                 return common  # the whole prompt is evaluated and its logits are live
             keep = min(common, len(prompt) - 1)
@@ -362,72 +353,6 @@ class _Sampler:
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _token_text(value: object) -> str | None:
-    """``tokenizer_config.json`` writes special tokens as strings or as AddedToken dicts."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) and value else None
-
-
-def _eog_ids(config: dict[str, Any], vocab: dict[str, int], eos_text: str | None) -> frozenset[int]:
-    ids = config.get("eos_token_id")
-    eog = {int(i) for i in (ids if isinstance(ids, list) else [ids]) if i is not None}
-    if eos_text in vocab:
-        eog.add(vocab[eos_text])
-    return frozenset(eog)
-
-
-def _token_pieces(tokenizer: Any, n_vocab: int) -> list[bytes]:
-    """Each token's bytes, as llama.cpp prints it: special tokens as nothing, ``<0xNN>`` as that
-    byte, SentencePiece's ``▁`` as a space; byte-level BPE vocabularies mapped back to bytes."""
-    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
-    byte_level = "ByteLevel" in json.dumps(decoder)
-    unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
-    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-    pieces = [b""] * n_vocab
-    for text, i in tokenizer.get_vocab().items():
-        if i >= n_vocab or text in special:
-            continue
-        if byte_level and all(c in unicode_to_byte for c in text):
-            pieces[i] = bytes(unicode_to_byte[c] for c in text)
-        elif byte_level:
-            pieces[i] = text.encode()
-        elif m := _BYTE_PIECE.fullmatch(text):
-            pieces[i] = bytes([int(m.group(1), 16)])
-        else:
-            pieces[i] = text.replace("\u2581", " ").encode()
-    return pieces
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-ins for the 256 byte values (byte-level BPE vocabularies)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _cache_classes(data: bytes) -> list[str] | None:

@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import random
-import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,9 +46,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError, UserError
+from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
+
+from ._hf import FolderTokenizer, common_prefix, read_json
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ PENALTY_LAST_N = 64
 #: Execution providers in order of preference, as onnxruntime-genai names them, each with the
 #: check that says this install can run it.
 _PROVIDERS = (("cuda", "is_cuda_available"), ("dml", "is_dml_available"), ("webgpu", "is_webgpu_available"))
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def load(model: ResolvedModel, settings: ModelSettings) -> OnnxBackend:
@@ -87,13 +87,10 @@ def model_folder(model: ResolvedModel, settings: ModelSettings) -> Path:
 class OnnxBackend:
     def __init__(self, model: ResolvedModel, folder: Path, settings: ModelSettings) -> None:
         import onnxruntime_genai as og
-        from tokenizers import Tokenizer
 
-        genai = _read_json(folder / "genai_config.json")
+        genai = read_json(folder / "genai_config.json")
         if not genai:
             raise ModelNotFoundError(f"{folder} has no genai_config.json; convert the model with `edgeserve convert`")
-        if not (folder / "tokenizer.json").is_file():
-            raise ModelNotFoundError(f"{folder} has no tokenizer.json; convert the model with `edgeserve convert`")
         self._og = og
         spec = genai["model"]
         decoder = spec["decoder"]
@@ -121,26 +118,23 @@ class OnnxBackend:
         except RuntimeError as exc:
             raise BackendError(f"onnxruntime-genai could not load {folder}: {exc}") from exc
         self._n_batch = settings.n_batch
-        self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        tok_config = _read_json(folder / "tokenizer_config.json")
         self._n_vocab = int(spec["vocab_size"])
-        self._pieces = _token_pieces(self._tokenizer, self._n_vocab)
-        vocab = self._tokenizer.get_vocab()
-        bos_text = _token_text(tok_config.get("bos_token"))
-        eos_text = _token_text(tok_config.get("eos_token"))
+        # Byte-level BPE is refused: the converter writes SentencePiece vocabularies only, and only
+        # those were checked against llama.cpp on this backend.
+        self._tokenizer = tok = FolderTokenizer(folder, self._n_vocab, backend="onnx", allow_byte_level=False)
         bos = spec.get("bos_token_id")
-        self._bos = int(bos) if bos is not None and tok_config.get("add_bos_token", True) else None
+        self._bos = int(bos) if bos is not None and tok.adds_bos(default=True) else None
         architecture = str(spec.get("type", ""))
         self._caps = Capabilities(
             backend="onnx",
             model=model.name,
             n_ctx=self._n_ctx,
             n_vocab=self._n_vocab,
-            eog_token_ids=_eog_ids(spec, vocab, eos_text),
+            eog_token_ids=tok.eog_ids(spec.get("eos_token_id")),
             bos_token_id=int(bos) if bos is not None else None,
-            chat_template=tok_config.get("chat_template") or None,
-            bos_token=bos_text or "",
-            eos_token=eos_text or "",
+            chat_template=tok.chat_template,
+            bos_token=tok.bos_text,
+            eos_token=tok.eos_text,
             architecture=architecture.removesuffix("_text"),
             kv_state=True,
             device=str(self._model.device_type).lower(),
@@ -163,19 +157,17 @@ class OnnxBackend:
         return self._caps
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
-        return [self._bos, *ids] if add_bos and self._bos is not None else ids
+        return self._tokenizer.tokenize(text, self._bos if add_bos else None)
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
-        pieces = self._pieces
-        return b"".join(pieces[t] if 0 <= t < len(pieces) else b"" for t in tokens)
+        return self._tokenizer.detokenize(tokens)
 
     def prefill(self, prompt: Sequence[int], *, reuse: bool = True) -> int:
         prompt = list(prompt)
         self._pending = []
         keep = 0
         if reuse:
-            common = _common_prefix(self._tokens, prompt)
+            common = common_prefix(self._tokens, prompt)
             if common == len(prompt) == len(self._tokens) and self._live:
                 return common  # the whole prompt is evaluated and its logits are live
             # Sampling needs the logits of the prompt's last token, so at least that one runs.
@@ -332,54 +324,3 @@ def _softmax(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _token_text(value: object) -> str | None:
-    """``tokenizer_config.json`` writes special tokens as strings or as AddedToken dicts."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) and value else None
-
-
-def _eog_ids(spec: dict[str, Any], vocab: dict[str, int], eos_text: str | None) -> frozenset[int]:
-    ids = spec.get("eos_token_id")
-    eog = {int(i) for i in (ids if isinstance(ids, list) else [ids]) if i is not None}
-    if eos_text in vocab:
-        eog.add(vocab[eos_text])
-    return frozenset(eog)
-
-
-def _token_pieces(tokenizer: Any, n_vocab: int) -> list[bytes]:
-    """Each token's bytes as llama.cpp prints it: special tokens as nothing, ``<0xNN>`` as that
-    byte, SentencePiece's ``▁`` as a space. Byte-level BPE vocabularies (GPT-2 style) are refused:
-    the converter makes SentencePiece ones only, and printing them differently would be wrong."""
-    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
-    if "ByteLevel" in json.dumps(decoder):
-        raise UserError("the onnx backend reads SentencePiece tokenizers only (this one is byte-level BPE)")
-    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-    pieces = [b""] * n_vocab
-    for text, i in tokenizer.get_vocab().items():
-        if i >= n_vocab or text in special:
-            continue
-        if m := _BYTE_PIECE.fullmatch(text):
-            pieces[i] = bytes([int(m.group(1), 16)])
-        else:
-            pieces[i] = text.replace("\u2581", " ").encode()
-    return pieces
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
