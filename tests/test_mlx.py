@@ -19,25 +19,11 @@ from edgeserve.settings import ModelSettings
 mx = pytest.importorskip("mlx.core", reason="the mlx extra is not installed: pip install 'edgeserve[mlx]'")
 pytest.importorskip("mlx_lm")
 
+from agreement import AGREEMENT_MIN, AGREEMENT_TEXT, llama_cpp_argmax  # noqa: E402
+
 from edgeserve.backends import mlx as mlx_backend  # noqa: E402
 
 SETTINGS = ModelSettings(model="default", backend="mlx", n_ctx=1024, threads=1)
-
-#: The fixed text of the agreement check: plain prose, written for this test.
-AGREEMENT_TEXT = (
-    "The river rises in the hills to the north of the town and runs south for about forty miles before it "
-    "reaches the sea. For most of the year it is slow and shallow, and children wade across it in summer to "
-    "reach the meadows on the far bank. In the spring, when the snow on the hills melts, the water comes up "
-    "quickly and the old stone bridge has more than once been closed. The town grew up around a mill that "
-    "stood beside the bridge. The mill ground wheat for the farms of the valley until the railway arrived, "
-    "and with it cheaper flour from the cities. The building still stands, though the wheel is gone, and it "
-    "is now a small museum where visitors can see the millstones and read about the families who worked "
-    "there. On market days the square in front of the church fills with stalls selling cheese, bread, "
-    "vegetables and flowers, and the cafes put their tables out on the pavement. Most of the people who live "
-    "in the town today work in the larger city to the south, and they travel there each morning by train. "
-    "The station is a short walk from the square, and the first train leaves a little after six o'clock."
-)
-AGREEMENT_MIN = 0.95
 
 
 # ---- the sampler, on hand-made logits -------------------------------------------------------
@@ -133,17 +119,8 @@ def test_teacher_forced_next_token_agreement_with_llama_cpp(
     """Both backends read the same text; at each position, do they predict the same next token?
     They differ only by quantization (llama.cpp runs the Q4_K/Q5_0/Q6_K/Q8_0 weights with
     8-bit-quantized activations; MLX the dequantized float32 weights)."""
-    import llama_cpp
-
     tokens = engine.tokenize(AGREEMENT_TEXT)
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_path), n_ctx=1024, n_batch=512, n_threads=1, logits_all=True, verbose=False
-    )
-    try:
-        llm.eval(tokens)
-        theirs = np.asarray(llm.scores[: len(tokens)]).argmax(axis=-1)
-    finally:
-        llm.close()
+    theirs = llama_cpp_argmax(gguf_path, tokens)
     model = engine.backend._model
 
     def mlx_argmax() -> np.ndarray[Any, Any]:
