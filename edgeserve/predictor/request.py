@@ -60,7 +60,8 @@ def _from_messages(messages: Sequence[Mapping[str, Any]]) -> Request:
     user_turns = assistant_turns = 0
     prev_assistant = assistant_chars = history_user = 0
     for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
+        # The exact-type check first: messages are almost always plain dicts, and ABC checks are slow.
+        if type(message) is not dict and not isinstance(message, Mapping):
             raise InvalidParameterError(f"messages[{i}] must be an object", param="messages")
         role = str(message.get("role", "")).lower()
         text, media = _content_text(message.get("content"), i)
