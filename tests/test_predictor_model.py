@@ -75,9 +75,21 @@ def test_empty_prompt_is_a_clear_error(predictor: LengthPredictor) -> None:
         predictor.predict("")
 
 
-def test_missing_artefact_is_model_not_found(tmp_path: Path) -> None:
+def test_missing_or_broken_artefact_is_model_not_found(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError):
         LengthPredictor.load(tmp_path / "nothing")
+    onnx_path, json_path = artefact_paths(ROOT / "models" / "length_predictor")
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    (tmp_path / "bad.json").write_bytes(json_path.read_bytes())
+    with pytest.raises(ModelNotFoundError, match="loadable"):
+        LengthPredictor.load(tmp_path / "bad")
+    (tmp_path / "meta.onnx").write_bytes(onnx_path.read_bytes())
+    (tmp_path / "meta.json").write_text('{"features": {}}')
+    with pytest.raises(ModelNotFoundError, match="metadata"):
+        LengthPredictor.load(tmp_path / "meta.json")
+    (tmp_path / "meta.json").write_text("{")
+    with pytest.raises(ModelNotFoundError, match="not JSON"):
+        LengthPredictor.load(tmp_path / "meta")
 
 
 def test_predict_is_fast(predictor: LengthPredictor) -> None:

@@ -98,7 +98,10 @@ class LengthPredictor:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        try:
+            self._session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types, mapped here at the boundary
+            raise ModelNotFoundError(f"not a loadable length predictor model: {e}") from e
         self.onnx_bytes = onnx_bytes
         self._input = self._session.get_inputs()[0].name
         self._output = [self._session.get_outputs()[0].name]
@@ -106,6 +109,7 @@ class LengthPredictor:
         self.calibration = calibration
         self.meta = meta
         self._row = np.zeros((1, spec.n_features), dtype=np.float32)
+        self._row0 = self._row[0]  # the view featurize writes into, made once
         self._feed = {self._input: self._row}
 
     # -- loading -------------------------------------------------------------------------------
@@ -122,16 +126,22 @@ class LengthPredictor:
             if not onnx_path.is_file() or not json_path.is_file():
                 raise ModelNotFoundError(f"no length predictor at {onnx_path} (+ {json_path.name})")
             onnx_bytes = onnx_path.read_bytes()
-            meta = json.loads(json_path.read_text(encoding="utf-8"))
-        return cls(
-            onnx_bytes, FeatureSpec.from_json(meta["features"]), Calibration.from_json(meta["calibration"]), meta
-        )
+            try:
+                meta = json.loads(json_path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ModelNotFoundError(f"{json_path} is not JSON: {e}") from e
+        try:
+            spec = FeatureSpec.from_json(meta["features"])
+            calibration = Calibration.from_json(meta["calibration"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ModelNotFoundError(f"length predictor metadata is incomplete or malformed: {e!r}") from e
+        return cls(onnx_bytes, spec, calibration, meta)
 
     # -- predicting ----------------------------------------------------------------------------
 
     def predict(self, prompt: PredictorInput) -> Prediction:
         """Predict from a prompt string or chat messages. Raises ``InvalidParameterError`` if empty."""
-        featurize(to_request(prompt), self.spec, self._row[0])
+        featurize(to_request(prompt), self.spec, self._row0)
         score = float(self._session.run(self._output, self._feed)[0][0, 0])
         return self.from_score(score)
 
