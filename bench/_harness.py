@@ -230,6 +230,8 @@ def rows(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
 
 
 def save(name: str, report: dict[str, Any]) -> Path:
+    """Write the report, with the load average at the end: the machine is shared and noisy."""
+    report.setdefault("load_average_1m_at_end", os.getloadavg()[0])
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(report, indent=2))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -70,6 +71,7 @@ def main() -> None:
     from edgeserve import Engine, ModelSettings
     from edgeserve.models import resolve
 
+    load_before = os.getloadavg()[0]
     settings = ModelSettings(model="default", backend="llama", n_ctx=2048)
     if args.threads:
         settings = settings.model_copy(update={"threads": args.threads})
@@ -128,6 +130,7 @@ def main() -> None:
         "threads": settings.threads,
         "prompt_source": str(DATA.relative_to(ROOT.parent)) if DATA.exists() else "built-in paragraph",
         "machine": {"system": platform.system(), "machine": platform.machine(), "cpu": platform.processor()},
+        "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
         "summary": summary,
         "ratios": ratios,
         "targets": {"decode_tok_s_engine_over_raw": ">= 0.98", "ttft_engine_over_raw": "<= 1.02"},

@@ -233,7 +233,7 @@ class Engine:
         if engine.policy != "fcfs" or engine.adapt_log:
             from edgeserve.predictor import AdaptationLog, LengthPredictor
 
-            predictor = LengthPredictor.load()
+            predictor = LengthPredictor.load(engine.predictor)
             if engine.adapt_log:
                 recorder = AdaptationLog(engine.adapt_log, predictor.spec)
         backend = load_backend(backend_name, resolved, model)

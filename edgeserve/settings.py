@@ -69,6 +69,9 @@ class EngineSettings(_Settings):
         description="Record (prompt features, real answer tokens) of served requests here for "
         "'edgeserve predictor adapt' (no prompt text is stored).",
     )
+    predictor: Path | None = Field(
+        None, description="Length predictor artefact (default: the shipped one; e.g. the output of adapt)."
+    )
 
 
 class ServerSettings(_Settings):
@@ -110,4 +113,7 @@ class ProxySettings(_Settings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
     adapt_log: Path | None = Field(
         None, description="Record (prompt features, real answer tokens) for 'edgeserve predictor adapt'."
+    )
+    predictor: Path | None = Field(
+        None, description="Length predictor artefact (default: the shipped one; e.g. the output of adapt)."
     )

@@ -64,3 +64,11 @@ def test_aging_is_derived_from_measured_short_requests(recorded: tuple[Engine, P
     assert tracker is not None and tracker.estimate_s is not None and tracker.estimate_s > 0
     assert engine.aging_s != INITIAL_AGING_S
     assert engine.aging_s == pytest.approx(engine.settings.aging_factor * tracker.estimate_s)
+
+
+def test_a_missing_predictor_artefact_is_a_clear_error_before_loading_the_model(tmp_path: Path) -> None:
+    from edgeserve import ModelNotFoundError
+
+    settings = EngineSettings(predictor=tmp_path / "adapted")
+    with pytest.raises(ModelNotFoundError, match="no length predictor"):
+        Engine.from_settings(ModelSettings(model="default", backend="llama"), settings)

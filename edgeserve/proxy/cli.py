@@ -35,7 +35,7 @@ def proxy(**values: Any) -> None:
     from edgeserve.predictor import AdaptationLog, LengthPredictor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    predictor = LengthPredictor.load()
+    predictor = LengthPredictor.load(settings.predictor)
     recorder = AdaptationLog(settings.adapt_log, predictor.spec) if settings.adapt_log else None
     app = create_proxy_app(settings, predictor=predictor, recorder=recorder)
     log.info("proxying %s with %s admission, %d in flight", settings.upstream, settings.policy, settings.max_inflight)
