@@ -103,7 +103,7 @@ def train_command(out: Path, seed: int | None, tokenizer: str, limit: int, share
 def adapt_command(log: Path, base: Path | None, out: Path, log_weight: float | None, sharegpt: Path | None) -> None:
     """Refit the predictor on its training data plus an adaptation LOG (JSON lines written by
     ``AdaptationLog``: served requests' features and real answer lengths), and write the adapted
-    artefact; serve it with ``LengthPredictor.load(OUT)``."""
+    artefact; serve it with ``edgeserve serve --predictor OUT``."""
     from edgeserve.predictor.adapt import AdaptConfig, adapt_log
     from edgeserve.predictor.export import write_artefact
 
