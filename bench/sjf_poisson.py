@@ -147,7 +147,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             real = [report["runs"][r][name]["summary"].get(cls, {}).get("latency_p50_s") for r in rhos]
             sim = [report["runs"][r][name]["simulated"].get(cls, {}).get("latency_p50_s") for r in rhos]
             ax.plot([float(r) for r in rhos], real, style, label=f"{name} (real)")
-            ax.plot([float(r) for r in rhos], sim, style, alpha=0.4, linestyle="--", label=f"{name} (simulated)")
+            ax.plot([float(r) for r in rhos], sim, style[0] + "--", alpha=0.4, label=f"{name} (simulated)")
         ax.set_title(f"{cls} requests")
         ax.set_xlabel("utilisation rho")
         ax.set_ylabel("P50 latency (s)")
