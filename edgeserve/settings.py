@@ -4,10 +4,11 @@ other way round."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Aging threshold in units of a short request's service time. Chosen in the simulator on real answer
@@ -114,6 +115,14 @@ class ProxySettings(_Settings):
     adapt_log: Path | None = Field(
         None, description="Record (prompt features, real answer tokens) for 'edgeserve predictor adapt'."
     )
+
+    @field_validator("upstream")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
+            raise ValueError(f"must be an http:// or https:// URL such as http://127.0.0.1:11434, not {value!r}")
+        return value
+
     predictor: Path | None = Field(
         None, description="Length predictor artefact (default: the shipped one; e.g. the output of adapt)."
     )

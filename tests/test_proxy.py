@@ -280,3 +280,13 @@ def test_dead_upstream_gives_502_and_the_proxy_stays_up(predictor: LengthPredict
         assert httpx.get(f"{url}/v1/models").status_code == 502  # pass-through too
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
         assert queue_state(url)["inflight"] == 0
+
+
+def test_proxy_command_rejects_a_bad_upstream_in_one_line() -> None:
+    from click.testing import CliRunner
+
+    from edgeserve.cli import main
+
+    result = CliRunner().invoke(main, ["proxy", "--upstream", "localhost:11434"])
+    assert result.exit_code == 2
+    assert "must be an http:// or https:// URL" in result.output and "Traceback" not in result.output
