@@ -217,9 +217,11 @@ class AdmittedRoute:
             async def watch() -> None:
                 while (await receive())["type"] != "http.disconnect":
                     pass
-                # Servers also report a disconnect once the response is complete: not a client leaving.
-                call.client_gone = not call.responded
-                group.cancel_scope.cancel()
+                # Servers also report a disconnect once the response is complete: not a client leaving,
+                # and the relay must be left to hand its upstream connection back to the pool.
+                if not call.responded:
+                    call.client_gone = True
+                    group.cancel_scope.cancel()
 
             async def serve() -> None:
                 await call.run()
@@ -308,10 +310,15 @@ class _Call:
                 log.warning("upstream stream broke for %s: %s", self.request_id, exc)
             else:
                 self.outcome = "ok" if upstream.status_code < 400 else f"http_{upstream.status_code}"
-            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+            # Complete from here on: the client may hang up before this send even returns.
             self.responded = True
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await upstream.aclose()  # on a disconnect this closes the upstream request at once
+            # On a disconnect this closes the upstream request at once; after a complete response it
+            # returns the connection to the pool, which a cancellation here would break (a new TCP
+            # connection per request).
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
 
     def finish(self) -> None:
         """Account for the request once it is over, whichever way it ended."""
