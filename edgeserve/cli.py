@@ -186,6 +186,10 @@ def chat(system: str | None, **values: Any) -> None:
                 history.pop()
                 click.echo("\n[interrupted]", err=True)
                 continue
+            except UserError as exc:  # e.g. the conversation outgrew the context: say so, keep the session
+                history.pop()
+                click.echo(f"[{exc} — /reset starts over]", err=True)
+                continue
             history.append({"role": "assistant", "content": result.text})
             _end_line()
             click.echo(f"{_stats(result)} [template: {result.chat_template}]", err=True)

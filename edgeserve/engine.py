@@ -91,7 +91,27 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
-class RequestHandle:
+class _Handle:
+    """What both handles share: identity, size, and cancellation."""
+
+    def __init__(self, engine: Engine, request: _Request) -> None:
+        self._engine = engine
+        self._request = request
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self._request.prompt_tokens)
+
+    def cancel(self) -> None:
+        """Remove the request if it waits, stop it within a decode step if it runs; a no-op once ended."""
+        self._engine._cancel(self._request)
+
+
+class RequestHandle(_Handle):
     """A submitted request. Iterate it for its events; ``cancel`` frees its slot at once.
 
     Iteration ends after exactly one ``FinalEvent`` or ``ErrorEvent``. Leaving the loop early (break,
@@ -99,86 +119,60 @@ class RequestHandle:
     """
 
     def __init__(self, engine: Engine, request: _Request, events: queue.SimpleQueue[StreamEvent]) -> None:
-        self._engine = engine
-        self._request = request
+        super().__init__(engine, request)
         self._events = events
 
-    @property
-    def request_id(self) -> str:
-        return self._request.request_id
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self._request.prompt_tokens)
-
-    def cancel(self) -> None:
-        self._engine._cancel(self._request)
-
     def __iter__(self) -> Iterator[StreamEvent]:
-        done = False
+        ended = False
         try:
-            while True:
+            while not ended:
                 event = self._events.get()
+                # Set before yielding: a consumer that stops at the last event has not left early.
+                ended = not isinstance(event, TokenEvent)
                 yield event
-                if not isinstance(event, TokenEvent):
-                    done = True
-                    return
         finally:
-            if not done:
+            if not ended:
                 self.cancel()
 
     def result(self) -> GenerationResult:
-        return _result_of(iter(self))
+        for event in self:
+            if (result := outcome(event)) is not None:
+                return result
+        raise BackendError("stream ended without a result")  # unreachable by the handle's invariant
 
 
-class AsyncRequestHandle:
+class AsyncRequestHandle(_Handle):
     """The asyncio twin of ``RequestHandle``; events arrive through the caller's event loop."""
 
     def __init__(self, engine: Engine, request: _Request, events: asyncio.Queue[StreamEvent]) -> None:
-        self._engine = engine
-        self._request = request
+        super().__init__(engine, request)
         self._events = events
 
-    @property
-    def request_id(self) -> str:
-        return self._request.request_id
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self._request.prompt_tokens)
-
-    def cancel(self) -> None:
-        self._engine._cancel(self._request)
-
     async def __aiter__(self) -> AsyncIterator[StreamEvent]:
-        done = False
+        ended = False
         try:
-            while True:
+            while not ended:
                 event = await self._events.get()
+                ended = not isinstance(event, TokenEvent)
                 yield event
-                if not isinstance(event, TokenEvent):
-                    done = True
-                    return
         finally:
-            if not done:  # the consumer left early or its task was cancelled (client disconnect)
+            if not ended:  # the consumer left early or its task was cancelled (client disconnect)
                 self.cancel()
 
     async def result(self) -> GenerationResult:
         async for event in self:
-            if isinstance(event, FinalEvent):
-                return event.result
-            if isinstance(event, ErrorEvent):
-                raise event.error
+            if (result := outcome(event)) is not None:
+                return result
         raise BackendError("stream ended without a result")  # unreachable by the handle's invariant
 
 
-def _result_of(events: Iterator[StreamEvent]) -> GenerationResult:
-    for event in events:
-        if isinstance(event, FinalEvent):
-            return event.result
-        if isinstance(event, ErrorEvent):
-            raise event.error
-    raise BackendError("stream ended without a result")
+def outcome(event: StreamEvent) -> GenerationResult | None:
+    """The result a final event carries; raises the error an error event carries; None for tokens."""
+    if isinstance(event, FinalEvent):
+        return event.result
+    if isinstance(event, ErrorEvent):
+        raise event.error
+    return None
 
 
 class Engine:
@@ -475,7 +469,8 @@ class Engine:
     def _cancel(self, request: _Request) -> None:
         with self._cond:
             request.cancelled.set()
-            waiting = self._scheduler.cancel(request.request_id) is not None
+            # By identity: another request may have reused this id once this one ended.
+            waiting = self._scheduler.cancel(request.request_id, request) is not None
         if waiting:  # never started: answer it here; a running request is answered by the loop
             now = self._clock()
             request.sink(FinalEvent(_empty_result(request, now, FinishReason.CANCELLED)))
@@ -534,16 +529,18 @@ class Engine:
             steps = self.backend.decode(params)
             try:
                 for token in steps:
-                    last_at = self._clock()
+                    now = self._clock()
                     if first_at is None:
-                        first_at = last_at
+                        first_at = now
                     if request.cancelled.is_set():
                         finish = FinishReason.CANCELLED
                         break
                     if token in eog:
                         finish = FinishReason.STOP
                         break
+                    # Only counted tokens move the end of the decode span (an EOS step is not output).
                     n_out += 1
+                    last_at = now
                     out = text.push(self.backend.detokenize((token,)))
                     if out:
                         pieces.append(out)

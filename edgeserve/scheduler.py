@@ -133,9 +133,13 @@ class Scheduler(Generic[T]):
         self._drop_dead_heads()
         return entry
 
-    def cancel(self, request_id: str) -> Entry[T] | None:
-        """Remove a waiting entry; returns it, or None if it was not waiting (running or gone)."""
-        return self._live.pop(request_id, None)
+    def cancel(self, request_id: str, item: T | None = None) -> Entry[T] | None:
+        """Remove a waiting entry; returns it, or None if it was not waiting (running or gone).
+        With ``item``, only the entry carrying that very payload (ids can be reused)."""
+        entry = self._live.get(request_id)
+        if entry is None or (item is not None and entry.item is not item):
+            return None
+        return self._live.pop(request_id)
 
     def snapshot(self, now: float) -> list[QueueView]:
         """Live entries in the order ``next`` would take them if nothing else arrived."""

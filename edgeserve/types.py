@@ -143,8 +143,9 @@ class ResolvedModel:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """New text from a running generation. ``text`` may be empty while bytes of a multi-byte
-    character or a possible stop sequence are held back."""
+    """New text from a running generation. Tokens whose bytes are held back (part of a multi-byte
+    character or of a possible stop sequence) send no event; their text comes with a later one, so
+    ``token_ids`` lists only the token that released it."""
 
     text: str
     token_ids: tuple[int, ...]

@@ -83,3 +83,12 @@ def test_backend_whose_extra_is_missing_names_the_extra(runner: CliRunner, monke
     result = runner.invoke(main, ["run", "x", "--backend", "mlx", "--n-ctx", "1024"])
     assert result.exit_code == 2
     assert "pip install 'edgeserve[mlx]'" in result.output
+
+
+def test_chat_survives_a_message_longer_than_the_context(runner: CliRunner, default_model_path: object) -> None:
+    stdin = "word " * 300 + "\nWhat is 2+2?\n"
+    args = ["chat", "--max-tokens", "4", "--n-ctx", "128", "--backend", "llama"]
+    result = runner.invoke(main, args, input=stdin)
+    assert result.exit_code == 0, result.output
+    assert "context" in result.stderr and "/reset starts over" in result.stderr
+    assert result.stderr.count("template: builtin:gemma") == 1  # the next message was answered

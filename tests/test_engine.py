@@ -256,3 +256,16 @@ def test_max_tokens_none_fills_the_context(engine: Engine) -> None:
     result = engine.generate(prompt, max_tokens=None, ignore_eos=True)
     assert result.prompt_tokens + result.completion_tokens == n_ctx
     assert result.finish_reason is FinishReason.LENGTH
+
+
+def test_a_finished_handle_never_cancels_a_request_that_reuses_its_id(engine: Engine) -> None:
+    first = iter(engine.submit(PROMPT, SamplingParams(max_tokens=2), request_id="same-id"))
+    for event in first:
+        if isinstance(event, FinalEvent):
+            break  # stop at the final event: the generator stays suspended
+    blocker = engine.submit("Go on:", SamplingParams(max_tokens=30, ignore_eos=True))
+    second = engine.submit(PROMPT, SamplingParams(max_tokens=2, ignore_eos=True), request_id="same-id")
+    first.close()  # closing the finished stream must not touch the waiting request with its id
+    result = second.result()
+    assert result.finish_reason is FinishReason.LENGTH and result.completion_tokens == 2
+    blocker.result()

@@ -157,3 +157,10 @@ def test_aging_tracker_follows_short_requests_only() -> None:
     assert t.observe(900, 30.0) is None  # long: says nothing about short service time
     assert t.observe(50, 2.0) == 20.0
     assert t.observe(50, 4.0) == 30.0  # running estimate (2 + 4) / 2
+
+
+def test_cancel_with_an_item_removes_only_that_entry() -> None:
+    s: Scheduler[str] = Scheduler("fcfs")
+    s.add(Entry("x", 0.0, item="new"))
+    assert s.cancel("x", "old") is None  # a stale handle of an earlier request with the same id
+    assert s.cancel("x", "new") is not None
