@@ -21,7 +21,7 @@ class Ticket:
     """Proof of admission, with what the client is told about its wait."""
 
     request_id: str
-    #: Position in the queue when the request arrived (0: admitted at once).
+    #: Rank in the queue's order when the request arrived (0: admitted at once, 1: next to run).
     position: int
     waited_s: float
 
@@ -76,7 +76,8 @@ class Admission:
             return Ticket(request_id, 0, 0.0)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._scheduler.add(Entry(request_id, arrived, future, priority, predicted_tokens))
-        position = len(self._scheduler)
+        # Rank in the policy's order at arrival (1: next to run), not the queue's length.
+        position = 1 + next(v.position for v in self._scheduler.snapshot(arrived) if v.request_id == request_id)
         try:
             await future
         except asyncio.CancelledError:

@@ -111,7 +111,9 @@ class ProxySettings(_Settings):
         None, description="Bearer key sent upstream (default: the client's Authorization passes through)."
     )
     timeout_s: float = Field(600.0, gt=0, description="Longest silence tolerated from the upstream, in seconds.")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest generation request body in bytes (other routes pass through)."
+    )
     adapt_log: Path | None = Field(
         None, description="Record (prompt features, real answer tokens) for 'edgeserve predictor adapt'."
     )

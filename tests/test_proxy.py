@@ -136,11 +136,14 @@ def test_short_request_overtakes_a_long_one_queued_before_it(proxy: str) -> None
     finished: list[str] = []
     waits: dict[str, float] = {}
 
+    positions: dict[str, str] = {}
+
     def ask(name: str, content: str) -> None:
         body = {"model": "default", "messages": [{"role": "user", "content": content}], "max_tokens": 4}
         response = httpx.post(f"{proxy}/v1/chat/completions", json=body, timeout=120)
         assert response.status_code == 200
         waits[name] = float(response.headers["x-queue-wait-ms"])
+        positions[name] = response.headers["x-queue-position"]
         finished.append(name)
 
     long = threading.Thread(target=ask, args=("long", LONG))
@@ -156,6 +159,7 @@ def test_short_request_overtakes_a_long_one_queued_before_it(proxy: str) -> None
         t.join(120)
     assert finished == ["short", "long"]
     assert waits["short"] < waits["long"]
+    assert positions == {"long": "1", "short": "1"}  # each was next in line when it arrived
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +252,7 @@ def test_full_queue_answers_429_with_retry_after(proxy: str) -> None:
         ("/v1/completions", json.dumps({"prompt": "x", "priority": "high"}).encode(), {}, "priority"),
         ("/v1/completions", json.dumps({"prompt": "x", "service_tier": "gold"}).encode(), {}, "service_tier"),
         ("/api/chat", json.dumps({"messages": []}).encode(), {"X-Priority": "soon"}, "x-priority"),
+        ("/v1/completions", b"[" * 200_000, {}, "nests too deeply"),
     ],
 )
 def test_bad_requests_are_answered_by_the_proxy_at_once(
@@ -290,3 +295,26 @@ def test_proxy_command_rejects_a_bad_upstream_in_one_line() -> None:
     result = CliRunner().invoke(main, ["proxy", "--upstream", "localhost:11434"])
     assert result.exit_code == 2
     assert "must be an http:// or https:// URL" in result.output and "Traceback" not in result.output
+
+
+def test_other_routes_bodies_pass_through_uncapped_and_untouched(upstream: str, predictor: LengthPredictor) -> None:
+    settings = ProxySettings(upstream=upstream, max_body_bytes=2048)
+    with live_server(create_proxy_app(settings, predictor=predictor)) as url:  # type: ignore[arg-type]
+        # A generation body over the proxy's cap is refused by the proxy itself ...
+        big = {"model": "default", "prompt": "x" * 4096}
+        assert httpx.post(f"{url}/v1/completions", json=big).status_code == 413
+        # ... while another route's larger, non-JSON body goes upstream as sent (the upstream answers
+        # 404 for a route it lacks, in its own words: the proxy neither capped nor rewrote it).
+        upload = b"--b\r\nContent-Disposition: form-data; name=file\r\n\r\n" + b"a" * 8192 + b"\r\n--b--\r\n"
+        direct = httpx.post(
+            f"{upstream}/v1/audio/transcriptions",
+            content=upload,
+            headers={"content-type": "multipart/form-data; boundary=b"},
+        )
+        proxied = httpx.post(
+            f"{url}/v1/audio/transcriptions",
+            content=upload,
+            headers={"content-type": "multipart/form-data; boundary=b"},
+        )
+        assert proxied.status_code == direct.status_code != 413
+        assert proxied.json() == direct.json()

@@ -118,7 +118,12 @@ def create_proxy_app(
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.proxy = state
-    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        GuardMiddleware,
+        api_key=settings.api_key,
+        max_body_bytes=settings.max_body_bytes,
+        limit_paths=wire.ADMITTED_PATHS,
+    )
     return app
 
 
@@ -183,15 +188,14 @@ class PassThrough:
             await _upstream_failed(request.url.path, self.state.settings.upstream, exc)(scope, receive, send)
             return
 
-        async def relay() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
-            finally:
+        response = StreamingResponse(
+            upstream.aiter_raw(), upstream.status_code, response_headers(upstream.headers.items())
+        )
+        try:
+            await response(scope, receive, send)
+        finally:  # also when the body never started (the client left first): no pooled connection leaks
+            with anyio.CancelScope(shield=True):
                 await upstream.aclose()
-
-        response = StreamingResponse(relay(), upstream.status_code, response_headers(upstream.headers.items()))
-        await response(scope, receive, send)
 
 
 class AdmittedRoute:
@@ -212,24 +216,26 @@ class AdmittedRoute:
         prediction = self.state.predict(admitted.source)
         call = _Call(self.state, request, body, admitted, prediction, send)
         # The relay and a watcher for the client leaving race; whichever ends first stops the other.
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def watch() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                # Servers also report a disconnect once the response is complete: not a client leaving,
-                # and the relay must be left to hand its upstream connection back to the pool.
-                if not call.responded:
-                    call.client_gone = True
+                async def watch() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    # Servers also report a disconnect once the response is complete: not a client
+                    # leaving, and the relay must be left to hand its upstream connection back to the pool.
+                    if not call.responded:
+                        call.client_gone = True
+                        group.cancel_scope.cancel()
+
+                async def serve() -> None:
+                    await call.run()
                     group.cancel_scope.cancel()
 
-            async def serve() -> None:
-                await call.run()
-                group.cancel_scope.cancel()
-
-            group.start_soon(watch)
-            group.start_soon(serve)
-        call.finish()
+                group.start_soon(watch)
+                group.start_soon(serve)
+        finally:
+            call.finish()  # however it ended: metrics and feedback are never skipped
 
 
 class _Call:

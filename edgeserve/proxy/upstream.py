@@ -42,6 +42,10 @@ def request_headers(
     ]
     if upstream_key:
         out.append(("authorization", f"Bearer {upstream_key}"))
+    if not any(k.lower() == "accept-encoding" for k, _ in out):
+        # Otherwise httpx asks for gzip on the client's behalf: the client would get an encoding it
+        # never asked for, and the usage tail would be compressed bytes.
+        out.append(("accept-encoding", "identity"))
     return out
 
 

@@ -31,6 +31,8 @@ def parse(path: str, body: bytes, headers: dict[str, str]) -> Admitted:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidParameterError(f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidParameterError("the request body nests too deeply to be a request") from None
     if not isinstance(payload, dict):
         raise InvalidParameterError("the request body must be a JSON object")
     return Admitted(_source(path, payload), _priority(payload, headers))

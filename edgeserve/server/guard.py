@@ -15,10 +15,16 @@ JSON_TYPE = (b"content-type", b"application/json")
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+    """``limit_paths``: the paths whose bodies are read, capped and read as JSON (None: all). A proxy
+    passes other routes' bodies (uploads, blobs) through untouched and unbounded."""
+
+    def __init__(
+        self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, limit_paths: frozenset[str] | None = None
+    ) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.limit_paths = limit_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -37,6 +43,9 @@ class GuardMiddleware:
             await response(scope, receive, send)
             return
 
+        if self.limit_paths is not None and path not in self.limit_paths:
+            await self.app(scope, receive, send)
+            return
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             await self._too_large(scope, receive, send)
