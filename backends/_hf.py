@@ -66,15 +66,6 @@ def token_text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _token_pieces(tokenizer: Any, n_vocab: int, backend: str, allow_byte_level: bool) -> list[bytes]:
     """Each token's bytes as llama.cpp prints it: special tokens as nothing, ``<0xNN>`` as that byte,
     SentencePiece's ``▁`` as a space; byte-level BPE vocabularies mapped back to bytes where allowed."""

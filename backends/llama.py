@@ -8,7 +8,6 @@ bookkeeping); sampling is our own llama.cpp sampler chain, so that every ``Sampl
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import random
 from collections.abc import Iterator, Sequence
@@ -17,6 +16,8 @@ from typing import Any
 from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
+
+from ._common import common_prefix, pack_state, unpack_state
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,7 @@ class LlamaBackend:
         llm = self._llm
         prompt = list(prompt)
         n_cached = int(llm.n_tokens) if reuse else 0
-        common = 0
-        for a, b in zip(llm.input_ids[:n_cached].tolist(), prompt, strict=False):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(llm.input_ids[:n_cached].tolist(), prompt)
         if common == len(prompt) == n_cached and not self._stale_logits:
             return common  # the whole prompt is evaluated and its logits are live
         # Sampling needs logits of the prompt's last token, so at least that one is evaluated.
@@ -159,25 +156,12 @@ class LlamaBackend:
         buf = (ctypes.c_uint8 * size)()
         written = lib.llama_state_get_data(ctx, buf, size)
         n = int(self._llm.n_tokens)
-        header = {**self._fingerprint, "tokens": self._llm.input_ids[:n].tolist()}
-        return STATE_MAGIC + json.dumps(header).encode() + b"\n" + bytes(buf)[:written]
+        return pack_state(STATE_MAGIC, self._fingerprint, self._llm.input_ids[:n].tolist(), bytes(buf)[:written])
 
     def import_state(self, blob: bytes) -> list[int]:
-        if not blob.startswith(STATE_MAGIC):
-            raise KVStateError("not an edgeserve llama.cpp KV state")
-        head, sep, data = blob[len(STATE_MAGIC) :].partition(b"\n")
-        try:
-            header = json.loads(head) if sep else None
-        except ValueError:
-            header = None
-        if not isinstance(header, dict) or not isinstance(header.get("tokens"), list):
-            raise KVStateError("corrupt KV state header")
-        mismatched = [k for k, v in self._fingerprint.items() if header.get(k) != v]
-        if mismatched:
-            raise KVStateError(f"KV state is from another model (differs in {', '.join(mismatched)})")
-        tokens = [int(t) for t in header["tokens"]]
-        if len(tokens) > self._caps.n_ctx:
-            raise KVStateError(f"KV state holds {len(tokens)} tokens, more than this context ({self._caps.n_ctx})")
+        tokens, data = unpack_state(
+            blob, STATE_MAGIC, self._fingerprint, n_ctx=self._caps.n_ctx, n_vocab=self._n_vocab, what="llama.cpp"
+        )
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         if self._lib.llama_state_set_data(self._ctx.ctx, buf, len(data)) == 0:
             raise KVStateError("llama.cpp rejected the KV state")

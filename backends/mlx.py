@@ -43,7 +43,8 @@ from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 
-from ._hf import FolderTokenizer, common_prefix
+from ._common import common_prefix, pack_state, unpack_state
+from ._hf import FolderTokenizer
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -217,27 +218,14 @@ class MlxBackend:
             path = Path(tmp) / "kv.safetensors"
             save_prompt_cache(str(path), self._cache)
             data = path.read_bytes()
-        header = {**self._fingerprint, "tokens": self._tokens}
-        return STATE_MAGIC + json.dumps(header).encode() + b"\n" + data
+        return pack_state(STATE_MAGIC, self._fingerprint, self._tokens, data)
 
     def _import_state(self, blob: bytes) -> list[int]:
         from mlx_lm.models.cache import load_prompt_cache
 
-        if not blob.startswith(STATE_MAGIC):
-            raise KVStateError("not an edgeserve MLX KV state")
-        head, sep, data = blob[len(STATE_MAGIC) :].partition(b"\n")
-        try:
-            header = json.loads(head) if sep else None
-        except ValueError:
-            header = None
-        if not isinstance(header, dict) or not isinstance(header.get("tokens"), list):
-            raise KVStateError("corrupt KV state header")
-        mismatched = [k for k, v in self._fingerprint.items() if header.get(k) != v]
-        if mismatched:
-            raise KVStateError(f"KV state is from another model (differs in {', '.join(mismatched)})")
-        tokens = [int(t) for t in header["tokens"]]
-        if len(tokens) > self._caps.n_ctx:
-            raise KVStateError(f"KV state holds {len(tokens)} tokens, more than this context ({self._caps.n_ctx})")
+        tokens, data = unpack_state(
+            blob, STATE_MAGIC, self._fingerprint, n_ctx=self._caps.n_ctx, n_vocab=self._n_vocab, what="MLX"
+        )
         if _cache_classes(data) != self._fingerprint["caches"]:
             raise KVStateError("KV state does not hold this model's caches")
         with tempfile.TemporaryDirectory(prefix="edgeserve-kv-") as tmp:

@@ -50,7 +50,8 @@ from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 
-from ._hf import FolderTokenizer, common_prefix, read_json
+from ._common import common_prefix, pack_state, unpack_state
+from ._hf import FolderTokenizer, read_json
 
 log = logging.getLogger(__name__)
 
@@ -191,27 +192,14 @@ class OnnxBackend:
             self._extend([token])
 
     def export_state(self) -> bytes:
-        header = {**self._fingerprint, "tokens": self._tokens + self._pending}
-        return STATE_MAGIC + json.dumps(header).encode() + b"\n"
+        return pack_state(STATE_MAGIC, self._fingerprint, self._tokens + self._pending)
 
     def import_state(self, blob: bytes) -> list[int]:
-        if not blob.startswith(STATE_MAGIC):
-            raise KVStateError("not an edgeserve ONNX Runtime state")
-        head, sep, rest = blob[len(STATE_MAGIC) :].partition(b"\n")
-        try:
-            header = json.loads(head) if sep and not rest else None
-        except ValueError:
-            header = None
-        if not isinstance(header, dict) or not isinstance(header.get("tokens"), list):
-            raise KVStateError("corrupt ONNX Runtime state header")
-        mismatched = [k for k, v in self._fingerprint.items() if header.get(k) != v]
-        if mismatched:
-            raise KVStateError(f"state is from another model (differs in {', '.join(mismatched)})")
-        tokens = header["tokens"]
-        if not all(isinstance(t, int) and 0 <= t < self._n_vocab for t in tokens):
-            raise KVStateError("state holds token ids outside this vocabulary")
-        if len(tokens) > self._n_ctx:
-            raise KVStateError(f"state holds {len(tokens)} tokens, more than this context ({self._n_ctx})")
+        tokens, payload = unpack_state(
+            blob, STATE_MAGIC, self._fingerprint, n_ctx=self._n_ctx, n_vocab=self._n_vocab, what="ONNX Runtime"
+        )
+        if payload:
+            raise KVStateError("corrupt ONNX Runtime state: it carries tokens only")
         # The cache is rebuilt by evaluating the tokens again (see the module docstring). All but
         # the last: the next prefill evaluates that one, as after a llama.cpp state restore.
         self._reset()

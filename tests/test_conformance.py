@@ -8,6 +8,7 @@ short: MLX on a CPU decodes a few tokens a second.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
 
@@ -213,6 +214,18 @@ def test_kv_state_from_garbage_or_another_backend_is_a_clear_error(engine: Engin
         foreign = reference.call(lambda b: (b.prefill(reference.tokenize("Hi")), b.export_state())[1])
         with pytest.raises(KVStateError):
             engine.import_state(foreign)
+    assert "Berlin" in engine.generate(PROMPT, GREEDY).text
+
+
+def test_kv_state_with_a_forged_header_is_a_clear_error(engine: Engine) -> None:
+    blob = engine.call(lambda b: (b.prefill(engine.tokenize("Hi there")), b.export_state())[1])
+    magic_and_head, _, payload = blob.partition(b"\n{")
+    header = json.loads(b"{" + payload.split(b"\n", 1)[0])
+    rest = payload.split(b"\n", 1)[1] if b"\n" in payload else b""
+    for tokens in (["x"], [engine.capabilities.n_vocab], list(range(engine.capabilities.n_ctx + 1))):
+        forged = magic_and_head + b"\n" + json.dumps({**header, "tokens": tokens}).encode() + b"\n" + rest
+        with pytest.raises(KVStateError):
+            engine.import_state(forged)
     assert "Berlin" in engine.generate(PROMPT, GREEDY).text
 
 

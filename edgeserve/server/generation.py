@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import cast
 
 import anyio
@@ -109,10 +109,19 @@ class EventStreamResponse(StreamingResponse):
     """
 
     def __init__(
-        self, content: AsyncGenerator[bytes], media_type: str, headers: Mapping[str, str] | None = None
+        self,
+        content: AsyncGenerator[bytes],
+        media_type: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
+        """``on_close`` runs when the response ends however it ends (``handle.cancel``: a no-op for a
+        finished request). Closing a body generator that never started runs none of its cleanup, so
+        a client gone before the first chunk would otherwise leave its request queued."""
         super().__init__(content, media_type=media_type, headers={"Cache-Control": "no-cache", **(headers or {})})
         self._body = content
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def write(done: anyio.CancelScope) -> None:
@@ -128,3 +137,5 @@ class EventStreamResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self._body.aclose()
+            if self._on_close is not None:
+                self._on_close()

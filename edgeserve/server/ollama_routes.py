@@ -140,7 +140,9 @@ async def _answer(
     """Stream NDJSON lines, or wait for the whole answer; ``make(text, result)`` builds one line."""
     if stream:
         return EventStreamResponse(
-            _ndjson_stream(handle, ctx, endpoint, lambda text: make(text, None), lambda r: make("", r)), NDJSON
+            _ndjson_stream(handle, ctx, endpoint, lambda text: make(text, None), lambda r: make("", r)),
+            NDJSON,
+            on_close=handle.cancel,
         )
     result = await result_or_disconnect(request, events(handle, ctx.metrics, endpoint))
     if result is None:

@@ -197,7 +197,7 @@ async def chat_completions(body: wire.ChatCompletionRequest, request: Request, c
             last_chunk=lambda r: chunk(wire.Delta(), _finish(r)),
             usage_chunk=lambda u: wire.ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=u),
         )
-        return EventStreamResponse(stream, media_type="text/event-stream")
+        return EventStreamResponse(stream, media_type="text/event-stream", on_close=handle.cancel)
 
     result = await result_or_disconnect(request, events(handle, ctx.metrics, endpoint))
     if result is None:
@@ -240,7 +240,7 @@ async def completions(body: wire.CompletionRequest, request: Request, ctx: Conte
             last_chunk=lambda r: chunk("", _finish(r)),
             usage_chunk=lambda u: wire.Completion(id=rid, created=created, model=model, choices=[], usage=u),
         )
-        return EventStreamResponse(stream, media_type="text/event-stream")
+        return EventStreamResponse(stream, media_type="text/event-stream", on_close=handle.cancel)
 
     result = await result_or_disconnect(request, events(handle, ctx.metrics, endpoint))
     if result is None:

@@ -1,0 +1,53 @@
+"""Pieces every backend needs the same way: the KV-state blob's envelope and prefix matching.
+
+A state blob is ``MAGIC`` + one JSON header line (the model's fingerprint and the tokens the state
+covers) + the backend's own payload. The header is checked here, once, so that every backend turns a
+blob from another model, a truncated blob or a forged token list into ``KVStateError`` alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from edgeserve.errors import KVStateError
+
+
+def pack_state(magic: bytes, fingerprint: Mapping[str, Any], tokens: Sequence[int], payload: bytes = b"") -> bytes:
+    header = {**fingerprint, "tokens": list(tokens)}
+    return magic + json.dumps(header).encode() + b"\n" + payload
+
+
+def unpack_state(
+    blob: bytes, magic: bytes, fingerprint: Mapping[str, Any], *, n_ctx: int, n_vocab: int, what: str
+) -> tuple[list[int], bytes]:
+    """The tokens a blob covers and its payload; ``KVStateError`` unless it fits this model."""
+    if not blob.startswith(magic):
+        raise KVStateError(f"not an edgeserve {what} state")
+    head, sep, payload = blob[len(magic) :].partition(b"\n")
+    try:
+        header = json.loads(head) if sep else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or not isinstance(header.get("tokens"), list):
+        raise KVStateError(f"corrupt {what} state header")
+    mismatched = [k for k, v in fingerprint.items() if header.get(k) != v]
+    if mismatched:
+        raise KVStateError(f"the state is from another model (differs in {', '.join(mismatched)})")
+    tokens = header["tokens"]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab for t in tokens):
+        raise KVStateError("the state holds token ids outside this vocabulary")
+    if len(tokens) > n_ctx:
+        raise KVStateError(f"the state holds {len(tokens)} tokens, more than this context ({n_ctx})")
+    return tokens, payload
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share: what a prefill can keep of its cache."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
