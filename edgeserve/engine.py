@@ -42,6 +42,7 @@ from edgeserve.types import (
     FinishReason,
     GenerationResult,
     Message,
+    ResolvedModel,
     SamplingParams,
     StreamEvent,
     TokenEvent,
@@ -196,6 +197,8 @@ class Engine:
         the real length of every naturally ended answer."""
         self.settings = settings or EngineSettings()
         self.backend = backend
+        #: Where the model came from, when the engine resolved it itself (``from_settings``).
+        self.model: ResolvedModel | None = None
         self.capabilities: Capabilities = backend.capabilities()
         self._clock = clock
         self._predictor = predictor if self.settings.policy != "fcfs" else None
@@ -231,7 +234,9 @@ class Engine:
             if engine.adapt_log:
                 recorder = AdaptationLog(engine.adapt_log, predictor.spec)
         backend = load_backend(backend_name, resolved, model)
-        return cls(backend, engine, predictor=predictor, recorder=recorder)
+        instance = cls(backend, engine, predictor=predictor, recorder=recorder)
+        instance.model = resolved
+        return instance
 
     # ---- submitting -------------------------------------------------------------------------
 

@@ -34,14 +34,12 @@ def serve(**values: Any) -> None:
     except ImportError as exc:
         raise click.ClickException(f"the server needs its extra: pip install 'edgeserve[server]' ({exc})") from None
     from edgeserve.engine import Engine
-    from edgeserve.models import resolve
 
     logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not _is_loopback(server.host) and server.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", server.host)
-    resolved = resolve(model.model, cache_dir=model.cache_dir)
     with Engine.from_settings(model, engine_settings) as engine:
-        app = create_app(engine, server, model=resolved)
+        app = create_app(engine, server, model=engine.model)
         # On shutdown, streams still open after the grace period are cancelled (their requests too).
         uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=10)
 
