@@ -109,6 +109,29 @@ def upstream(threads: int, n_ctx: int = 2048) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def echo_upstream() -> Iterator[str]:
+    """A model-free streaming upstream (bench/_echo_upstream.py): isolates the proxy's own cost."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "_echo_upstream.py"), str(port)], stderr=subprocess.PIPE, text=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the echo upstream did not start: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
 def proxy(upstream_url: str, policy: str, aging_s: float | None = None) -> Iterator[str]:
     port = free_port()
     args = ["proxy", "--upstream", upstream_url, "--port", str(port), "--policy", policy, "--max-queue", "1024"]

@@ -2,7 +2,10 @@
 ``edgeserve proxy``, alternating, in one run. Targets (issue 5): TTFT p50 +<= 1 ms, streamed tok/s
 >= 0.99x.
 
-    python bench/proxy_overhead.py [--reps 20] [--tokens 64] [--threads 2]
+    python bench/proxy_overhead.py [--reps 20] [--tokens 64] [--threads 2] [--model-free]
+
+``--model-free`` fronts a streaming upstream with no model (bench/_echo_upstream.py, 5 ms per chunk):
+with the model's prefill and decode jitter gone, what remains is the proxy's own cost.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model-free", action="store_true", help="front a model-free streaming upstream")
     args = ap.parse_args()
 
     jobs = [h.Job(f"o{i}", j.prompt, j.real_tokens, args.tokens) for i, j in enumerate(h.workload(args.reps, 1.0, 7))]
     rows: list[dict[str, Any]] = []
-    with h.upstream(args.threads) as up, h.proxy(up, "sjf") as px:
+    upstream = h.echo_upstream() if args.model_free else h.upstream(args.threads)
+    with upstream as up, h.proxy(up, "sjf") as px:
         asyncio.run(h.run_load(px, jobs[:2], [0.0, 0.0]))  # warm both paths
         for i, job in enumerate(jobs):
             sides = [("direct", up), ("proxy", px)] if i % 2 == 0 else [("proxy", px), ("direct", up)]
@@ -56,6 +61,7 @@ def main() -> None:
     ]
     report = {
         "benchmark": "proxy_overhead",
+        "upstream": "model-free echo (bench/_echo_upstream.py)" if args.model_free else "edgeserve serve",
         "reps": len(jobs),
         "gen_tokens": args.tokens,
         "threads": args.threads,
