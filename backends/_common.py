@@ -8,10 +8,14 @@ blob from another model, a truncated blob or a forged token list into ``KVStateE
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from edgeserve.errors import KVStateError
+from edgeserve.settings import ModelSettings
+from edgeserve.types import ResolvedModel
 
 
 def pack_state(magic: bytes, fingerprint: Mapping[str, Any], tokens: Sequence[int], payload: bytes = b"") -> bytes:
@@ -51,3 +55,15 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def converted_folder(model: ResolvedModel, settings: ModelSettings, fmt: str) -> Path:
+    """The folder a converting backend loads: the model itself when it is a folder, else its
+    conversion to ``fmt`` (built once with a progress bar on a terminal, then cached)."""
+    if model.path.is_dir():
+        return model.path
+    from edgeserve.models.convert import convert, rich_bar
+
+    bar = rich_bar if sys.stderr.isatty() else None
+    folder: Path = convert(model.path, fmt, cache_dir=settings.cache_dir, bar=bar)
+    return folder

@@ -31,7 +31,6 @@ import math
 import queue
 import random
 import re
-import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +42,7 @@ from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 
-from ._common import common_prefix, pack_state, unpack_state
+from ._common import common_prefix, converted_folder, pack_state, unpack_state
 from ._hf import FolderTokenizer
 
 if TYPE_CHECKING:
@@ -96,14 +95,7 @@ def load(model: ResolvedModel, settings: ModelSettings) -> MlxBackend:
 
 
 def model_folder(model: ResolvedModel, settings: ModelSettings) -> Path:
-    """The folder mlx-lm loads: the model itself, or its conversion (built once, then cached)."""
-    if model.path.is_dir():
-        return model.path
-    from edgeserve.models.convert import convert, rich_bar
-
-    bar = rich_bar if sys.stderr.isatty() else None
-    folder: Path = convert(model.path, "mlx", cache_dir=settings.cache_dir, bar=bar)
-    return folder
+    return converted_folder(model, settings, "mlx")
 
 
 class MlxBackend:

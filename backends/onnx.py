@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import random
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 
-from ._common import common_prefix, pack_state, unpack_state
+from ._common import common_prefix, converted_folder, pack_state, unpack_state
 from ._hf import FolderTokenizer, read_json
 
 log = logging.getLogger(__name__)
@@ -75,14 +74,7 @@ def execution_providers() -> list[str]:
 
 
 def model_folder(model: ResolvedModel, settings: ModelSettings) -> Path:
-    """The folder onnxruntime-genai loads: the model itself, or its conversion (built once, cached)."""
-    if model.path.is_dir():
-        return model.path
-    from edgeserve.models.convert import convert, rich_bar
-
-    bar = rich_bar if sys.stderr.isatty() else None
-    folder: Path = convert(model.path, "onnx", cache_dir=settings.cache_dir, bar=bar)
-    return folder
+    return converted_folder(model, settings, "onnx")
 
 
 class OnnxBackend:

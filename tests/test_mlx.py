@@ -134,18 +134,6 @@ def test_teacher_forced_next_token_agreement_with_llama_cpp(
     assert agreement >= AGREEMENT_MIN
 
 
-def test_greedy_continuation_starts_as_llama_cpp_does(engine: Engine, gguf_path: Path) -> None:
-    import llama_cpp
-
-    prompt = "The capital of France is"
-    raw = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, n_threads=1, verbose=False)
-    try:
-        theirs = raw.create_completion(prompt, max_tokens=8, temperature=0)["choices"][0]["text"]
-    finally:
-        raw.close()
-    assert engine.generate(prompt, max_tokens=8, temperature=0).text == theirs
-
-
 def test_an_mlx_quantized_folder_loads_and_generates(gguf_path: Path) -> None:
     from edgeserve.models.convert import convert
 
