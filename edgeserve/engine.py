@@ -32,7 +32,7 @@ from edgeserve.errors import (
     EngineClosedError,
     InvalidParameterError,
 )
-from edgeserve.scheduler import AgingTracker, Entry, QueueView, Scheduler
+from edgeserve.scheduler import INITIAL_AGING_S, AgingTracker, Entry, QueueView, Scheduler
 from edgeserve.settings import EngineSettings, ModelSettings
 from edgeserve.textstream import TextStream
 from edgeserve.types import (
@@ -53,19 +53,19 @@ R = TypeVar("R")
 Sink = Callable[[StreamEvent], None]
 PredictorInput = str | Sequence[Message]
 
-#: Aging before any short request has been measured; replaced once one has.
-INITIAL_AGING_S = 60.0
 
-
-class _Prediction(Protocol):
+class LengthPrediction(Protocol):
     @property
     def expected_tokens(self) -> float: ...
+
+    @property
+    def length_class(self) -> str: ...
 
 
 class LengthEstimator(Protocol):
     """What SJF admission needs from a length predictor (``edgeserve.predictor.LengthPredictor``)."""
 
-    def predict(self, prompt: PredictorInput) -> _Prediction: ...
+    def predict(self, prompt: PredictorInput) -> LengthPrediction: ...
 
 
 class LengthRecorder(Protocol):

@@ -30,6 +30,8 @@ T = TypeVar("T")
 
 #: Stand-in prediction for a request the predictor could not score (e.g. a raw token prompt).
 UNKNOWN_TOKENS = 256.0
+#: Aging threshold before any short request has been measured; derived aging replaces it.
+INITIAL_AGING_S = 60.0
 
 
 @dataclass

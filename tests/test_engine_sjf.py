@@ -53,7 +53,7 @@ def test_natural_ends_are_recorded_for_adaptation_without_prompt_text(recorded: 
 
 
 def test_aging_is_derived_from_measured_short_requests(recorded: tuple[Engine, Path]) -> None:
-    from edgeserve.engine import INITIAL_AGING_S
+    from edgeserve.scheduler import INITIAL_AGING_S
 
     engine, _ = recorded
     results = [engine.generate("1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=24, temperature=0, stop=[" 10"]) for _ in range(2)]

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import httpx
@@ -27,34 +27,18 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from edgeserve.admission import Admission, Ticket
+from edgeserve.engine import LengthEstimator, LengthPrediction, LengthRecorder
 from edgeserve.errors import EdgeserveError
 from edgeserve.proxy import wire
 from edgeserve.proxy.metrics import ProxyMetrics
 from edgeserve.proxy.upstream import UsageTail, request_headers, response_headers
-from edgeserve.scheduler import AgingTracker
+from edgeserve.scheduler import INITIAL_AGING_S, AgingTracker
 from edgeserve.server.guard import GuardMiddleware
 from edgeserve.server.http_errors import edgeserve_error_response, error_response
 from edgeserve.settings import ProxySettings
 
 log = logging.getLogger("edgeserve.proxy")
-INITIAL_AGING_S = 60.0
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
-
-
-class _Prediction(Protocol):
-    @property
-    def expected_tokens(self) -> float: ...
-
-    @property
-    def length_class(self) -> str: ...
-
-
-class Predictor(Protocol):
-    def predict(self, prompt: Any) -> _Prediction: ...
-
-
-class Recorder(Protocol):
-    def record(self, request: Any, actual_tokens: int) -> None: ...
 
 
 @dataclass
@@ -63,11 +47,11 @@ class ProxyState:
     admission: Admission
     client: httpx.AsyncClient
     metrics: ProxyMetrics
-    predictor: Predictor | None
-    recorder: Recorder | None
+    predictor: LengthEstimator | None
+    recorder: LengthRecorder | None
     aging: AgingTracker | None
 
-    def predict(self, source: Any) -> _Prediction | None:
+    def predict(self, source: Any) -> LengthPrediction | None:
         if source is None or self.predictor is None:
             return None
         try:
@@ -79,8 +63,8 @@ class ProxyState:
 def create_proxy_app(
     settings: ProxySettings | None = None,
     *,
-    predictor: Predictor | None = None,
-    recorder: Recorder | None = None,
+    predictor: LengthEstimator | None = None,
+    recorder: LengthRecorder | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> Starlette:
     """The proxy app. ``transport`` replaces the network in tests of pure proxy logic."""
@@ -247,7 +231,7 @@ class _Call:
         request: Request,
         body: bytes,
         admitted: wire.Admitted,
-        prediction: _Prediction | None,
+        prediction: LengthPrediction | None,
         send: Send,
     ) -> None:
         self.state, self.request, self.body, self.admitted, self.send = state, request, body, admitted, send
