@@ -15,9 +15,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _plots import side_by_side
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "clairvoyant-labeled" / "oasst1_labeled.csv"
@@ -143,30 +148,15 @@ def main() -> None:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
-    for ax, key, label in (
-        (axes[0], "ttft_s", "TTFT (ms)"),
-        (axes[1], "decode_tok_s", "decode (tok/s)"),
-    ):
-        for i, side in enumerate(("raw", "engine")):
-            vals = [r[key] * (1000 if key == "ttft_s" else 1) for r in report["rows"] if r["side"] == side]
-            ax.scatter([i] * len(vals), vals, alpha=0.6)
-            ax.hlines(statistics.median(vals), i - 0.25, i + 0.25, color="black")
-        ax.set_xticks([0, 1], ["raw llama-cpp-python", "edgeserve engine"])
-        ax.set_ylabel(label)
     r = report["ratios"]
-    fig.suptitle(
+    side_by_side(
+        report["rows"],
+        [("raw", "raw llama-cpp-python"), ("engine", "edgeserve engine")],
+        [("ttft_s", 1000, "TTFT (ms)"), ("decode_tok_s", 1, "decode (tok/s)")],
         f"{report['prompt_tokens']}-token prompt, {report['gen_tokens']} tokens, {report['threads']} threads: "
         f"decode ratio {r['decode_tok_s_engine_over_raw']:.3f}, TTFT ratio {r['ttft_engine_over_raw']:.3f}",
-        fontsize=9,
+        path,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h
+from _plots import side_by_side
 
 
 def rate(o: h.Outcome) -> float:
@@ -78,26 +79,14 @@ def main() -> None:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
-    for ax, key, scale, label in ((axes[0], "ttft_s", 1000, "TTFT (ms)"), (axes[1], "tok_s", 1, "streamed tok/s")):
-        for i, side in enumerate(("direct", "proxy")):
-            values = [r[key] * scale for r in report["rows"] if r["side"] == side]
-            ax.scatter([i] * len(values), values, alpha=0.5)
-            ax.hlines(statistics.median(values), i - 0.25, i + 0.25, color="black")
-        ax.set_xticks([0, 1], ["direct to upstream", "through proxy"])
-        ax.set_ylabel(label)
-    fig.suptitle(
+    side_by_side(
+        report["rows"],
+        [("direct", "direct to upstream"), ("proxy", "through proxy")],
+        [("ttft_s", 1000, "TTFT (ms)"), ("tok_s", 1, "streamed tok/s")],
         f"one client: TTFT +{report['ttft_added_ms_p50']:.2f} ms (p50 of pairs), "
         f"tok/s x{report['tok_s_ratio_p50']:.3f}",
-        fontsize=9,
+        path,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

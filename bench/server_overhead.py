@@ -36,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "bench"))
+from _plots import side_by_side  # noqa: E402
 from engine_vs_raw import prompt_text  # noqa: E402 (the same prompt source as the engine benchmark)
 
 
@@ -236,27 +237,15 @@ def main() -> None:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
-    for ax, key, label in ((axes[0], "ttft_s", "TTFT (ms)"), (axes[1], "decode_tok_s", "decode (tok/s)")):
-        for i, side in enumerate(("engine", "server")):
-            vals = [r[key] * (1000 if key == "ttft_s" else 1) for r in report["rows"] if r["side"] == side]
-            ax.scatter([i] * len(vals), vals, alpha=0.6)
-            ax.hlines(statistics.median(vals), i - 0.25, i + 0.25, color="black")
-        ax.set_xticks([0, 1], ["engine in-process", "edgeserve serve (HTTP SSE)"])
-        ax.set_ylabel(label)
     r = report["ratios"]
-    fig.suptitle(
+    side_by_side(
+        report["rows"],
+        [("engine", "engine in-process"), ("server", "edgeserve serve (HTTP SSE)")],
+        [("ttft_s", 1000, "TTFT (ms)"), ("decode_tok_s", 1, "decode (tok/s)")],
         f"{report['prompt_tokens']}-token prompt, {report['gen_tokens']} tokens, {report['threads']} thread(s): "
         f"decode ratio {r['decode_tok_s_server_over_engine']:.3f}, TTFT ratio {r['ttft_server_over_engine']:.3f}",
-        fontsize=9,
+        path,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
