@@ -247,6 +247,7 @@ def test_kv_state_with_a_forged_header_is_a_clear_error(engine: Engine) -> None:
         dict(max_tokens=0),
         dict(temperature=-1),
         dict(top_p=0),
+        dict(top_p=1.5),
         dict(top_k=-2),
         dict(min_p=2),
         dict(seed=-1),
