@@ -52,15 +52,18 @@ class Job:
 def workload(n: int, scale: float, seed: int, source: str = "oasst1") -> list[Job]:
     """``n`` prompts of the Clairvoyant labeled set (cross-distribution for the predictor, which
     trained on ShareGPT), each to generate its real answer length times ``scale``."""
-    path = DATA / "clairvoyant-labeled" / f"{source}_labeled.csv"
-    with path.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["prompt"].strip()]
     rng = random.Random(seed)
-    picked = rng.sample(rows, n)
+    picked = rng.sample(workload_rows(source), n)
     return [
         Job(f"j{i}", r["prompt"], int(r["actual_output_tokens"]), max(1, round(int(r["actual_output_tokens"]) * scale)))
         for i, r in enumerate(picked)
     ]
+
+
+def workload_rows(source: str = "oasst1") -> list[dict[str, str]]:
+    path = DATA / "clairvoyant-labeled" / f"{source}_labeled.csv"
+    with path.open(newline="") as f:
+        return [r for r in csv.DictReader(f) if r["prompt"].strip()]
 
 
 def free_port() -> int:
