@@ -17,10 +17,11 @@ import httpx
 import ollama
 import openai
 import pytest
-from server_fixtures import live_server, wait_for
+import uvicorn
+from server_fixtures import wait_for
 
 from edgeserve.predictor import LengthPredictor
-from edgeserve.proxy.app import create_proxy_app
+from edgeserve.proxy.app import ProxyApp, create_proxy_app
 from edgeserve.settings import ProxySettings
 
 SHORT = "What is 2+2? Answer with one number."
@@ -70,8 +71,26 @@ def predictor() -> LengthPredictor:
 @pytest.fixture(scope="module")
 def proxy(upstream: str, predictor: LengthPredictor) -> Iterator[str]:
     settings = ProxySettings(upstream=upstream, policy="sjf", max_inflight=1, max_queue=3, aging_s=600)
-    with live_server(create_proxy_app(settings, predictor=predictor)) as url:  # type: ignore[arg-type]
+    with serve(create_proxy_app(settings, predictor=predictor)) as url:
         yield url
+
+
+@contextlib.contextmanager
+def serve(app: ProxyApp) -> Iterator[str]:
+    """``live_server`` with the app's lifespan run, so that the proxy closes its upstream connection
+    pool when the server stops (aiohttp warns about a pool left open)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, what="uvicorn to start")
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
 
 
 def queue_state(proxy: str) -> dict:  # type: ignore[type-arg]
@@ -165,7 +184,7 @@ def test_short_request_overtakes_a_long_one_queued_before_it(proxy: str) -> None
 @pytest.fixture(scope="module")
 def priority_proxy(upstream: str, predictor: LengthPredictor) -> Iterator[str]:
     settings = ProxySettings(upstream=upstream, policy="priority", max_inflight=1, aging_s=600)
-    with live_server(create_proxy_app(settings, predictor=predictor)) as url:  # type: ignore[arg-type]
+    with serve(create_proxy_app(settings, predictor=predictor)) as url:
         yield url
 
 
@@ -276,7 +295,7 @@ def test_other_routes_pass_through(proxy: str) -> None:
 
 def test_dead_upstream_gives_502_and_the_proxy_stays_up(predictor: LengthPredictor) -> None:
     settings = ProxySettings(upstream=f"http://127.0.0.1:{free_port()}", max_queue=2)
-    with live_server(create_proxy_app(settings, predictor=predictor)) as url:  # type: ignore[arg-type]
+    with serve(create_proxy_app(settings, predictor=predictor)) as url:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         for path in ("/v1/chat/completions", "/api/chat"):
             response = httpx.post(f"{url}{path}", json=body)
@@ -299,7 +318,7 @@ def test_proxy_command_rejects_a_bad_upstream_in_one_line() -> None:
 
 def test_other_routes_bodies_pass_through_uncapped_and_untouched(upstream: str, predictor: LengthPredictor) -> None:
     settings = ProxySettings(upstream=upstream, max_body_bytes=2048)
-    with live_server(create_proxy_app(settings, predictor=predictor)) as url:  # type: ignore[arg-type]
+    with serve(create_proxy_app(settings, predictor=predictor)) as url:
         # A generation body over the proxy's cap is refused by the proxy itself ...
         big = {"model": "default", "prompt": "x" * 4096}
         assert httpx.post(f"{url}/v1/completions", json=big).status_code == 413

@@ -3,35 +3,47 @@ any OpenAI-compatible server).
 
 Generation requests (``wire.ADMITTED_PATHS``) are predicted, queued under the policy and sent
 upstream at most ``max_inflight`` at a time; their responses stream back chunk by chunk as they
-arrive. Every other route passes straight through. A generation request runs as two tasks — the
-relay and a watcher for the client's disconnect — so a client that leaves is dropped from the queue,
-or has its upstream request closed, at once, in whatever phase it is.
+arrive. Every other route passes straight through. A request runs beside a watcher for the client's
+disconnect, so a client that leaves is dropped from the queue, or has its upstream request closed,
+at once, in whatever phase it is.
+
+The proxy's own time sits on every request's time to first token, so the path is kept short: a
+request that finds a free slot and nobody waiting goes upstream at once, and its length prediction
+(which only orders a queue) is made when the upstream's response headers are in: a streaming server
+sends those before its first token, so the prediction overlaps the upstream's prefill.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeserve.admission import Admission, Ticket
 from edgeserve.engine import LengthEstimator, LengthPrediction, LengthRecorder
 from edgeserve.errors import EdgeserveError
 from edgeserve.proxy import wire
 from edgeserve.proxy.metrics import ProxyMetrics
-from edgeserve.proxy.upstream import UsageTail, request_headers, response_headers
+from edgeserve.proxy.upstream import (
+    Upstream,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UsageTail,
+    request_headers,
+)
 from edgeserve.scheduler import INITIAL_AGING_S, AgingTracker
 from edgeserve.server.guard import GuardMiddleware
 from edgeserve.server.http_errors import edgeserve_error_response, error_response
@@ -45,7 +57,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 class ProxyState:
     settings: ProxySettings
     admission: Admission
-    client: httpx.AsyncClient
+    upstream: Upstream
     metrics: ProxyMetrics
     predictor: LengthEstimator | None
     recorder: LengthRecorder | None
@@ -65,9 +77,9 @@ def create_proxy_app(
     *,
     predictor: LengthEstimator | None = None,
     recorder: LengthRecorder | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> Starlette:
-    """The proxy app. ``transport`` replaces the network in tests of pure proxy logic."""
+    upstream: Upstream | None = None,
+) -> ProxyApp:
+    """The proxy app. ``upstream`` replaces the client to ``settings.upstream`` (a double in tests)."""
     settings = settings or ProxySettings()
     admission = Admission(
         settings.policy,
@@ -76,12 +88,11 @@ def create_proxy_app(
         aging_s=settings.aging_s or INITIAL_AGING_S,
     )
     metrics = ProxyMetrics(settings.policy, lambda: admission.waiting, lambda: admission.inflight)
-    timeout = httpx.Timeout(settings.timeout_s, connect=10.0)
-    client = httpx.AsyncClient(base_url=settings.upstream.rstrip("/"), timeout=timeout, transport=transport)
+    upstream = upstream or Upstream(settings.upstream, timeout_s=settings.timeout_s)
     state = ProxyState(
         settings,
         admission,
-        client,
+        upstream,
         metrics,
         predictor if settings.policy != "fcfs" or recorder else None,
         recorder,
@@ -91,24 +102,40 @@ def create_proxy_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        await client.aclose()
+        await upstream.aclose()
 
+    def guarded(app: ASGIApp) -> GuardMiddleware:
+        return GuardMiddleware(
+            app, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, limit_paths=wire.ADMITTED_PATHS
+        )
+
+    admitted = AdmittedRoute(state)
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", render_metrics, methods=["GET"]),
         Route("/queue", queue, methods=["GET"]),
-        *(Route(path, AdmittedRoute(state), methods=["POST"]) for path in sorted(wire.ADMITTED_PATHS)),
+        *(Route(path, admitted, methods=["POST"]) for path in sorted(wire.ADMITTED_PATHS)),
         Route("/{path:path}", PassThrough(state), methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.proxy = state
-    app.add_middleware(
-        GuardMiddleware,
-        api_key=settings.api_key,
-        max_body_bytes=settings.max_body_bytes,
-        limit_paths=wire.ADMITTED_PATHS,
-    )
-    return app
+    app.add_middleware(guarded)
+    return ProxyApp(guarded(admitted), app)
+
+
+class ProxyApp:
+    """The ASGI entry point. A generation request goes to its handler behind the guard alone; the
+    Starlette app (routing, exception middleware) serves the rest. Every streamed chunk passes back
+    through each layer's ``send``, and the generation routes are where that cost is paid per token."""
+
+    def __init__(self, admitted: ASGIApp, app: Starlette) -> None:
+        self.admitted, self.app = admitted, app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in wire.ADMITTED_PATHS:
+            await self.admitted(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def _state(request: Request) -> ProxyState:
@@ -164,22 +191,19 @@ class PassThrough:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        body = await request.body()
-        try:
-            upstream = await self.state.client.send(_upstream_request(self.state, request, body), stream=True)
-        except httpx.HTTPError as exc:
-            await _upstream_failed(request.url.path, self.state.settings.upstream, exc)(scope, receive, send)
+        body = await _read_body(receive)
+        if body is None:
             return
-
-        response = StreamingResponse(
-            upstream.aiter_raw(), upstream.status_code, response_headers(upstream.headers.items())
-        )
         try:
-            await response(scope, receive, send)
-        finally:  # also when the body never started (the client left first): no pooled connection leaks
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
+            upstream = await _open_upstream(self.state, scope, body)
+        except UpstreamError as exc:
+            await _upstream_failed(scope["path"], self.state.settings.upstream, exc)(scope, receive, send)
+            return
+        try:
+            relay = _Relay(upstream, send)
+            await _until_disconnect(receive, relay.run, lambda: relay.responded)
+        finally:  # also when the client left first: no pooled connection leaks
+            upstream.close()
 
 
 class AdmittedRoute:
@@ -189,37 +213,88 @@ class AdmittedRoute:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        path = request.url.path
-        body = await request.body()
+        path: str = scope["path"]
+        body = await _read_body(receive)
+        if body is None:
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            admitted = wire.parse(path, body, {k.lower(): v for k, v in request.headers.items()})
+            admitted = wire.parse(path, body, headers)
         except EdgeserveError as exc:
             await edgeserve_error_response(path, exc)(scope, receive, send)
             return
-        prediction = self.state.predict(admitted.source)
-        call = _Call(self.state, request, body, admitted, prediction, send)
-        # The relay and a watcher for the client leaving race; whichever ends first stops the other.
+        call = _Call(self.state, scope, receive, send, body, admitted)
         try:
-            async with anyio.create_task_group() as group:
-
-                async def watch() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    # Servers also report a disconnect once the response is complete: not a client
-                    # leaving, and the relay must be left to hand its upstream connection back to the pool.
-                    if not call.responded:
-                        call.client_gone = True
-                        group.cancel_scope.cancel()
-
-                async def serve() -> None:
-                    await call.run()
-                    group.cancel_scope.cancel()
-
-                group.start_soon(watch)
-                group.start_soon(serve)
+            call.client_gone = await _until_disconnect(receive, call.run, lambda: call.responded)
         finally:
             call.finish()  # however it ended: metrics and feedback are never skipped
+
+
+async def _until_disconnect(
+    receive: Receive, work: Callable[[], Awaitable[None]], responded: Callable[[], bool]
+) -> bool:
+    """Run ``work`` while watching for the client leaving; True when it left before the response was
+    complete, and ``work`` was cancelled where it stood (waiting in the queue, or upstream)."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        # Servers also report a disconnect once the response is complete: not a client leaving,
+        # and the relay must be left to hand its upstream connection back to the pool.
+        if not responded():
+            gone = True
+            task.cancel()
+
+    # The watcher can only run while ``work`` is suspended, so its cancellation always lands in
+    # ``work``; asyncio rather than an anyio task group, whose cancel() formats the task's repr.
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await work()
+    except asyncio.CancelledError:
+        if not gone:
+            raise  # the server is shutting down
+        if sys.version_info >= (3, 11):
+            task.uncancel()
+    finally:
+        watcher.cancel()
+    return gone
+
+
+class _Relay:
+    """An upstream response sent on to the client as it arrives, chunk by chunk."""
+
+    def __init__(
+        self, upstream: UpstreamResponse, send: Send, extra_headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        self.upstream, self.send = upstream, send
+        self.headers = [*upstream.headers, *extra_headers]
+        self.first_byte: float | None = None
+        self.tail = UsageTail()
+        #: The upstream's body ended cleanly (not cut by an upstream failure).
+        self.complete = False
+        #: The whole response has been sent.
+        self.responded = False
+
+    async def run(self) -> None:
+        send = self.send
+        await send({"type": "http.response.start", "status": self.upstream.status, "headers": self.headers})
+        try:
+            async for chunk in self.upstream.chunks():
+                if self.first_byte is None:
+                    self.first_byte = time.monotonic()
+                self.tail.feed(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamError as exc:  # the upstream died mid-stream: end ours cleanly
+            log.warning("upstream stream broke: %s", exc)
+        else:
+            self.complete = True
+        # Complete from here on: the client may hang up before this send even returns.
+        self.responded = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _Call:
@@ -228,28 +303,31 @@ class _Call:
     def __init__(
         self,
         state: ProxyState,
-        request: Request,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
         body: bytes,
         admitted: wire.Admitted,
-        prediction: LengthPrediction | None,
-        send: Send,
     ) -> None:
-        self.state, self.request, self.body, self.admitted, self.send = state, request, body, admitted, send
-        self.prediction = prediction
-        self.length_class = prediction.length_class if prediction is not None else "unknown"
+        self.state, self.scope, self.receive, self.send = state, scope, receive, send
+        self.body, self.admitted = body, admitted
+        self._predicted = False
+        self.prediction: LengthPrediction | None = None
+        self.length_class = "unknown"
         self.request_id = f"px-{uuid.uuid4().hex[:16]}"
         self.arrived = time.monotonic()
         self.ticket: Ticket | None = None
-        self.first_byte: float | None = None
+        self.relay: _Relay | None = None
         self.outcome = "cancelled"
-        self.tail = UsageTail()
         self.client_gone = False
         #: The whole response has been sent.
         self.responded = False
 
     async def run(self) -> None:
-        path = self.request.url.path
+        path: str = self.scope["path"]
         admission = self.state.admission
+        if admission.waiting or admission.inflight >= self.state.settings.max_inflight:
+            self._predict()  # it will wait: its place in the queue depends on the prediction
         expected = self.prediction.expected_tokens if self.prediction is not None else None
         try:
             self.ticket = await admission.acquire(
@@ -257,7 +335,7 @@ class _Call:
             )
         except EdgeserveError as exc:  # the queue is full
             self.outcome = "queue_full"
-            await edgeserve_error_response(path, exc)(self.request.scope, self.request.receive, self.send)
+            await edgeserve_error_response(path, exc)(self.scope, self.receive, self.send)
             self.responded = True
             return
         try:
@@ -266,69 +344,65 @@ class _Call:
             admission.release()
 
     async def _forward(self, path: str) -> None:
-        upstream_request = _upstream_request(self.state, self.request, self.body)
         try:
-            upstream = await self.state.client.send(upstream_request, stream=True)
-        except httpx.HTTPError as exc:
+            upstream = await _open_upstream(self.state, self.scope, self.body)
+        except UpstreamError as exc:
             self.outcome = "upstream_error"
-            error = _upstream_failed(path, self.state.settings.upstream, exc)
-            await error(self.request.scope, self.request.receive, self.send)
+            await _upstream_failed(path, self.state.settings.upstream, exc)(self.scope, self.receive, self.send)
             self.responded = True
             return
         try:
-            headers = response_headers(upstream.headers.items())
-            assert self.ticket is not None
-            headers.update(
-                {
-                    "x-request-id": self.request_id,
-                    "x-queue-position": str(self.ticket.position),
-                    "x-queue-wait-ms": f"{self.ticket.waited_s * 1000:.1f}",
-                }
-            )
-            if self.prediction is not None:
-                headers["x-predicted-tokens"] = f"{self.prediction.expected_tokens:.0f}"
-            raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-            await self.send({"type": "http.response.start", "status": upstream.status_code, "headers": raw})
+            self._predict()  # for the headers; admitted at once, it is made only now
             self.outcome = "upstream_error"  # until the stream ends cleanly
-            try:
-                async for chunk in upstream.aiter_raw():
-                    if self.first_byte is None:
-                        self.first_byte = time.monotonic()
-                    self.tail.feed(chunk)
-                    await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.HTTPError as exc:  # the upstream died mid-stream: end ours cleanly
-                log.warning("upstream stream broke for %s: %s", self.request_id, exc)
-            else:
-                self.outcome = "ok" if upstream.status_code < 400 else f"http_{upstream.status_code}"
-            # Complete from here on: the client may hang up before this send even returns.
+            self.relay = _Relay(upstream, self.send, self._queue_headers())
+            await self.relay.run()
             self.responded = True
-            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+            if self.relay.complete:
+                self.outcome = "ok" if upstream.status < 400 else f"http_{upstream.status}"
         finally:
             # On a disconnect this closes the upstream request at once; after a complete response it
-            # returns the connection to the pool, which a cancellation here would break (a new TCP
-            # connection per request).
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
+            # returns the connection to the pool.
+            upstream.close()
+
+    def _predict(self) -> None:
+        if not self._predicted:
+            self._predicted = True
+            self.prediction = self.state.predict(self.admitted.source)
+            if self.prediction is not None:
+                self.length_class = self.prediction.length_class
+
+    def _queue_headers(self) -> list[tuple[bytes, bytes]]:
+        assert self.ticket is not None
+        headers = [
+            (b"x-request-id", self.request_id.encode()),
+            (b"x-queue-position", str(self.ticket.position).encode()),
+            (b"x-queue-wait-ms", f"{self.ticket.waited_s * 1000:.1f}".encode()),
+        ]
+        if self.prediction is not None:
+            headers.append((b"x-predicted-tokens", f"{self.prediction.expected_tokens:.0f}".encode()))
+        return headers
 
     def finish(self) -> None:
         """Account for the request once it is over, whichever way it ended."""
         s = self.state
+        self._predict()  # the metrics are labelled by predicted class, however far it got
         if self.client_gone and self.outcome in ("ok", "upstream_error"):
             self.outcome = "cancelled"
         s.metrics.outcome(self.length_class, self.outcome)
-        if self.ticket is None or self.outcome != "ok":
+        if self.ticket is None or self.relay is None or self.outcome != "ok":
             return
         now = time.monotonic()
-        actual = self.tail.completion_tokens()
+        first_byte = self.relay.first_byte
+        actual = self.relay.tail.completion_tokens()
         s.metrics.served(
             self.length_class,
             queue_wait_s=self.ticket.waited_s,
-            first_byte_s=None if self.first_byte is None else self.first_byte - self.arrived,
+            first_byte_s=None if first_byte is None else first_byte - self.arrived,
             e2e_s=now - self.arrived,
             predicted=self.prediction.expected_tokens if self.prediction is not None else None,
             actual=actual,
         )
-        if actual is None or self.tail.finish_reason() != "stop":
+        if actual is None or self.relay.tail.finish_reason() != "stop":
             return  # a length cut short by max_tokens says nothing about the natural length
         service_s = now - self.arrived - self.ticket.waited_s
         if s.aging is not None and (aging_s := s.aging.observe(actual, service_s)) is not None:
@@ -340,17 +414,32 @@ class _Call:
                 log.warning("could not record answer length: %s", exc)
 
 
-def _upstream_request(state: ProxyState, request: Request, body: bytes) -> httpx.Request:
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body; None when the client left before sending it."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _open_upstream(state: ProxyState, scope: Scope, body: bytes) -> UpstreamResponse:
     headers = request_headers(
-        request.headers.items(),
+        scope["headers"],
         strip_auth=state.settings.api_key is not None,
         upstream_key=state.settings.upstream_api_key,
     )
-    url = httpx.URL(path=request.url.path, query=request.url.query.encode("latin-1"))
-    return state.client.build_request(request.method, url, headers=headers, content=body)
+    # The target as the client sent it, still percent-encoded.
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+    query: bytes = scope.get("query_string", b"")
+    target = (raw_path + b"?" + query if query else raw_path).decode("latin-1")
+    return await state.upstream.open(scope["method"], target, headers, body)
 
 
-def _upstream_failed(path: str, upstream: str, exc: httpx.HTTPError) -> Response:
-    if isinstance(exc, httpx.TimeoutException):
-        return error_response(path, 504, f"the upstream {upstream} did not answer in time ({type(exc).__name__})")
-    return error_response(path, 502, f"the upstream {upstream} is unreachable or failed: {type(exc).__name__}: {exc}")
+def _upstream_failed(path: str, upstream: str, exc: UpstreamError) -> Response:
+    if isinstance(exc, UpstreamTimeout):
+        return error_response(path, 504, f"the upstream {upstream} did not answer in time ({exc})")
+    return error_response(path, 502, f"the upstream {upstream} is unreachable or failed: {exc}")
