@@ -34,6 +34,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def serve(app: ProxyApp) -> Iterator[str]:
+    """``live_server`` with the app's lifespan run, so that the proxy closes its upstream connection
+    pool when the server stops (aiohttp warns about a pool left open)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, what="uvicorn to start")
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
 @pytest.fixture(scope="module")
 def upstream(default_model_path: object) -> Iterator[str]:
     """A serial OpenAI + Ollama server in its own process: edgeserve's own, first come first served."""
@@ -73,24 +91,6 @@ def proxy(upstream: str, predictor: LengthPredictor) -> Iterator[str]:
     settings = ProxySettings(upstream=upstream, policy="sjf", max_inflight=1, max_queue=3, aging_s=600)
     with serve(create_proxy_app(settings, predictor=predictor)) as url:
         yield url
-
-
-@contextlib.contextmanager
-def serve(app: ProxyApp) -> Iterator[str]:
-    """``live_server`` with the app's lifespan run, so that the proxy closes its upstream connection
-    pool when the server stops (aiohttp warns about a pool left open)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, what="uvicorn to start")
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def queue_state(proxy: str) -> dict:  # type: ignore[type-arg]
@@ -337,3 +337,16 @@ def test_other_routes_bodies_pass_through_uncapped_and_untouched(upstream: str, 
         )
         assert proxied.status_code == direct.status_code != 413
         assert proxied.json() == direct.json()
+
+
+def test_silent_upstream_gives_504(predictor: LengthPredictor) -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        upstream = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        settings = ProxySettings(upstream=upstream, timeout_s=0.5)
+        with serve(create_proxy_app(settings, predictor=predictor)) as url:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+            assert response.status_code == 504 and "did not answer in time" in response.json()["error"]["message"]
+            assert queue_state(url)["inflight"] == 0
