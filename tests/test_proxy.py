@@ -17,11 +17,10 @@ import httpx
 import ollama
 import openai
 import pytest
-import uvicorn
-from server_fixtures import wait_for
+from server_fixtures import live_server, wait_for
 
 from edgeserve.predictor import LengthPredictor
-from edgeserve.proxy.app import ProxyApp, create_proxy_app
+from edgeserve.proxy.app import create_proxy_app
 from edgeserve.settings import ProxySettings
 
 SHORT = "What is 2+2? Answer with one number."
@@ -32,24 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve(app: ProxyApp) -> Iterator[str]:
-    """``live_server`` with the app's lifespan run, so that the proxy closes its upstream connection
-    pool when the server stops (aiohttp warns about a pool left open)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, what="uvicorn to start")
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +70,7 @@ def predictor() -> LengthPredictor:
 @pytest.fixture(scope="module")
 def proxy(upstream: str, predictor: LengthPredictor) -> Iterator[str]:
     settings = ProxySettings(upstream=upstream, policy="sjf", max_inflight=1, max_queue=3, aging_s=600)
-    with serve(create_proxy_app(settings, predictor=predictor)) as url:
+    with live_server(create_proxy_app(settings, predictor=predictor), lifespan="on") as url:
         yield url
 
 
@@ -184,7 +165,7 @@ def test_short_request_overtakes_a_long_one_queued_before_it(proxy: str) -> None
 @pytest.fixture(scope="module")
 def priority_proxy(upstream: str, predictor: LengthPredictor) -> Iterator[str]:
     settings = ProxySettings(upstream=upstream, policy="priority", max_inflight=1, aging_s=600)
-    with serve(create_proxy_app(settings, predictor=predictor)) as url:
+    with live_server(create_proxy_app(settings, predictor=predictor), lifespan="on") as url:
         yield url
 
 
@@ -295,7 +276,7 @@ def test_other_routes_pass_through(proxy: str) -> None:
 
 def test_dead_upstream_gives_502_and_the_proxy_stays_up(predictor: LengthPredictor) -> None:
     settings = ProxySettings(upstream=f"http://127.0.0.1:{free_port()}", max_queue=2)
-    with serve(create_proxy_app(settings, predictor=predictor)) as url:
+    with live_server(create_proxy_app(settings, predictor=predictor), lifespan="on") as url:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         for path in ("/v1/chat/completions", "/api/chat"):
             response = httpx.post(f"{url}{path}", json=body)
@@ -318,7 +299,7 @@ def test_proxy_command_rejects_a_bad_upstream_in_one_line() -> None:
 
 def test_other_routes_bodies_pass_through_uncapped_and_untouched(upstream: str, predictor: LengthPredictor) -> None:
     settings = ProxySettings(upstream=upstream, max_body_bytes=2048)
-    with serve(create_proxy_app(settings, predictor=predictor)) as url:
+    with live_server(create_proxy_app(settings, predictor=predictor), lifespan="on") as url:
         # A generation body over the proxy's cap is refused by the proxy itself ...
         big = {"model": "default", "prompt": "x" * 4096}
         assert httpx.post(f"{url}/v1/completions", json=big).status_code == 413
@@ -345,7 +326,7 @@ def test_silent_upstream_gives_504(predictor: LengthPredictor) -> None:
         silent.listen()
         upstream = f"http://127.0.0.1:{silent.getsockname()[1]}"
         settings = ProxySettings(upstream=upstream, timeout_s=0.5)
-        with serve(create_proxy_app(settings, predictor=predictor)) as url:
+        with live_server(create_proxy_app(settings, predictor=predictor), lifespan="on") as url:
             body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
             response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
             assert response.status_code == 504 and "did not answer in time" in response.json()["error"]["message"]
