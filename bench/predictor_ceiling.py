@@ -69,23 +69,8 @@ class MiniLM:
         return np.concatenate(out)
 
 
-def cv_accuracy(x: np.ndarray, tokens: np.ndarray, make_model: Any) -> float:
-    """Short-vs-long accuracy of out-of-fold predictions, 5 folds, mean of three repeats."""
-    y = np.log1p(tokens)
-    accuracies = []
-    for repeat in range(3):
-        folds = np.random.default_rng(repeat).permutation(len(y)) % 5
-        predicted = np.empty(len(y))
-        for k in range(5):
-            held = folds == k
-            model = make_model(repeat).fit(x[~held], y[~held])
-            predicted[held] = model.predict(x[held])
-        accuracies.append(m.short_long_accuracy(predicted, tokens))
-    return round(float(np.mean(accuracies)), 4)
-
-
 def cv_ridge(make: Any, x: np.ndarray, tokens: np.ndarray) -> float:
-    return cv_accuracy(x, tokens, make)
+    return pe.cv_accuracy(x, tokens, make)
 
 
 def cross_accuracy(make: Any, x: np.ndarray, y: np.ndarray, x_eval: np.ndarray, tokens: np.ndarray) -> float:
@@ -164,9 +149,9 @@ def main() -> None:
         lexical = predictor.featurize_many(pe.messages(examples))
         tokens = pe.tokens_of(examples)
         report["in_domain_5fold"][name] = {
-            "lexical_xgboost": cv_accuracy(lexical, tokens, xgb_model),
+            "lexical_xgboost": pe.cv_accuracy(lexical, tokens, xgb_model),
             "minilm_ridge": best_of_alphas(cv_ridge, embedded[name], tokens),
-            "lexical+minilm_xgboost": cv_accuracy(np.hstack([lexical, embedded[name]]), tokens, xgb_model),
+            "lexical+minilm_xgboost": pe.cv_accuracy(np.hstack([lexical, embedded[name]]), tokens, xgb_model),
         }
         print(name, "in-domain", report["in_domain_5fold"][name], flush=True)
 

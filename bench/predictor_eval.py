@@ -114,31 +114,40 @@ def in_domain_reference(predictor: LengthPredictor, sets: dict[str, list[Example
     a reference for how much of a cross-distribution gap is the features' limit."""
     import xgboost as xgb
 
-    out = {}
-    for name, examples in sets.items():
-        x = predictor.featurize_many(messages(examples))
-        tokens = tokens_of(examples)
-        y = np.log1p(tokens)
-        accuracies = []
-        for repeat in range(3):
-            folds = np.random.default_rng(repeat).permutation(len(y)) % 5
-            predicted = np.empty(len(y))
-            for k in range(5):
-                held = folds == k
-                model = xgb.XGBRegressor(
-                    n_estimators=150,
-                    max_depth=3,
-                    learning_rate=0.05,
-                    subsample=0.8,
-                    min_child_weight=5,
-                    random_state=repeat,
-                    n_jobs=2,
-                )
-                model.fit(x[~held], y[~held])
-                predicted[held] = model.predict(x[held])
-            accuracies.append(m.short_long_accuracy(predicted, tokens))
-        out[name] = {"short_long_accuracy_5fold_cv": round(float(np.mean(accuracies)), 4)}
-    return out
+    def model(repeat: int) -> Any:
+        return xgb.XGBRegressor(
+            n_estimators=150,
+            max_depth=3,
+            learning_rate=0.05,
+            subsample=0.8,
+            min_child_weight=5,
+            random_state=repeat,
+            n_jobs=2,
+        )
+
+    return {
+        name: {
+            "short_long_accuracy_5fold_cv": cv_accuracy(
+                predictor.featurize_many(messages(examples)), tokens_of(examples), model
+            )
+        }
+        for name, examples in sets.items()
+    }
+
+
+def cv_accuracy(x: np.ndarray, tokens: np.ndarray, make_model: Any) -> float:
+    """Short-vs-long accuracy of out-of-fold predictions of log tokens: 5 folds, mean of three
+    repeats. ``make_model(repeat)`` returns a fresh regressor."""
+    y = np.log1p(tokens)
+    accuracies = []
+    for repeat in range(3):
+        folds = np.random.default_rng(repeat).permutation(len(y)) % 5
+        predicted = np.empty(len(y))
+        for k in range(5):
+            held = folds == k
+            predicted[held] = make_model(repeat).fit(x[~held], y[~held]).predict(x[held])
+        accuracies.append(m.short_long_accuracy(predicted, tokens))
+    return round(float(np.mean(accuracies)), 4)
 
 
 # -- latency ------------------------------------------------------------------------------------
