@@ -166,9 +166,12 @@ class Outcome:
         return self.end - self.sent
 
 
-async def send(client: httpx.AsyncClient, base: str, job: Job, t0: float) -> Outcome:
-    """One streamed chat completion; TTFT is the first content chunk, latency the last byte."""
-    body = {
+async def send(
+    client: httpx.AsyncClient, base: str, job: Job, t0: float, extra: dict[str, Any] | None = None
+) -> Outcome:
+    """One streamed chat completion; TTFT is the first content chunk, latency the last byte. ``extra``
+    adds fields to the request body."""
+    body: dict[str, Any] = {
         "model": "default",
         "messages": [{"role": "user", "content": job.prompt}],
         "max_tokens": job.gen_tokens,
@@ -176,6 +179,7 @@ async def send(client: httpx.AsyncClient, base: str, job: Job, t0: float) -> Out
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     sent = time.monotonic()
     first = None
@@ -212,7 +216,9 @@ async def send(client: httpx.AsyncClient, base: str, job: Job, t0: float) -> Out
     )
 
 
-async def run_load(base: str, jobs: Sequence[Job], arrivals: Sequence[float]) -> list[Outcome]:
+async def run_load(
+    base: str, jobs: Sequence[Job], arrivals: Sequence[float], extra: dict[str, Any] | None = None
+) -> list[Outcome]:
     """Send ``jobs[i]`` at ``arrivals[i]`` seconds after the start, all concurrently."""
     limits = httpx.Limits(max_connections=len(jobs) + 4, max_keepalive_connections=len(jobs) + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
@@ -220,7 +226,7 @@ async def run_load(base: str, jobs: Sequence[Job], arrivals: Sequence[float]) ->
 
         async def at(job: Job, when: float) -> Outcome:
             await asyncio.sleep(max(0.0, when - (time.monotonic() - t0)))
-            return await send(client, base, job, t0)
+            return await send(client, base, job, t0, extra)
 
         return list(await asyncio.gather(*(at(j, a) for j, a in zip(jobs, arrivals, strict=True))))
 
