@@ -16,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -74,31 +75,40 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def process(args: Sequence[str], health: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeserve", *args],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"edgeserve {' '.join(args)} exited: {proc.communicate()[1][-2000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(health, timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"edgeserve {' '.join(args)} did not start")
-            time.sleep(0.2)
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGINT)
+    # stderr to a file, not a pipe: nobody reads a pipe while the benchmark runs, and a server that
+    # logs every request would block once its 64 KiB filled.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeserve", *args],
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+        )
+
+        def tail() -> str:
+            log.seek(0)
+            return log.read()[-2000:]
+
         try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"edgeserve {' '.join(args)} exited: {tail()}")
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(health, timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"edgeserve {' '.join(args)} did not start: {tail()}")
+                time.sleep(0.2)
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 @contextlib.contextmanager

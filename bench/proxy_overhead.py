@@ -93,7 +93,12 @@ def main() -> None:
         "targets": {"ttft_added_ms_p50": "<= 1.0", "tok_s_ratio_p50": ">= 0.99"},
         "rows": rows,
     }
-    path = h.save("proxy_overhead", report)
+    if args.model_free:
+        name = "proxy_overhead_model_free"
+    else:
+        name = "proxy_overhead" + ("_cold" if args.prefill == "cold" else "")
+        name += "" if args.threads == 2 else f"_threads{args.threads}"
+    path = h.save(name, report)
     plot(report, path.with_suffix(".png"))
     keys = ("summary", "ttft_added_ms_p50", "ttft_added_ms_p50_ci95", "tok_s_ratio_p50", "tok_s_ratio_p50_ci95")
     print({k: report[k] for k in keys})
