@@ -148,6 +148,7 @@ def echo_upstream() -> Iterator[str]:
 def proxy(upstream_url: str, policy: str, aging_s: float | None = None) -> Iterator[str]:
     port = free_port()
     args = ["proxy", "--upstream", upstream_url, "--port", str(port), "--policy", policy, "--max-queue", "1024"]
+    args += ["--log-level", "warning"]
     if aging_s is not None:
         args += ["--aging-s", str(aging_s)]
     with process(args, f"http://127.0.0.1:{port}/health"):

@@ -117,6 +117,9 @@ class ProxySettings(_Settings):
     adapt_log: Path | None = Field(
         None, description="Record (prompt features, real answer tokens) for 'edgeserve predictor adapt'."
     )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Proxy log level ('info' logs a line per request, never its text)."
+    )
 
     @field_validator("upstream")
     @classmethod

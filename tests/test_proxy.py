@@ -295,6 +295,9 @@ def test_proxy_command_rejects_a_bad_upstream_in_one_line() -> None:
     result = CliRunner().invoke(main, ["proxy", "--upstream", "localhost:11434"])
     assert result.exit_code == 2
     assert "must be an http:// or https:// URL" in result.output and "Traceback" not in result.output
+    # The log level is a setting like serve's (a sidecar often runs quieter than one line a request).
+    result = CliRunner().invoke(main, ["proxy", "--log-level", "loud"])
+    assert result.exit_code == 2 and "warning" in result.output
 
 
 def test_other_routes_bodies_pass_through_uncapped_and_untouched(upstream: str, predictor: LengthPredictor) -> None:

@@ -34,9 +34,9 @@ def proxy(**values: Any) -> None:
         ) from None
     from edgeserve.predictor import AdaptationLog, LengthPredictor
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     predictor = LengthPredictor.load(settings.predictor)
     recorder = AdaptationLog(settings.adapt_log, predictor.spec) if settings.adapt_log else None
     app = create_proxy_app(settings, predictor=predictor, recorder=recorder)
     log.info("proxying %s with %s admission, %d in flight", settings.upstream, settings.policy, settings.max_inflight)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10)
