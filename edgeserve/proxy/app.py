@@ -9,8 +9,10 @@ at once, in whatever phase it is.
 
 The proxy's own time sits on every request's time to first token, so the path is kept short: a
 request that finds a free slot and nobody waiting goes upstream at once, and its length prediction
-(which only orders a queue) is made when the upstream's response headers are in: a streaming server
-sends those before its first token, so the prediction overlaps the upstream's prefill.
+(which only orders a queue) is made after its response, for the metrics. Making it on the way would
+put it on the time to first token wherever the upstream sends its headers with the first token (Go's
+net/http, so Ollama, sends them with the first write). So ``x-predicted-tokens`` comes with the
+requests that waited.
 """
 
 from __future__ import annotations
@@ -352,7 +354,6 @@ class _Call:
             self.responded = True
             return
         try:
-            self._predict()  # for the headers; admitted at once, it is made only now
             self.outcome = "upstream_error"  # until the stream ends cleanly
             self.relay = _Relay(upstream, self.send, self._queue_headers())
             await self.relay.run()
