@@ -122,12 +122,11 @@ def upstream(threads: int, n_ctx: int = 2048) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def echo_upstream() -> Iterator[str]:
+def echo_upstream(late_headers: bool = False) -> Iterator[str]:
     """A model-free streaming upstream (bench/_echo_upstream.py): isolates the proxy's own cost."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "_echo_upstream.py"), str(port)], stderr=subprocess.PIPE, text=True
-    )
+    args = [sys.executable, str(ROOT / "bench" / "_echo_upstream.py"), str(port)]
+    proc = subprocess.Popen(args + (["--late-headers"] if late_headers else []), stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

@@ -2,7 +2,8 @@
 ``edgeserve proxy``, alternating, in one run. Targets (issue 5): TTFT p50 +<= 1 ms, streamed tok/s
 >= 0.99x.
 
-    python bench/proxy_overhead.py [--reps 40] [--tokens 64] [--threads 2] [--prefill warm|cold] [--model-free]
+    python bench/proxy_overhead.py [--reps 40] [--tokens 64] [--threads 2] [--prefill warm|cold]
+    python bench/proxy_overhead.py --model-free [--late-headers] [--reps 40] [--tokens 16]
 
 Each prompt goes to both sides of a pair, so the upstream's prefix cache must treat both alike:
 ``--prefill warm`` (default) sends the prompt once, untimed, before the pair, so both sides find it
@@ -13,7 +14,9 @@ and the prefill's jitter (tens of ms with every core busy) comes with it. The re
 bootstrap 95% interval for each paired median, so a figure that noise could explain says so.
 
 ``--model-free`` fronts a streaming upstream with no model (bench/_echo_upstream.py, 5 ms per chunk):
-with the model's prefill and decode jitter gone, what remains is the proxy's own cost.
+with the model's prefill and decode jitter gone, what remains is the proxy's own cost. With
+``--late-headers`` that upstream sends its headers together with the first token, as Ollama does, so
+the proxy's handling of the response headers is on the time to first token too.
 """
 
 from __future__ import annotations
@@ -45,12 +48,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", choices=("warm", "cold"), default="warm")
     ap.add_argument("--model-free", action="store_true", help="front a model-free streaming upstream")
+    ap.add_argument(
+        "--late-headers", action="store_true", help="model-free: headers come with the first token, as Ollama's do"
+    )
     args = ap.parse_args()
     extra = COLD if args.prefill == "cold" and not args.model_free else None
 
     jobs = [h.Job(f"o{i}", j.prompt, j.real_tokens, args.tokens) for i, j in enumerate(h.workload(args.reps, 1.0, 7))]
     rows: list[dict[str, Any]] = []
-    upstream = h.echo_upstream() if args.model_free else h.upstream(args.threads)
+    upstream = h.echo_upstream(args.late_headers) if args.model_free else h.upstream(args.threads)
     with upstream as up, h.proxy(up, "sjf") as px:
         asyncio.run(h.run_load(px, jobs[:2], [0.0, 0.0]))  # warm both paths
         for i, job in enumerate(jobs):
@@ -79,7 +85,11 @@ def main() -> None:
     tok_ratio = [p["tok_s"] / d["tok_s"] for p, d in pairs]
     report = {
         "benchmark": "proxy_overhead",
-        "upstream": "model-free echo (bench/_echo_upstream.py)" if args.model_free else "edgeserve serve",
+        "upstream": (
+            f"model-free echo (bench/_echo_upstream.py{' --late-headers' if args.late_headers else ''})"
+            if args.model_free
+            else "edgeserve serve"
+        ),
         "reps": len(jobs),
         "gen_tokens": args.tokens,
         "threads": args.threads,
@@ -94,7 +104,7 @@ def main() -> None:
         "rows": rows,
     }
     if args.model_free:
-        name = "proxy_overhead_model_free"
+        name = "proxy_overhead_model_free" + ("_late_headers" if args.late_headers else "")
     else:
         name = "proxy_overhead" + ("_cold" if args.prefill == "cold" else "")
         name += "" if args.threads == 2 else f"_threads{args.threads}"
