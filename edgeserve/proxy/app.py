@@ -1,8 +1,8 @@
 """``create_proxy_app``: SJF admission in front of a serial upstream (Ollama, llama.cpp's server, vLLM,
 any OpenAI-compatible server).
 
-Generation requests (``wire.ADMITTED_PATHS``) are predicted, queued under the policy and sent
-upstream at most ``max_inflight`` at a time; their responses stream back chunk by chunk as they
+Generation requests (``wire.ADMITTED_PATHS``) wait under the policy (SJF: by predicted answer length)
+and go upstream at most ``max_inflight`` at a time; their responses stream back chunk by chunk as they
 arrive. Every other route passes straight through. A request runs beside a watcher for the client's
 disconnect, so a client that leaves is dropped from the queue, or has its upstream request closed,
 at once, in whatever phase it is.
