@@ -143,7 +143,9 @@ def test_an_mlx_quantized_folder_loads_and_generates(gguf_path: Path) -> None:
     assert '"bits": 8' in config and (folder / "tokenizer.json").is_file()
     settings = ModelSettings(model=str(folder), backend="mlx", n_ctx=512, threads=1)
     with Engine.from_settings(settings) as eng:
-        assert "Berlin" in eng.generate("The capital of France is Paris. The capital of Germany is", max_tokens=3).text
+        # Greedy: the default temperature (0.8) made this flaky ("Frankfurt" in 1 of 3 CI runs).
+        prompt = "The capital of France is Paris. The capital of Germany is"
+        assert "Berlin" in eng.generate(prompt, max_tokens=3, temperature=0).text
 
 
 def test_process_exits_cleanly_after_using_mlx() -> None:
