@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: FCFS (short P50 gain 3% at rho 0.74); at 128x SJF kept a 56% (rho 0.74) and 65% (rho 0.9) short P50
 #: gain while the long requests' P99 stayed within 1.11x of FCFS; without aging it grew to 2.4-4.8x.
 AGING_FACTOR = 128.0
+#: Log levels of the servers (uvicorn's names).
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 
 def physical_cores() -> int:
@@ -81,9 +83,7 @@ class ServerSettings(_Settings):
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' on every route but /health.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
     log_prompts: bool = Field(False, description="Log prompt text (off: prompts are private).")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="Server log level (access lines never carry prompt text)."
-    )
+    log_level: LogLevel = Field("info", description="Server log level (access lines never carry prompt text).")
 
 
 class ProxySettings(_Settings):
@@ -117,9 +117,7 @@ class ProxySettings(_Settings):
     adapt_log: Path | None = Field(
         None, description="Record (prompt features, real answer tokens) for 'edgeserve predictor adapt'."
     )
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="Proxy log level ('info' logs a line per request, never its text)."
-    )
+    log_level: LogLevel = Field("info", description="Proxy log level ('info' logs a line per request, never its text).")
 
     @field_validator("upstream")
     @classmethod
