@@ -6,12 +6,20 @@ under its own lock and passes the time in, so tests drive it with a fake clock.
 A policy is an ordering, picked by name from ``POLICIES``:
 
 - ``fcfs``: arrival order (what llama.cpp's server and Ollama do).
-- ``sjf``: shortest predicted answer first (Clairvoyant), ties by arrival.
+- ``sjf``: shortest predicted service time first (Clairvoyant), ties by arrival.
+- ``srpt``: the same order, and preemptive: ``preempts`` says when a waiting request should displace
+  the running one (shortest remaining predicted time first; the engine parks the one it displaces).
 - ``priority``: the client's priority first (lower runs earlier, as in vLLM), SJF within a level.
+
+A request's cost is ``Entry.cost_s``, the predicted seconds it will hold the device (prefill plus
+decode, ``edgeserve.service``), or, when the caller has no rate model, its predicted answer tokens.
+A caller gives costs for every entry or for none: the two units do not compare.
 
 Aging is shared by every policy: once the oldest waiting request has waited ``aging_s`` it runs
 next, whatever the ordering says. So a request waits at most ``aging_s`` plus the service time of
-the job running when it aged plus that of requests that aged before it — never forever.
+the job running when it aged plus that of requests that aged before it — never forever. Under
+``srpt`` an aged request displaces a younger running one at its next token boundary, so the job
+running when it aged adds at most a quantum.
 """
 
 from __future__ import annotations
@@ -43,10 +51,16 @@ class Entry(Generic[T]):
     item: T
     priority: int = 0
     predicted_tokens: float | None = None
+    #: Predicted seconds of service still needed; None: order by predicted tokens instead.
+    cost_s: float | None = None
 
     @property
     def expected(self) -> float:
         return UNKNOWN_TOKENS if self.predicted_tokens is None else self.predicted_tokens
+
+    @property
+    def cost(self) -> float:
+        return self.expected if self.cost_s is None else self.cost_s
 
 
 @dataclass(frozen=True)
@@ -66,9 +80,12 @@ SortKey = tuple[float, ...]
 
 POLICIES: dict[str, Callable[[Entry[object]], SortKey]] = {
     "fcfs": lambda e: (e.arrival,),
-    "sjf": lambda e: (e.expected, e.arrival),
-    "priority": lambda e: (e.priority, e.expected, e.arrival),
+    "sjf": lambda e: (e.cost, e.arrival),
+    "srpt": lambda e: (e.cost, e.arrival),
+    "priority": lambda e: (e.priority, e.cost, e.arrival),
 }
+#: Policies under which a waiting request may displace a running one.
+PREEMPTIVE = frozenset({"srpt"})
 
 
 @dataclass
@@ -85,8 +102,12 @@ class Scheduler(Generic[T]):
     capacity: int = 64
     #: Seconds after which a waiting request runs next regardless of order; ``inf`` disables aging.
     aging_s: float = math.inf
-    #: Seconds a client should wait before retrying when the queue is full (sent as Retry-After).
+    #: Seconds a client should wait before retrying when the queue is full (sent as Retry-After);
+    #: the owner keeps it current from what it measures.
     retry_after_s: float = 1.0
+    #: Under a preemptive policy, a challenger must be this many times shorter than the running
+    #: request's remaining cost (switch cost included) to displace it: hysteresis against thrashing.
+    hysteresis: float = 2.0
     _live: dict[str, Entry[T]] = field(default_factory=dict, init=False)
     _heap: list[tuple[SortKey, int, Entry[T]]] = field(default_factory=list, init=False)
     _arrivals: collections.deque[Entry[T]] = field(default_factory=collections.deque, init=False)
@@ -111,12 +132,16 @@ class Scheduler(Generic[T]):
             raise InvalidParameterError("aging_s must be > 0 (inf disables aging)", param="aging_s")
         self.aging_s = aging_s
 
-    def add(self, entry: Entry[T]) -> None:
-        if len(self._live) >= self.capacity:
-            raise QueueFullError(
-                f"the queue is full ({self.capacity} requests waiting); retry later",
-                retry_after_s=self.retry_after_s,
-            )
+    @property
+    def preemptive(self) -> bool:
+        return self.policy in PREEMPTIVE
+
+    def add(self, entry: Entry[T], *, readmit: bool = False) -> None:
+        """Queue ``entry``. ``readmit`` puts back a request that was already admitted (a preempted
+        one): it keeps its arrival, so its aging clock keeps running, and capacity does not apply."""
+        if len(self._live) >= self.capacity and not readmit:
+            waiting = f"{self.capacity} request{'s' if self.capacity != 1 else ''} waiting"
+            raise QueueFullError(f"the queue is full ({waiting}); retry later", retry_after_s=self.retry_after_s)
         if entry.request_id in self._live:
             raise InvalidParameterError(f"request id {entry.request_id!r} is already queued", param="request_id")
         self._live[entry.request_id] = entry
@@ -125,15 +150,42 @@ class Scheduler(Generic[T]):
 
     def next(self, now: float) -> Entry[T] | None:
         """Take the entry to run now, or None if nothing waits."""
+        entry = self.peek(now)
+        if entry is not None:
+            del self._live[entry.request_id]
+            self._drop_dead_heads()
+        return entry
+
+    def peek(self, now: float) -> Entry[T] | None:
+        """The entry ``next`` would take now, left in place."""
         self._drop_dead_heads()
         if not self._live:
             return None
         oldest = self._arrivals[0]
         # Aging before order: the oldest request, once it has waited tau, beats every key.
-        entry = oldest if now - oldest.arrival >= self.aging_s else self._heap[0][2]
-        del self._live[entry.request_id]
-        self._drop_dead_heads()
-        return entry
+        return oldest if self.aged(oldest, now) else self._heap[0][2]
+
+    def aged(self, entry: Entry[T], now: float) -> bool:
+        return now - entry.arrival >= self.aging_s
+
+    def preempts(self, running: Entry[T], now: float, *, switch_s: float = 0.0) -> Entry[T] | None:
+        """Under a preemptive policy, the waiting entry that should displace ``running`` now (left in
+        place: ``next`` takes it), or None. ``running.cost`` is its remaining cost.
+
+        An aged entry displaces a younger running one (arrival order among the aged, so two aged
+        requests never take turns); otherwise a challenger must beat the running request by the
+        hysteresis factor, after paying ``switch_s`` (parking one, resuming the other).
+        """
+        if not self.preemptive:
+            return None
+        challenger = self.peek(now)
+        if challenger is None:
+            return None
+        if self.aged(challenger, now):
+            return challenger if challenger.arrival < running.arrival else None
+        if self.aged(running, now):
+            return None
+        return challenger if (challenger.cost + switch_s) * self.hysteresis < running.cost else None
 
     def cancel(self, request_id: str, item: T | None = None) -> Entry[T] | None:
         """Remove a waiting entry; returns it, or None if it was not waiting (running or gone).
