@@ -54,9 +54,10 @@ class ModelSettings(_Settings):
 
 class EngineSettings(_Settings):
     max_queue: int = Field(64, ge=1, description="Requests that may wait for the engine; more get 429.")
-    policy: Literal["sjf", "fcfs", "priority"] = Field(
+    policy: Literal["sjf", "srpt", "fcfs", "priority"] = Field(
         "sjf",
-        description="Admission order: sjf (shortest predicted answer first), fcfs, or priority (then sjf).",
+        description="Order: sjf (shortest predicted service time first), srpt (sjf that also preempts: "
+        "shortest remaining first, the displaced request's KV state parked), fcfs, or priority (then sjf).",
     )
     aging_s: float | None = Field(
         None,
@@ -75,6 +76,20 @@ class EngineSettings(_Settings):
     predictor: Path | None = Field(
         None, description="Length predictor artefact (default: the shipped one; e.g. the output of adapt)."
     )
+    predict_lengths: bool = Field(
+        True,
+        description="Predict answer lengths for sjf/srpt/priority (off: every answer counts as equally long, "
+        "so srpt's gain comes from preemption alone).",
+    )
+    preempt_quantum_s: float = Field(
+        0.1, ge=0, description="srpt: seconds a request keeps the device before anything may displace it."
+    )
+    max_parked: int = Field(
+        16, ge=0, description="srpt: requests whose KV state may be parked in host memory at once."
+    )
+    prefill_chunk: int = Field(
+        256, ge=1, description="Prompt tokens evaluated between two scheduling decisions."
+    )
 
 
 class ServerSettings(_Settings):
@@ -84,6 +99,31 @@ class ServerSettings(_Settings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
     log_prompts: bool = Field(False, description="Log prompt text (off: prompts are private).")
     log_level: LogLevel = Field("info", description="Server log level (access lines never carry prompt text).")
+    allowed_hosts: str = Field(
+        "",
+        description="Host names served besides loopback ones and --host, comma-separated ('*': any, which "
+        "turns off the DNS-rebinding guard). IP-address Host headers need no listing.",
+    )
+    allowed_origins: str = Field(
+        "",
+        description="Browser origins allowed besides loopback ones, comma-separated, '*' globs allowed "
+        "(https://app.example.com,http://*.lan:*; '*': any), as OLLAMA_ORIGINS. Others get 403.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a connection may take to send a request head (then 408 and close)."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds a client may take to send a request body (then 408 and close)."
+    )
+    keep_alive_s: int = Field(5, ge=1, description="Seconds an idle keep-alive connection stays open.")
+    max_connections: int = Field(
+        2048, ge=1, description="Open connections at most; a connection beyond it is closed at once."
+    )
+
+    @field_validator("allowed_hosts", "allowed_origins")
+    @classmethod
+    def _comma_list(cls, value: str) -> str:
+        return ",".join(item.strip().lower() for item in value.split(",") if item.strip())
 
 
 class ProxySettings(_Settings):
