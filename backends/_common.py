@@ -8,12 +8,12 @@ blob from another model, a truncated blob or a forged token list into ``KVStateE
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from edgeserve.errors import KVStateError
+from edgeserve.progress import ProgressCallback
 from edgeserve.settings import ModelSettings
 from edgeserve.types import ResolvedModel
 
@@ -57,13 +57,17 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def converted_folder(model: ResolvedModel, settings: ModelSettings, fmt: str) -> Path:
+def converted_folder(
+    model: ResolvedModel, settings: ModelSettings, fmt: str, progress: ProgressCallback | None = None
+) -> Path:
     """The folder a converting backend loads: the model itself when it is a folder, else its
-    conversion to ``fmt`` (built once with a progress bar on a terminal, then cached)."""
+    conversion to ``fmt``, built once and cached. The conversion's progress goes to ``progress``
+    (the app's callback) and the log lines; with no callback, to a bar on a terminal or the log
+    lines elsewhere (a service manager's journal, a container's log)."""
     if model.path.is_dir():
         return model.path
-    from edgeserve.models.convert import convert, rich_bar
+    from edgeserve.models.convert import convert
+    from edgeserve.progress import sinks
 
-    bar = rich_bar if sys.stderr.isatty() else None
-    folder: Path = convert(model.path, fmt, cache_dir=settings.cache_dir, bar=bar)
+    folder: Path = convert(model.path, fmt, cache_dir=settings.cache_dir, progress=sinks(progress))
     return folder

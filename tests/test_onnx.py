@@ -4,7 +4,6 @@ KV state moving between engines."""
 
 from __future__ import annotations
 
-import contextlib
 import types
 from collections import Counter
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from click.testing import CliRunner
 
 from edgeserve import Engine, SamplingParams
 from edgeserve.errors import InvalidParameterError
+from edgeserve.progress import ProgressEvent
 from edgeserve.settings import ModelSettings
 
 og = pytest.importorskip("onnxruntime_genai", reason="the onnx extra is not installed: pip install 'edgeserve[onnx]'")
@@ -132,12 +132,10 @@ def test_bad_options_fail_before_any_work(gguf_path: Path, tmp_path: Path, optio
 
 
 def test_a_conversion_is_built_once_then_served_from_the_cache(gguf_path: Path, onnx_folder: Path) -> None:
-    @contextlib.contextmanager
-    def must_not_build(title: str) -> Iterator[Any]:
-        raise AssertionError(f"converted again: {title}")
-        yield
+    def must_not_build(event: ProgressEvent) -> None:
+        raise AssertionError(f"converted again: {event.task}")
 
-    again = conv.convert(gguf_path, "onnx", cache_dir=SETTINGS.cache_dir, bar=must_not_build)
+    again = conv.convert(gguf_path, "onnx", cache_dir=SETTINGS.cache_dir, progress=must_not_build)
     assert again == onnx_folder
     assert again.name == f"onnx-{onnx_format.DEFAULT_PRECISION}-{onnx_format.default_target()}"
     for name in ("genai_config.json", "model.onnx", "tokenizer.json", conv.STAMP):

@@ -7,7 +7,8 @@
 A format is a registry entry naming its module, which is imported only when that format is asked
 for (importing this package pulls in no numeric stack). Each module offers
 ``folder_name(options) -> str | None`` (None: the source folder serves as is) and
-``build(source, out, options, report)``. Outputs live under
+``build(source, out, options, report)``; ``report(stage, done, total, unit)`` becomes progress
+events (``edgeserve.progress``). Outputs live under
 ``<cache_dir>/converted/<sha256 of the GGUF>-v<CONVERT_VERSION>/<folder>/``; a folder is built in a
 temporary sibling and renamed into place with a stamp, so an interrupted conversion leaves nothing
 that looks finished.
@@ -22,17 +23,17 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from edgeserve.errors import BackendNotInstalledError, InvalidParameterError, ModelNotFoundError
+from edgeserve.progress import ProgressCallback, ProgressEvent, format_size, size_on_disk, track
 
-from .progress import Report, rich_bar, silent
+from .progress import Report
 
-__all__ = ["CONVERT_VERSION", "FORMATS", "Format", "convert", "get_format", "rich_bar", "source_digest"]
+__all__ = ["CONVERT_VERSION", "FORMATS", "Format", "convert", "get_format", "source_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ CONVERT_VERSION = 1
 STAMP = "edgeserve-convert.json"
 
 Options = Mapping[str, Any]
-Bar = Callable[[str], AbstractContextManager[Report]]
 
 
 class FormatModule(Protocol):
@@ -101,13 +101,14 @@ def convert(
     *,
     cache_dir: Path,
     options: Options | None = None,
-    bar: Bar | None = None,
+    progress: ProgressCallback | None = None,
     force: bool = False,
     keep_intermediate: bool = False,
 ) -> Path:
     """The folder of ``gguf`` in format ``to``, converting (and caching) on first use.
 
-    ``bar(title)`` is entered only when something is actually built; ``force`` rebuilds the
+    Each format actually built is a task on ``progress`` (start, its stages, done with its size and
+    time; see ``edgeserve.progress``); nothing is sent for one found in the cache. ``force`` rebuilds the
     requested format (not the ones it is built from). A source folder that this call built only to
     build ``to`` from (the float32 ``hf`` folder under an ONNX or a re-typed MLX model: 4 bytes per
     parameter, 1.1 GB for Gemma 3 270M) is deleted once ``to`` is finished, unless
@@ -115,16 +116,13 @@ def convert(
     MLX model is the ``hf`` folder itself).
     """
     built: list[Path] = []
-    out = _convert(gguf, to, cache_dir=cache_dir, options=options, bar=bar, force=force, built=built)
+    report = progress or _ignore
+    out = _convert(gguf, to, cache_dir=cache_dir, options=options, progress=report, force=force, built=built)
     for folder in built:
         if folder != out and not keep_intermediate:
-            log.info("removing the intermediate %s (%.0f MB)", folder, _size(folder) / 1e6)
+            log.info("removing the intermediate %s (%s)", folder, format_size(size_on_disk(folder)))
             shutil.rmtree(folder, ignore_errors=True)
     return out
-
-
-def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _convert(
@@ -133,7 +131,7 @@ def _convert(
     *,
     cache_dir: Path,
     options: Options | None,
-    bar: Bar | None,
+    progress: ProgressCallback,
     force: bool,
     built: list[Path],
 ) -> Path:
@@ -150,7 +148,7 @@ def _convert(
     source = (
         gguf
         if fmt.source is None
-        else _convert(gguf, fmt.source, cache_dir=cache_dir, options=None, bar=bar, force=False, built=built)
+        else _convert(gguf, fmt.source, cache_dir=cache_dir, options=None, progress=progress, force=False, built=built)
     )
     if name is None:
         return source
@@ -158,30 +156,36 @@ def _convert(
     out = root / name
     if (out / STAMP).is_file() and not force:
         return out
-    tmp = root / f".{name}.tmp-{os.getpid()}"
+    what = f"from {source.name} ({format_size(size_on_disk(source))}), once; cached in {out}"
+    with track(progress, f"convert {gguf.name} to {fmt.name}", what) as task:
+        _build(module, source, out, options, task.step, {"format": fmt.name, "source": str(gguf)})
+        task.done_message = f"{format_size(size_on_disk(out))} in {out}"
+    built.append(out)
+    return out
+
+
+def _build(module: FormatModule, source: Path, out: Path, options: Options, report: Report, stamp: Options) -> None:
+    """Build into a temporary sibling of ``out`` and rename it into place with its stamp."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    log.info("converting %s to %s in %s", gguf, fmt.name, out)
     try:
-        with (bar or _quiet)(f"converting {gguf.name} to {fmt.name} (once; cached in {out})") as report:
-            module.build(source, tmp, options, report)
-        stamp = {"format": fmt.name, "source": str(gguf), "options": options, "version": CONVERT_VERSION}
+        module.build(source, tmp, options, report)
+        stamp = {**stamp, "options": dict(options), "version": CONVERT_VERSION}
         (tmp / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
         if out.exists():  # forced, or a stale half-folder from an older layout
             shutil.rmtree(out)
         os.replace(tmp, out)
-        built.append(out)
     except OSError:
         if (out / STAMP).is_file():  # another process finished the same conversion first
-            return out
+            return
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
-def _quiet(title: str) -> AbstractContextManager[Report]:
-    return nullcontext(silent)
+def _ignore(event: ProgressEvent) -> None:
+    pass
 
 
 def source_digest(path: Path, cache_dir: Path) -> str:

@@ -48,11 +48,12 @@ def convert(
     format another backend loads, and print that folder. Runs once per model; later calls (and
     backends loading the GGUF) reuse the cached folder."""
     from edgeserve.models import resolve
+    from edgeserve.progress import default_sink, enable_log_lines
 
     from . import convert as run_convert
-    from .progress import rich_bar
 
     settings = build(ModelSettings, values)
+    enable_log_lines()
     options = {
         "quantize": int(quantize) if quantize else None,
         "group_size": int(group_size) if group_size else None,
@@ -67,7 +68,7 @@ def convert(
             to,
             cache_dir=settings.cache_dir,
             options={k: v for k, v in options.items() if v is not None},
-            bar=rich_bar,
+            progress=default_sink(),  # a bar on a terminal, log lines into a pipe or a file
             force=force,
         )
     except UserError as exc:

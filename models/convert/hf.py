@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +107,16 @@ def write_safetensors(
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    # Reported in bytes written: tensors differ 1000-fold in size (the embedding is most of it).
+    report("dequantizing", 0, offset, "B")
+    written = 0
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for done, name in enumerate(_reported(names, report), start=1):
+        for name in names:
             array = np.ascontiguousarray(produce(name), dtype="<f4")
             if array.shape != shapes[name]:
                 raise UserError(f"tensor {name} dequantized to {array.shape}, expected {shapes[name]}")
             f.write(array.tobytes())
-            report("dequantizing", done, len(names))
-
-
-def _reported(names: list[str], report: Report) -> Iterable[str]:
-    report("dequantizing", 0, len(names))
-    return names
+            written += array.nbytes
+            report("dequantizing", written, offset, "B")
