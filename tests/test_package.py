@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import edgeserve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +49,22 @@ def test_core_import_pulls_in_no_backend_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    import re
+
+    return {re.split(r"[\[<>=!~;\s]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_the_base_install_serves_and_proxies() -> None:
+    """`edgeserve serve` and `edgeserve proxy` work after the README's first command (`pip install -e .`)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = _requirement_names(project["dependencies"])
+    assert {"fastapi", "uvicorn", "sse-starlette", "prometheus-client", "httpx", "aiohttp"} <= base
+    assert any(r.startswith("uvicorn[standard]") for r in project["dependencies"])
+    # The old extra stays installable as an empty alias, and nothing tells users to install it.
+    assert project["optional-dependencies"]["server"] == []
+    for path in [*(ROOT / "edgeserve").rglob("*.py"), ROOT / "README.md"]:
+        assert "edgeserve[server]" not in path.read_text(), f"{path.relative_to(ROOT)} still asks for the server extra"
