@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 
 import click
 
-from edgeserve._options import build, options_from
-from edgeserve.errors import EdgeserveError, UserError
+from edgeserve._options import build, dataclass_from, options_from, options_from_dataclass
+from edgeserve._startup import configure_logging
+from edgeserve.errors import EdgeserveError, InvalidParameterError, UserError
 from edgeserve.settings import EngineSettings, ModelSettings
 from edgeserve.types import FinalEvent, GenerationResult, Message, SamplingParams
 
@@ -36,46 +37,20 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More logging (-v: info, -vv: debug, backend logs included).")
 def main(verbose: int) -> None:
     """Run LLMs on your own hardware."""
-    _configure_logging(verbose)
+    # serve and proxy configure it again with their --log-level (the more verbose of the two wins).
+    configure_logging()
 
 
-def _configure_logging(verbose: int) -> None:
-    import logging
-
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # Backend libraries narrate every load (buffer sizes, cache layouts): only errors unless asked.
-    logging.getLogger("edgeserve.llama_cpp").setLevel(logging.ERROR if verbose < 2 else logging.DEBUG)
-
-
-def sampling_options(fn: F) -> F:
-    decorators = [
-        click.option("--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most."),
-        click.option("--temperature", type=float, default=0.8, show_default=True, help="0 means greedy."),
-        click.option("--top-p", type=float, default=0.95, show_default=True),
-        click.option("--top-k", type=int, default=40, show_default=True, help="0 disables top-k."),
-        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
-        click.option("--stop", multiple=True, help="Stop sequence (repeatable)."),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
-        click.option("--ignore-eos", is_flag=True, help="Generate exactly --max-tokens tokens."),
-    ]
-    for d in reversed(decorators):
-        fn = d(fn)
-    return fn
+#: Flags for every SamplingParams field, generated from the dataclass (type, default, help text).
+sampling_options = options_from_dataclass(SamplingParams)
 
 
 def _sampling(values: dict[str, Any]) -> SamplingParams:
-    names = (
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "seed",
-        "stop",
-        "repetition_penalty",
-        "ignore_eos",
-    )
-    return SamplingParams(**{n: values.pop(n) for n in names})
+    try:
+        return dataclass_from(SamplingParams, values)
+    except InvalidParameterError as exc:  # name the flag the user typed
+        flag = f"--{exc.param.replace('_', '-')}: " if exc.param else ""
+        raise click.UsageError(f"{flag}{exc}") from None
 
 
 @contextmanager
@@ -83,6 +58,8 @@ def _engine(values: dict[str, Any]) -> Iterator[Any]:
     from edgeserve.engine import Engine
 
     model_settings = build(ModelSettings, values)
+    # run and chat have one request at a time: admission settings (queue, policy, aging, predictor)
+    # are the servers' and have no flags here; EDGESERVE_* variables still apply.
     engine_settings = build(EngineSettings, values)
     with _status(f"loading {model_settings.model} ..."):
         engine = Engine.from_settings(model_settings, engine_settings)
@@ -135,7 +112,6 @@ def _print_stream(events: Iterator[Any]) -> GenerationResult:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object instead of streaming.")
 @sampling_options
 @options_from(ModelSettings)
-@options_from(EngineSettings)
 def run(prompt: str, as_chat: bool, as_json: bool, **values: Any) -> None:
     """Complete PROMPT once, streaming the text to stdout (stats go to stderr)."""
     params = _sampling(values)
@@ -154,7 +130,6 @@ def run(prompt: str, as_chat: bool, as_json: bool, **values: Any) -> None:
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
 @options_from(ModelSettings)
-@options_from(EngineSettings)
 def chat(system: str | None, **values: Any) -> None:
     """Interactive multi-turn chat. /reset clears the conversation, /exit leaves. Reads stdin when it
     is not a terminal, one message per line."""

@@ -48,7 +48,7 @@ class ModelSettings(_Settings):
     flash_attn: bool = Field(False, description="Use flash attention where the backend supports it.")
     cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "edgeserve",
-        description="Where assembled and converted models are kept.",
+        description="Where assembled and converted models are kept (default: ~/.cache/edgeserve).",
     )
 
 

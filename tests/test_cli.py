@@ -92,3 +92,195 @@ def test_chat_survives_a_message_longer_than_the_context(runner: CliRunner, defa
     assert result.exit_code == 0, result.output
     assert "context" in result.stderr and "/reset starts over" in result.stderr
     assert result.stderr.count("template: builtin:gemma") == 1  # the next message was answered
+
+
+# ---- generated flags, sources of bad values, help ------------------------------------------------
+
+
+def test_every_sampling_field_has_a_flag_that_builds_it(runner: CliRunner) -> None:
+    import dataclasses
+
+    import click
+
+    from edgeserve.cli import _sampling, sampling_options
+    from edgeserve.types import SamplingParams
+
+    for command in ("run", "chat"):
+        names = {p.name for p in main.commands[command].params}
+        assert {f.name for f in dataclasses.fields(SamplingParams)} <= names, command
+
+    built: list[SamplingParams] = []
+
+    @click.command()
+    @sampling_options
+    def probe(**values: object) -> None:
+        built.append(_sampling(dict(values)))
+
+    args = ["--max-tokens", "none", "--temperature", "0.5", "--top-p", "0.9", "--top-k", "7", "--min-p", "0.1"]
+    args += ["--seed", "3", "--stop", "\n", "--stop", "END", "--repetition-penalty", "1.1"]
+    args += ["--presence-penalty", "0.5", "--frequency-penalty", "-0.5", "--ignore-eos", "--logit-bias", '{"123": 5}']
+    result = runner.invoke(probe, args)
+    assert result.exit_code == 0, result.output
+    assert built[-1] == SamplingParams(
+        max_tokens=None,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=7,
+        min_p=0.1,
+        seed=3,
+        stop=("\n", "END"),
+        repetition_penalty=1.1,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        ignore_eos=True,
+        logit_bias={123: 5.0},
+    )
+    assert runner.invoke(probe, []).exit_code == 0 and built[-1] == SamplingParams()  # the same defaults
+    bad = runner.invoke(probe, ["--logit-bias", "[1, 2]"])
+    assert bad.exit_code == 2 and "JSON object of token id to number" in bad.output
+    bad = runner.invoke(probe, ["--min-p", "2"])
+    assert bad.exit_code == 2 and "--min-p: min_p must be in [0, 1]" in bad.output
+
+
+def test_a_bad_environment_variable_is_named_as_the_source(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["run", "x"], env={"EDGESERVE_THREADS": "abc"})
+    assert result.exit_code == 2
+    assert "environment variable EDGESERVE_THREADS='abc'" in result.output and "--threads" not in result.output
+    result = runner.invoke(main, ["run", "x", "--threads", "0"], env={"EDGESERVE_THREADS": "abc"})
+    assert result.exit_code == 2 and "--threads: Input should be greater than or equal to 1" in result.output
+    result = runner.invoke(main, ["proxy"], env={"EDGESERVE_PROXY_UPSTREAM": "ftp://x"})
+    assert result.exit_code == 2 and "environment variable EDGESERVE_PROXY_UPSTREAM='ftp://x'" in result.output
+
+
+def test_run_and_chat_help_list_no_server_options_and_serve_shows_its_defaults(runner: CliRunner) -> None:
+    server_only = ("--max-queue", "--policy", "--aging-s", "--aging-factor", "--adapt-log", "--predictor")
+    for command in ("run", "chat"):
+        text = runner.invoke(main, [command, "--help"]).output
+        assert "--temperature" in text and "--threads" in text
+        assert not [o for o in server_only if o in text], command
+    text = " ".join(runner.invoke(main, ["serve", "--help"]).output.split())  # unwrapped
+    assert "--host TEXT Address to bind; loopback unless you mean it. [default: 127.0.0.1]" in text
+    assert "--port INTEGER Port to listen on. [default: 8080]" in text
+    assert all(o in text for o in server_only)
+
+
+# ---- serve and proxy startup: the port, logging ----------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Stop(Exception):
+    """Raised by the stand-in for the model load: the command got as far as loading."""
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Engine.from_settings replaced by a probe that records the root log level and stops there."""
+    import logging
+
+    from edgeserve.engine import Engine
+
+    seen: list[int] = []
+
+    def load(*args: object, **kwargs: object) -> None:
+        seen.append(logging.getLogger().level)
+        raise _Stop
+
+    monkeypatch.setattr(Engine, "from_settings", load)
+    return seen
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> object:
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+@pytest.mark.parametrize("command", ["serve", "proxy"])
+def test_a_taken_port_fails_at_once_before_the_model_loads(
+    runner: CliRunner, no_model: list[int], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    import socket
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("uvicorn started on a taken port"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(main, [command, "--port", str(port)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: port {port} on 127.0.0.1 is already in use; stop what listens there " + (
+        "or choose another with --port"
+    )
+    assert no_model == []  # the model was never loaded
+
+
+@pytest.mark.parametrize(
+    ("args", "level"),
+    [
+        (["serve", "--log-level", "debug"], "DEBUG"),
+        (["serve", "--log-level", "warning"], "WARNING"),
+        (["-v", "serve", "--log-level", "warning"], "INFO"),  # the more verbose of the two
+        (["serve"], "INFO"),
+    ],
+)
+def test_serve_log_level_reaches_the_root_logger_through_the_group(
+    runner: CliRunner, no_model: list[int], args: list[str], level: str
+) -> None:
+    import logging
+
+    result = runner.invoke(main, [*args, "--port", str(_free_port())])
+    assert isinstance(result.exception, _Stop), result.output
+    assert no_model == [logging.getLevelName(level)]
+
+
+def test_proxy_log_level_reaches_the_root_logger_through_the_group(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    import uvicorn
+
+    seen: list[tuple[int, object]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.append((logging.getLogger().level, kw["log_level"])))
+    result = runner.invoke(main, ["proxy", "--log-level", "debug", "--port", str(_free_port())])
+    assert result.exit_code == 0, result.output
+    assert seen == [(logging.DEBUG, "debug")]
+
+
+def test_serve_log_prompts_logs_the_prompt(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, default_model_path: object
+) -> None:
+    """End to end through the group: the real model, the real app, a real request (through
+    Starlette's in-process client instead of a socket); the prompt shows up in the log."""
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    def serve_one(app: object, **kwargs: object) -> None:
+        with TestClient(app) as client:  # type: ignore[arg-type]
+            reply = client.post(
+                "/v1/completions", json={"model": "default", "prompt": "purple elephants", "max_tokens": 2}
+            )
+            assert reply.status_code == 200, reply.text
+
+    monkeypatch.setattr(uvicorn, "run", serve_one)
+    args = ["serve", "--log-prompts", "--port", str(_free_port()), "--threads", "1", *FAST]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "prompt='purple elephants'" in result.stderr
+    quiet = runner.invoke(main, ["serve", "--port", str(_free_port()), "--threads", "1", *FAST])
+    assert quiet.exit_code == 0, quiet.output
+    assert "purple elephants" not in quiet.stderr

@@ -1,5 +1,5 @@
-"""``edgeserve proxy``: flags (generated from ``ProxySettings``) → app → uvicorn. Imports nothing
-from the ``server`` extra at module level, so the base install can list the command."""
+"""``edgeserve proxy``: flags (generated from ``ProxySettings``) → app → uvicorn. FastAPI and
+uvicorn are imported inside the command, so that registering it costs ``edgeserve run`` nothing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from edgeserve._options import build, options_from
+from edgeserve._startup import configure_logging, ensure_port_free
 from edgeserve.settings import ProxySettings
 
 log = logging.getLogger("edgeserve.proxy")
@@ -24,17 +25,13 @@ def proxy(**values: Any) -> None:
     shows the queue, /metrics the latencies by policy and predicted class.
     """
     settings = build(ProxySettings, values)
-    try:
-        import uvicorn
+    configure_logging(settings.log_level, timed=True)
+    ensure_port_free(settings.host, settings.port)
+    import uvicorn
 
-        from edgeserve.proxy.app import create_proxy_app
-    except ImportError as exc:
-        raise click.ClickException(
-            f"the proxy needs the server extra: pip install 'edgeserve[server]' ({exc})"
-        ) from None
     from edgeserve.predictor import AdaptationLog, LengthPredictor
+    from edgeserve.proxy.app import create_proxy_app
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     predictor = LengthPredictor.load(settings.predictor)
     recorder = AdaptationLog(settings.adapt_log, predictor.spec) if settings.adapt_log else None
     app = create_proxy_app(settings, predictor=predictor, recorder=recorder)

@@ -1,7 +1,7 @@
 """``edgeserve serve``: flags (generated from the settings) → engine → app → uvicorn.
 
-Imports nothing from the ``server`` extra at module level: ``edgeserve.cli`` registers this command
-in the base install, where FastAPI and uvicorn may be missing; the command says how to add them.
+FastAPI and uvicorn are imported inside the command, so that registering it costs ``edgeserve run``
+nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from edgeserve._options import build, options_from
+from edgeserve._startup import configure_logging, ensure_port_free
 from edgeserve.settings import EngineSettings, ModelSettings, ServerSettings
 
 log = logging.getLogger("edgeserve.server")
@@ -27,15 +28,13 @@ def serve(**values: Any) -> None:
     server = build(ServerSettings, values)
     model = build(ModelSettings, values)
     engine_settings = build(EngineSettings, values)
-    try:
-        import uvicorn
+    configure_logging(server.log_level, timed=True)
+    ensure_port_free(server.host, server.port)  # before the model loads, not after
+    import uvicorn
 
-        from edgeserve.server.app import create_app
-    except ImportError as exc:
-        raise click.ClickException(f"the server needs its extra: pip install 'edgeserve[server]' ({exc})") from None
     from edgeserve.engine import Engine
+    from edgeserve.server.app import create_app
 
-    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not _is_loopback(server.host) and server.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", server.host)
     with Engine.from_settings(model, engine_settings) as engine:
