@@ -34,7 +34,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeserve.admission import Admission, Ticket
-from edgeserve.engine import LengthEstimator, LengthPrediction, LengthRecorder
 from edgeserve.errors import EdgeserveError
 from edgeserve.proxy import wire
 from edgeserve.proxy.metrics import ProxyMetrics
@@ -49,6 +48,7 @@ from edgeserve.proxy.upstream import (
 from edgeserve.scheduler import INITIAL_AGING_S, AgingTracker
 from edgeserve.server.guard import GuardMiddleware
 from edgeserve.server.http_errors import edgeserve_error_response, error_response
+from edgeserve.service import LengthEstimator, LengthPrediction, LengthRecorder
 from edgeserve.settings import ProxySettings
 
 log = logging.getLogger("edgeserve.proxy")
