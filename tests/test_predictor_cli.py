@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from edgeserve.predictor.cli import predict_command, predictor
@@ -43,12 +44,40 @@ def test_bad_lines_get_errors_and_the_batch_goes_on() -> None:
         json.dumps({"messages": [{"role": "user", "content": "Explain TCP."}]}),
     ]
     out = run_predict(lines)
-    assert len(out) == len(lines)
+    assert len(out) == len(lines) - 1  # the blank line is skipped, not an error
     errors = [i for i, item in enumerate(out) if "error" in item]
-    assert errors == [0, 1, 3, 4, 5, 6]
+    assert errors == [0, 1, 3, 4, 5]
     assert out[0]["line"] == 1 and "not JSON" in str(out[0]["error"])
     assert "empty" in str(out[1]["error"])
-    assert "class" in out[2] and "class" in out[7]
+    assert "class" in out[2] and "class" in out[6]
+    assert [item["line"] for item in out if "error" in item] == [1, 2, 5, 6, 7]  # input line numbers
+
+
+def test_blank_lines_are_skipped() -> None:
+    out = run_predict(["", json.dumps({"prompt": "hi"}), "   ", "", json.dumps({"prompt": "hello"}), ""])
+    assert len(out) == 2 and all("class" in item for item in out)
+
+
+def test_train_on_a_small_sample_says_why_short_vs_long_is_missing(tmp_path: Path) -> None:
+    """--limit 300 holds no answer of 800+ tokens in its test split: the figure is n/a, with the
+    reason, not 'nan' (the real training run, on the first 300 ShareGPT pairs)."""
+    pytest.importorskip("xgboost")
+    result = CliRunner().invoke(predictor, ["train", "--limit", "300", "--out", str(tmp_path / "lp")])
+    assert result.exit_code == 0, result.output
+    assert "short-vs-long n/a (no long (>= 800 tokens) answers in the test split)" in result.output
+    assert "nan" not in result.output
+    meta = json.loads((tmp_path / "lp.json").read_text())
+    assert meta["metrics"]["test"]["long_answers"] == 0 and meta["metrics"]["test"]["short_answers"] > 0
+
+
+def test_short_vs_long_reads_as_a_number_or_a_reason() -> None:
+    from edgeserve.predictor.cli import short_vs_long
+
+    assert short_vs_long({"short_long_accuracy": 0.75, "short_answers": 3, "long_answers": 1}) == "0.750"
+    nan = float("nan")
+    assert short_vs_long({"short_long_accuracy": nan, "short_answers": 0, "long_answers": 0}) == (
+        "n/a (no short (< 200 tokens) and no long (>= 800 tokens) answers in the test split)"
+    )
 
 
 def test_input_file(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ The top-level CLI registers ``predictor`` (a group) and ``predict`` (a command).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -71,11 +72,25 @@ def train_command(out: Path, seed: int | None, tokenizer: str, limit: int, share
     test = result.meta["metrics"]["test"]
     click.echo(f"wrote {onnx_path} ({len(result.onnx_bytes) / 1e6:.2f} MB) and {json_path}")
     click.echo(
-        f"ShareGPT test split: short-vs-long {test['short_long_accuracy']:.3f}, "
-        f"2x pairs {test['pairs_2x_accuracy']:.3f}, Kendall tau {test['kendall_tau']:.3f}, "
-        f"3-class {test['class_accuracy']:.3f}"
+        f"ShareGPT test split: short-vs-long {short_vs_long(test)}, "
+        f"2x pairs {_figure(test['pairs_2x_accuracy'])}, Kendall tau {_figure(test['kendall_tau'])}, "
+        f"3-class {_figure(test['class_accuracy'])}"
     )
     click.echo(f"model identical to the shipped artefact: {'yes' if same_as_shipped else 'no'}")
+
+
+def _figure(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def short_vs_long(metrics: dict[str, Any]) -> str:
+    """The short-vs-long figure, or why there is none: it compares short (< 200 tokens) with long
+    (>= 800) answers, and a small sample (``--limit 300``) may hold no long one."""
+    if not math.isnan(metrics["short_long_accuracy"]):
+        return f"{metrics['short_long_accuracy']:.3f}"
+    kinds = (("short (< 200 tokens)", "short_answers"), ("long (>= 800 tokens)", "long_answers"))
+    missing = [kind for kind, key in kinds if not metrics.get(key)] or ["short or long"]
+    return f"n/a (no {' and no '.join(missing)} answers in the test split)"
 
 
 @predictor.command("adapt")
@@ -120,8 +135,8 @@ def adapt_command(log: Path, base: Path | None, out: Path, log_weight: float | N
     after = info["sharegpt_test_after"]
     click.echo(f"{info['records']} logged requests used ({info['skipped_lines']} lines skipped)")
     click.echo(
-        f"ShareGPT test split after adapting: short-vs-long {after['short_long_accuracy']:.3f}, "
-        f"Kendall tau {after['kendall_tau']:.3f}"
+        f"ShareGPT test split after adapting: short-vs-long {short_vs_long(after)}, "
+        f"Kendall tau {_figure(after['kendall_tau'])}"
     )
     onnx_path, json_path = write_artefact(out, result.onnx_bytes, result.meta)
     click.echo(f"wrote {onnx_path} and {json_path}")
@@ -148,11 +163,12 @@ def info_command(path: Path | None) -> None:
 )
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="Artefact (default: shipped).")
 def predict_command(input_file: IO[str], model: Path | None) -> None:
-    """Predict answer lengths: one JSON line out per line in, in order,
+    """Predict answer lengths: one JSON line out per non-blank line in, in order,
     {"expected_tokens": float, "class": "short"|"medium"|"long"} or {"error": "...", "line": n}."""
     predictor_ = _load(model)
     for number, line in enumerate(input_file, start=1):
-        click.echo(json.dumps(_predict_line(predictor_, line, number)))
+        if line.strip():  # a blank line (a trailing one, a spacer) is no request
+            click.echo(json.dumps(_predict_line(predictor_, line, number)))
 
 
 def _predict_line(predictor_: LengthPredictor, line: str, number: int) -> dict[str, Any]:

@@ -111,6 +111,9 @@ def summary(scores: npt.ArrayLike, tokens: npt.ArrayLike, predicted_classes: npt
     t = np.asarray(tokens, dtype=np.float64)
     return {
         "n": len(t),
+        # short_long_accuracy is undefined (nan) when either count is 0: say why, not "nan".
+        "short_answers": int((t < SHORT_MAX).sum()),
+        "long_answers": int((t >= LONG_MIN).sum()),
         "short_long_accuracy": short_long_accuracy(scores, t),
         "pairs_2x_accuracy": ratio_pair_accuracy(scores, t, 2.0),
         "kendall_tau": kendall_tau(scores, t),
