@@ -172,12 +172,25 @@ def chat(system: str | None, **values: Any) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+@click.option(
+    "--clean",
+    is_flag=True,
+    help="Delete the conversion cache (MLX/ONNX folders converted from GGUFs; rebuilt on next use).",
+)
 @options_from(ModelSettings, exclude=("model", "backend", "n_ctx", "threads", "n_batch", "gpu_layers", "flash_attn"))
-def models(as_json: bool, **values: Any) -> None:
-    """List the models found on this machine (nothing is downloaded)."""
+def models(as_json: bool, clean: bool, **values: Any) -> None:
+    """List the models found on this machine (nothing is downloaded), conversions included."""
     from edgeserve.models import list_models
+    from edgeserve.progress import format_size
 
     settings = build(ModelSettings, values)
+    if clean:
+        from edgeserve.models.cache import clean_conversions, conversions_dir
+
+        removed, freed = clean_conversions(settings.cache_dir)
+        where = conversions_dir(settings.cache_dir)
+        click.echo(f"removed {removed} converted folders ({format_size(freed)}) from {where}")
+        return
     entries = list_models(settings.cache_dir)
     if as_json:
         for e in entries:
@@ -188,9 +201,13 @@ def models(as_json: bool, **values: Any) -> None:
 
     table = Table("name", "source", "size", "path", "note")
     for e in entries:
-        size = f"{e.size_bytes / 1e6:.0f} MB" if e.size_bytes else "-"
+        size = format_size(e.size_bytes) if e.size_bytes else "-"
         table.add_row(e.name, e.source, size, str(e.path or "-"), e.note)
     Console().print(table)
+    converted = [e.size_bytes or 0 for e in entries if e.source == "converted"]
+    if converted:
+        total = format_size(sum(converted))
+        click.echo(f"conversion cache: {len(converted)} folders, {total} ('edgeserve models --clean' deletes them)")
 
 
 @main.command()

@@ -224,10 +224,15 @@ def _hf_entries(root: Path) -> Iterator[ModelEntry]:
 
 
 def list_models(cache_dir: Path) -> list[ModelEntry]:
+    """Every model on this machine: the default, Ollama's, the Hugging Face cache's GGUFs, and the
+    folders conversions left in ``cache_dir`` (each loadable with ``--model PATH --backend ...``)."""
+    from .cache import conversion_entries  # cache.py imports ModelEntry from here
+
     entries = []
     default = _default_entry(cache_dir)
     if default is not None:
         entries.append(default)
     entries.extend(_ollama_entries(ollama_dir()))
     entries.extend(_hf_entries(hf_cache_dir()))
+    entries.extend(conversion_entries(cache_dir))
     return entries

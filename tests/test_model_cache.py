@@ -70,3 +70,41 @@ def test_keep_intermediate_keeps_it(chain: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     conv.convert(chain, "fout", cache_dir=cache, options={"size": 20}, keep_intermediate=True)
     assert _folders(cache) == {"fsrc-1000", "fout-20"}
+
+
+def test_models_lists_the_conversion_cache_and_clean_empties_it(chain: Path, tmp_path: Path) -> None:
+    import json
+    import os
+
+    from click.testing import CliRunner
+
+    from edgeserve.cli import main
+
+    cache = tmp_path / "cache"
+    out = conv.convert(chain, "fout", cache_dir=cache, options={"size": 5000}, keep_intermediate=True)
+    dead = out.parent / ".fout-7.tmp-999999999"  # an interrupted build: its process is gone
+    live = out.parent / f".fout-8.tmp-{os.getpid()}"  # a build in progress: clean leaves it
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "part.bin").write_bytes(b"x" * 100)
+    runner = CliRunner()
+
+    listed = runner.invoke(main, ["models", "--json", "--cache-dir", str(cache)])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["name"]: r for r in map(json.loads, listed.stdout.splitlines()) if r["source"] == "converted"}
+    assert rows["fout-5000"]["size_bytes"] >= 5000 and rows["fout-5000"]["path"] == str(out)
+    assert rows["fsrc-1000"]["note"].startswith("from model.gguf")
+    assert "interrupted" in rows[f"({dead.name})"]["note"]
+    assert f"being built by process {os.getpid()}" in rows[f"({live.name})"]["note"]
+    table = runner.invoke(main, ["models", "--cache-dir", str(cache)])
+    assert "conversion cache: 4 folders" in table.stdout
+
+    cleaned = runner.invoke(main, ["models", "--clean", "--cache-dir", str(cache)])
+    assert cleaned.exit_code == 0, cleaned.output
+    from edgeserve.progress import format_size
+
+    freed = sum(r["size_bytes"] for name, r in rows.items() if name != f"({live.name})")
+    assert cleaned.stdout.startswith(f"removed 3 converted folders ({format_size(freed)})")
+    assert [p.name for p in (cache / "converted").glob("*/*") if p.is_dir()] == [live.name]
+    again = runner.invoke(main, ["models", "--json", "--cache-dir", str(cache)])
+    assert [json.loads(r)["name"] for r in again.stdout.splitlines()][-1] == f"({live.name})"
