@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ class FolderTokenizer:
         if not path.is_file():
             raise ModelNotFoundError(f"{folder} has no tokenizer.json; convert the model with `edgeserve convert`")
         self._tokenizer = Tokenizer.from_file(str(path))
+        self._path = path
+        self._plain: Any = None
+        self._plain_lock = threading.Lock()
         self.config = read_json(folder / "tokenizer_config.json")
         self.vocab: dict[str, int] = self._tokenizer.get_vocab()
         self.pieces = _token_pieces(self._tokenizer, n_vocab, backend, allow_byte_level)
@@ -42,9 +46,22 @@ class FolderTokenizer:
             eog.add(self.vocab[self.eos_text])
         return frozenset(eog)
 
-    def tokenize(self, text: str, bos: int | None) -> list[int]:
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+    def tokenize(self, text: str, bos: int | None, *, special: bool = True) -> list[int]:
+        """With ``special=False``, special-token text is tokenized as plain text (user content)."""
+        tokenizer = self._tokenizer if special else self._plain_tokenizer()
+        ids: list[int] = tokenizer.encode(text, add_special_tokens=False).ids
         return [bos, *ids] if bos is not None else ids
+
+    def _plain_tokenizer(self) -> Any:
+        # A second instance, not a toggled flag: callers tokenize from many threads at once.
+        with self._plain_lock:
+            if self._plain is None:
+                from tokenizers import Tokenizer
+
+                plain = Tokenizer.from_file(str(self._path))
+                plain.encode_special_tokens = True
+                self._plain = plain
+            return self._plain
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         pieces = self.pieces

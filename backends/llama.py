@@ -2,31 +2,39 @@
 
 The high-level ``Llama`` object is used for what it does well (loading, batched ``eval`` with KV
 bookkeeping); sampling is our own llama.cpp sampler chain, so that every ``SamplingParams`` field
-(logit_bias included) runs natively and nothing Python-side touches the 262k-entry logits.
+(logit_bias included) runs natively and nothing Python-side touches the 262k-entry logits. The
+chain object is the request's sampler: its RNG and penalty history survive a park.
+
+Sequences: the context holds one at a time (``max_sequences=1``); parking copies that sequence's
+KV state out with ``llama_state_seq_get_data`` (no logits, no output buffers: ~18 KB a token for
+Gemma 3 270M) and restoring copies it back. What a released or parked sequence leaves in the
+context stays there as the prefix cache for the next ``open``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import random
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+from edgeserve.backend import SeqId, Step
 from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
+from edgeserve.sampling import PENALTY_LAST_N, fresh_seed
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
+
+if TYPE_CHECKING:
+    from edgeserve.progress import ProgressCallback
 
 from ._common import common_prefix, pack_state, unpack_state
 
 log = logging.getLogger(__name__)
 
-STATE_MAGIC = b"EDGESERVE-KV1\n"
-#: How far back the repetition/frequency/presence penalties look, in tokens.
-PENALTY_LAST_N = 64
+STATE_MAGIC = b"EDGESERVE-KV2\n"
 
 
-def load(model: ResolvedModel, settings: ModelSettings) -> LlamaBackend:
+def load(model: ResolvedModel, settings: ModelSettings, progress: ProgressCallback | None = None) -> LlamaBackend:
     _route_llama_logs()
     return LlamaBackend(model, settings)
 
@@ -84,9 +92,9 @@ class LlamaBackend:
         self._ctx = llm._ctx
         self._n_vocab = llm.n_vocab()
         self._piece = ctypes.create_string_buffer(256)
-        # After import_state the KV cache is right but the logits are not: the next prefill must
-        # evaluate at least one token again (llama.cpp keeps no logits in its state blob).
-        self._stale_logits = True
+        #: The sequence whose KV state the context holds (one at a time); None: free, and what the
+        #: context holds (``input_ids[:n_tokens]``) is a prefix cache for the next ``open``.
+        self._open: SeqId | None = None
         meta = llm.metadata
         bos = llm.token_bos()
         self._caps = Capabilities(
@@ -102,6 +110,7 @@ class LlamaBackend:
             architecture=meta.get("general.architecture", ""),
             kv_state=True,
             device="cpu" if not llama_cpp.llama_supports_gpu_offload() else "gpu",
+            max_sequences=1,
         )
         self._fingerprint = {
             "architecture": self._caps.architecture,
@@ -115,64 +124,84 @@ class LlamaBackend:
     def capabilities(self) -> Capabilities:
         return self._caps
 
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         return b"".join(self._token_bytes(t) for t in tokens)
 
-    def prefill(self, prompt: Sequence[int], *, reuse: bool = True) -> int:
+    def sampler(self, params: SamplingParams) -> Any:
+        return self._sampler(params)
+
+    def open(self, seq: SeqId, prompt: Sequence[int], *, reuse: bool = True) -> int:
+        self._check_free(seq)
         llm = self._llm
-        prompt = list(prompt)
         n_cached = int(llm.n_tokens) if reuse else 0
-        common = common_prefix(llm.input_ids[:n_cached].tolist(), prompt)
-        if common == len(prompt) == n_cached and not self._stale_logits:
-            return common  # the whole prompt is evaluated and its logits are live
-        # Sampling needs logits of the prompt's last token, so at least that one is evaluated.
-        keep = min(common, len(prompt) - 1)
+        # The prompt's last token is always evaluated by the first decode step.
+        keep = min(common_prefix(llm.input_ids[:n_cached].tolist(), prompt), len(prompt) - 1)
         if not self._ctx.kv_cache_seq_rm(-1, keep, -1):
             keep = 0  # this memory type cannot drop a tail: start over
             self._ctx.kv_cache_seq_rm(-1, 0, -1)
         llm.n_tokens = keep
-        self._stale_logits = True
-        llm.eval(prompt[keep:])
-        self._stale_logits = False
+        self._open = seq
         return keep
 
-    def decode(self, params: SamplingParams) -> Iterator[int]:
-        llm = self._llm
-        sampler = self._sampler(params)
-        try:
-            while True:
-                token = sampler.sample(self._ctx, -1)
-                yield token
-                llm.eval([token])
-        finally:
-            sampler.close()
+    def prefill(self, seq: SeqId, tokens: Sequence[int]) -> None:
+        self._check_open(seq)
+        if tokens:
+            self._llm.eval(list(tokens))
 
-    def export_state(self) -> bytes:
+    def decode(self, steps: Sequence[Step]) -> list[int]:
+        out = []
+        for step in steps:  # one context holds one sequence: steps run one after another
+            self._check_open(step.seq)
+            self._llm.eval([step.token])
+            out.append(int(step.sampler.sample(self._ctx, -1)))  # type: ignore[attr-defined]
+        return out
+
+    def park(self, seq: SeqId) -> bytes:
+        self._check_open(seq)
         lib, ctx = self._lib, self._ctx.ctx
-        size = lib.llama_state_get_size(ctx)
+        size = lib.llama_state_seq_get_size(ctx, 0)
         buf = (ctypes.c_uint8 * size)()
-        written = lib.llama_state_get_data(ctx, buf, size)
+        written = lib.llama_state_seq_get_data(ctx, buf, size, 0)
         n = int(self._llm.n_tokens)
-        return pack_state(STATE_MAGIC, self._fingerprint, self._llm.input_ids[:n].tolist(), bytes(buf)[:written])
+        blob = pack_state(STATE_MAGIC, self._fingerprint, self._llm.input_ids[:n].tolist(), bytes(buf)[:written])
+        # The KV state stays in the context as a prefix cache until another sequence needs it.
+        self._open = None
+        return blob
 
-    def import_state(self, blob: bytes) -> list[int]:
+    def restore(self, seq: SeqId, blob: bytes) -> list[int]:
+        self._check_free(seq)
         tokens, data = unpack_state(
             blob, STATE_MAGIC, self._fingerprint, n_ctx=self._caps.n_ctx, n_vocab=self._n_vocab, what="llama.cpp"
         )
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if self._lib.llama_state_set_data(self._ctx.ctx, buf, len(data)) == 0:
-            raise KVStateError("llama.cpp rejected the KV state")
+        self._ctx.kv_cache_seq_rm(-1, 0, -1)
         llm = self._llm
+        llm.n_tokens = 0
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if self._lib.llama_state_seq_set_data(self._ctx.ctx, buf, len(data), 0) == 0:
+            raise KVStateError("llama.cpp rejected the KV state")
         llm.input_ids[: len(tokens)] = tokens
         llm.n_tokens = len(tokens)
-        self._stale_logits = True
+        self._open = seq
         return tokens
 
+    def release(self, seq: SeqId) -> None:
+        if self._open == seq:
+            self._open = None  # its KV state stays as the prefix cache
+
     def close(self) -> None:
+        self._open = None
         self._llm.close()
+
+    def _check_free(self, seq: SeqId) -> None:
+        if self._open is not None:
+            raise BackendError(f"llama.cpp holds one sequence at a time; sequence {self._open} is open")
+
+    def _check_open(self, seq: SeqId) -> None:
+        if self._open != seq:
+            raise BackendError(f"sequence {seq} is not open")
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -193,7 +222,7 @@ class LlamaBackend:
         if params.greedy:
             s.add_greedy()
             return s
-        seed = params.seed if params.seed is not None else random.randrange(2**32 - 1)
+        seed = fresh_seed(params)
         if params.top_k:
             s.add_top_k(params.top_k)
         if params.top_p < 1:

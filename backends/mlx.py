@@ -3,8 +3,8 @@
 mlx-lm supplies the model (one module per architecture) and its prompt caches; tokenizing and
 sampling are edgeserve's own, so that both behave as the llama backend's do: the tokenizer is the
 ``tokenizer.json`` the converter builds from the GGUF (token for token llama.cpp's), and the
-sampler runs llama.cpp's chain (logit bias, penalties, then greedy, or top-k → top-p → min-p →
-temperature → a seeded draw) in MLX ops.
+sampler is ``edgeserve.sampling`` (llama.cpp's chain in NumPy, shared with ONNX Runtime) over the
+step's logits copied to the host (1 MB for a 262k vocabulary: ~0.1 ms).
 
 A ``.gguf`` model is converted on first use to a cached folder (``edgeserve convert MODEL --to
 mlx`` does the same ahead of time); a folder model (an mlx-lm or Hugging Face folder) loads as is.
@@ -17,28 +17,30 @@ streams belong to the thread that made them, and an MLX thread that exits before
 can abort the process at exit ("terminate called without an active exception", seen here in 4 of 6
 runs with mlx 0.32.4; ml-explore/mlx#3126). The loop thread exits on every ``Engine.close``.
 
-Invariant: ``self._tokens`` lists exactly the tokens whose keys and values are in ``self._cache``;
-``self._logits`` is None or the logits after the last of them.
+Sequences: each open sequence has its own prompt cache (up to ``MAX_SEQUENCES`` at once);
+parking saves one with mlx-lm's ``save_prompt_cache`` (safetensors bytes) and restoring loads it,
+so a resumed sequence continues bit for bit. The last released sequence stays as the prefix cache.
 """
 
 from __future__ import annotations
 
-import collections
-import functools
 import json
 import logging
-import math
 import queue
-import random
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
+
+from edgeserve.backend import SeqId, Step
 from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
+from edgeserve.sampling import Sampler
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 
@@ -46,13 +48,13 @@ from ._common import common_prefix, converted_folder, pack_state, unpack_state
 from ._hf import FolderTokenizer
 
 if TYPE_CHECKING:
-    import mlx.core as mx
+    from edgeserve.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
 
 STATE_MAGIC = b"EDGESERVE-MLX-KV1\n"
-#: How far back the repetition/frequency/presence penalties look, in tokens (as the llama backend).
-PENALTY_LAST_N = 64
+#: Sequences open at once: each holds its own prompt cache, which grows with its tokens only.
+MAX_SEQUENCES = 4
 R = TypeVar("R")
 
 
@@ -89,13 +91,13 @@ class MlxThread:
 WORKER = MlxThread()
 
 
-def load(model: ResolvedModel, settings: ModelSettings) -> MlxBackend:
-    folder = model_folder(model, settings)
+def load(model: ResolvedModel, settings: ModelSettings, progress: ProgressCallback | None = None) -> MlxBackend:
+    folder = model_folder(model, settings, progress)
     return WORKER.call(lambda: MlxBackend(model, folder, settings))
 
 
-def model_folder(model: ResolvedModel, settings: ModelSettings) -> Path:
-    return converted_folder(model, settings, "mlx")
+def model_folder(model: ResolvedModel, settings: ModelSettings, progress: ProgressCallback | None = None) -> Path:
+    return converted_folder(model, settings, "mlx", progress)
 
 
 class MlxBackend:
@@ -118,10 +120,11 @@ class MlxBackend:
         bos = tok.vocab.get(tok.bos_text) if tok.bos_text else None
         self._bos = bos if tok.adds_bos(default=bos is not None) else None
         self._n_batch = settings.n_batch
-        self._cache: list[Any] = make_prompt_cache(self._model)
-        self._tokens: list[int] = []
-        self._logits: mx.array | None = None
+        #: Open sequences, and what the last released one left: the prefix cache for the next open.
+        self._seqs: dict[SeqId, _Seq] = {}
+        self._residue: _Seq | None = None
         architecture = str(text_config.get("model_type", config.get("model_type", "")))
+        probe = make_prompt_cache(self._model)
         self._caps = Capabilities(
             backend="mlx",
             model=model.name,
@@ -135,14 +138,15 @@ class MlxBackend:
             architecture=architecture.removesuffix("_text"),
             kv_state=True,
             device="gpu" if mx.metal.is_available() else "cpu",
+            max_sequences=MAX_SEQUENCES,
         )
         n_params = sum(v.size for _, v in _flatten(self._model.parameters()))
         self._fingerprint = {
             "architecture": architecture,
             "n_vocab": self._n_vocab,
-            "n_layers": len(self._cache),
+            "n_layers": len(probe),
             "n_params": int(n_params),
-            "caches": [type(c).__name__ for c in self._cache],
+            "caches": [type(c).__name__ for c in probe],
         }
 
     # ---- Backend protocol -------------------------------------------------------------------
@@ -150,71 +154,97 @@ class MlxBackend:
     def capabilities(self) -> Capabilities:
         return self._caps
 
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        return self._tokenizer.tokenize(text, self._bos if add_bos else None)
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        return self._tokenizer.tokenize(text, self._bos if add_bos else None, special=special)
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         return self._tokenizer.detokenize(tokens)
 
-    def prefill(self, prompt: Sequence[int], *, reuse: bool = True) -> int:
-        return WORKER.call(lambda: self._prefill(list(prompt), reuse))
+    def sampler(self, params: SamplingParams) -> Sampler:
+        return Sampler(params)
 
-    def decode(self, params: SamplingParams) -> Iterator[int]:
-        sample = WORKER.call(lambda: _Sampler(self._mx, params, self._n_vocab))
-        token = WORKER.call(lambda: sample(self._live_logits()))
-        while True:
-            yield token
-            token = WORKER.call(functools.partial(self._step_and_sample, sample, token))
+    def open(self, seq: SeqId, prompt: Sequence[int], *, reuse: bool = True) -> int:
+        return WORKER.call(lambda: self._open(seq, list(prompt), reuse))
 
-    def export_state(self) -> bytes:
-        return WORKER.call(self._export_state)
+    def prefill(self, seq: SeqId, tokens: Sequence[int]) -> None:
+        WORKER.call(lambda: self._extend(self._get(seq), list(tokens)))
 
-    def import_state(self, blob: bytes) -> list[int]:
-        return WORKER.call(lambda: self._import_state(blob))
+    def decode(self, steps: Sequence[Step]) -> list[int]:
+        return WORKER.call(lambda: [self._step(s) for s in steps])
+
+    def park(self, seq: SeqId) -> bytes:
+        return WORKER.call(lambda: self._park(seq))
+
+    def restore(self, seq: SeqId, blob: bytes) -> list[int]:
+        return WORKER.call(lambda: self._restore(seq, blob))
+
+    def release(self, seq: SeqId) -> None:
+        if (state := self._seqs.pop(seq, None)) is not None:
+            self._residue = state
 
     def close(self) -> None:
         WORKER.call(self._close)
 
     # ---- the same, on the MLX thread --------------------------------------------------------
 
-    def _prefill(self, prompt: list[int], reuse: bool) -> int:
+    def _open(self, seq: SeqId, prompt: list[int], reuse: bool) -> int:
+        self._check_free(seq)
+        state, self._residue = self._residue, None
         keep = 0
-        if reuse:
-            common = common_prefix(self._tokens, prompt)
-            if common == len(prompt) == len(self._tokens) and self._logits is not None:
-                return common  # the whole prompt is evaluated and its logits are live
-            keep = min(common, len(prompt) - 1)
-            if keep < len(self._tokens) and not self._trim(len(self._tokens) - keep):
+        if reuse and state is not None:
+            # The prompt's last token is always evaluated by the first decode step.
+            keep = min(common_prefix(state.tokens, prompt), len(prompt) - 1)
+            if keep == 0 or not state.trim(len(state.tokens) - keep):
                 keep = 0
-        if keep == 0:
-            self._reset()
-        self._logits = None
-        # Everything but the last token fills the cache in batches; the last runs alone, so only
-        # its logits are ever computed (the output layer is the costliest matmul of a small model).
-        self._extend(prompt[keep:-1])
-        self._step(prompt[-1])
+        self._seqs[seq] = state if keep and state is not None else _Seq(self._make_cache(self._model), [])
         return keep
 
-    def _step_and_sample(self, sample: _Sampler, token: int) -> int:
-        return sample(self._step(token))
+    def _get(self, seq: SeqId) -> _Seq:
+        state = self._seqs.get(seq)
+        if state is None:
+            raise BackendError(f"sequence {seq} is not open")
+        return state
 
-    def _live_logits(self) -> mx.array:
-        if self._logits is None:
-            raise BackendError("decode needs a prefill first")
-        return self._logits
+    def _check_free(self, seq: SeqId) -> None:
+        if seq in self._seqs:
+            raise BackendError(f"sequence {seq} is already open")
+        if len(self._seqs) >= MAX_SEQUENCES:
+            raise BackendError(f"{MAX_SEQUENCES} sequences are open; park or release one first")
 
-    def _export_state(self) -> bytes:
+    def _extend(self, state: _Seq, tokens: list[int]) -> None:
+        """Add ``tokens`` to a sequence's KV cache, ``n_batch`` at a time, computing no logits (MLX
+        is lazy: evaluating only the cache leaves the output layer's matmul out)."""
+        mx = self._mx
+        for i in range(0, len(tokens), self._n_batch):
+            chunk = tokens[i : i + self._n_batch]
+            self._model(mx.array(chunk)[None], cache=state.cache)
+            mx.eval([c.state for c in state.cache])
+            state.tokens.extend(chunk)
+
+    def _step(self, step: Step) -> int:
+        """Evaluate one token; sample the next from its logits."""
+        state = self._get(step.seq)
+        out = self._model(self._mx.array([[step.token]]), cache=state.cache)  # [1, 1, n_vocab]
+        state.tokens.append(step.token)
+        logits = np.array(out[0, -1].astype(self._mx.float32))  # [n_vocab], evaluated here
+        token: int = step.sampler(logits)  # type: ignore[operator]
+        return token
+
+    def _park(self, seq: SeqId) -> bytes:
         from mlx_lm.models.cache import save_prompt_cache
 
+        state = self._get(seq)
         with tempfile.TemporaryDirectory(prefix="edgeserve-kv-") as tmp:
             path = Path(tmp) / "kv.safetensors"
-            save_prompt_cache(str(path), self._cache)
+            save_prompt_cache(str(path), state.cache)
             data = path.read_bytes()
-        return pack_state(STATE_MAGIC, self._fingerprint, self._tokens, data)
+        del self._seqs[seq]
+        return pack_state(STATE_MAGIC, self._fingerprint, state.tokens, data)
 
-    def _import_state(self, blob: bytes) -> list[int]:
+    def _restore(self, seq: SeqId, blob: bytes) -> list[int]:
         from mlx_lm.models.cache import load_prompt_cache
 
+        self._check_free(seq)
         tokens, data = unpack_state(
             blob, STATE_MAGIC, self._fingerprint, n_ctx=self._caps.n_ctx, n_vocab=self._n_vocab, what="MLX"
         )
@@ -229,107 +259,31 @@ class MlxBackend:
                 raise KVStateError(f"MLX could not read the KV state: {exc}") from exc
         if any(getattr(c, "offset", len(tokens)) != len(tokens) for c in cache):
             raise KVStateError("KV state caches disagree with its token list")
-        self._cache, self._tokens, self._logits = cache, tokens, None
+        self._seqs[seq] = _Seq(cache, list(tokens))
         return tokens
 
     def _close(self) -> None:
-        self._cache, self._tokens, self._logits = [], [], None
+        self._seqs, self._residue = {}, None
         self._mx.clear_cache()
 
-    # ---- model steps ------------------------------------------------------------------------
 
-    def _extend(self, tokens: list[int]) -> None:
-        """Add ``tokens`` to the KV cache, ``n_batch`` at a time, computing no logits (MLX is lazy:
-        evaluating only the cache leaves the output layer's matmul out)."""
-        mx = self._mx
-        for i in range(0, len(tokens), self._n_batch):
-            chunk = tokens[i : i + self._n_batch]
-            self._model(mx.array(chunk)[None], cache=self._cache)
-            mx.eval([c.state for c in self._cache])
-            self._tokens.extend(chunk)
+@dataclass
+class _Seq:
+    """One sequence. Invariant: ``tokens`` lists exactly the tokens whose keys and values are in
+    ``cache``."""
 
-    def _step(self, token: int) -> mx.array:
-        """Evaluate one token; its logits ([n_vocab], lazy) predict the next."""
-        self._logits = None
-        out: mx.array = self._model(self._mx.array([[token]]), cache=self._cache)  # [1, 1, n_vocab]
-        self._tokens.append(token)
-        self._logits = out[0, -1]
-        return self._logits
+    cache: list[Any]
+    tokens: list[int]
 
-    def _trim(self, n: int) -> bool:
+    def trim(self, n: int) -> bool:
+        """Drop the last ``n`` tokens; False if this cache cannot (a wrapped sliding window)."""
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-        # A sliding-window cache that has wrapped around cannot drop its tail.
-        if not can_trim_prompt_cache(self._cache):
+        if not can_trim_prompt_cache(self.cache):
             return False
-        trim_prompt_cache(self._cache, n)
-        del self._tokens[len(self._tokens) - n :]
+        trim_prompt_cache(self.cache, n)
+        del self.tokens[len(self.tokens) - n :]
         return True
-
-    def _reset(self) -> None:
-        self._cache = self._make_cache(self._model)
-        self._tokens = []
-
-
-class _Sampler:
-    """llama.cpp's sampler chain over MLX arrays, in the llama backend's order. Penalties look at
-    the tokens this call generated (the llama backend's sampler sees only those too)."""
-
-    def __init__(self, mx: Any, params: SamplingParams, n_vocab: int) -> None:
-        self.mx = mx
-        self.p = params
-        self.history: collections.deque[int] = collections.deque(maxlen=PENALTY_LAST_N)
-        self.penalize = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
-        self.bias = None
-        if params.logit_bias:
-            ids = sorted(params.logit_bias)
-            self.bias = (mx.array(ids), mx.array([float(params.logit_bias[i]) for i in ids], dtype=mx.float32))
-        seed = params.seed if params.seed is not None else random.randrange(2**32 - 1)
-        self.key = mx.random.key(seed)
-
-    def __call__(self, logits: Any) -> int:
-        mx, p = self.mx, self.p
-        logits = logits.astype(mx.float32)
-        if self.bias is not None:
-            logits = logits.at[self.bias[0]].add(self.bias[1])
-        if self.penalize and self.history:
-            counts = collections.Counter(self.history)
-            ids = mx.array(list(counts))
-            n = mx.array(list(counts.values()), dtype=mx.float32)
-            seen = logits[ids]
-            if p.repetition_penalty != 1:
-                seen = mx.where(seen <= 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
-            seen = seen - n * p.frequency_penalty - p.presence_penalty
-            # Functional update: the backend's logits array must never change under it.
-            logits = logits.at[ids].add(seen - logits[ids])
-        token = int(mx.argmax(logits).item()) if p.greedy else self._draw(logits)
-        self.history.append(token)
-        return token
-
-    def _draw(self, logits: Any) -> int:
-        mx, p = self.mx, self.p
-        ids = None  # candidate ids, when fewer than the vocabulary
-        if 0 < p.top_k < logits.size:
-            ids = mx.argpartition(-logits, p.top_k - 1)[: p.top_k]
-            logits = logits[ids]
-        if p.top_p < 1:
-            order = mx.argsort(-logits)
-            probs = mx.softmax(logits[order])
-            # Keep the smallest prefix whose mass reaches top_p (at least one token).
-            keep = int(mx.sum(mx.cumsum(probs) - probs < p.top_p).item())
-            order = order[: max(keep, 1)]
-            logits = logits[order]
-            ids = order if ids is None else ids[order]
-        if p.min_p > 0:
-            # Keep tokens at least min_p times as likely as the likeliest (a prefix once sorted).
-            order = mx.argsort(-logits)
-            keep = int(mx.sum(logits >= mx.max(logits) + math.log(p.min_p)).item())
-            order = order[: max(keep, 1)]
-            logits = logits[order]
-            ids = order if ids is None else ids[order]
-        self.key, sub = mx.random.split(self.key)
-        pick = int(mx.random.categorical(logits / p.temperature, key=sub).item())
-        return pick if ids is None else int(ids[pick].item())
 
 
 # ---- helpers --------------------------------------------------------------------------------

@@ -12,58 +12,59 @@ and ``get_logits``. What is edgeserve's own:
 - Tokenizing: ``tokenizer.json`` through ``tokenizers`` (the file the converter builds from the
   GGUF, token for token llama.cpp's; ``og.Tokenizer`` adds no BOS and decodes only to text, and a
   token may hold part of a UTF-8 character), and each token's bytes as llama.cpp prints them.
-- Sampling: llama.cpp's chain on the logits in NumPy (logit bias, repetition/frequency/presence
-  penalties over the last 64 generated tokens, then greedy, or top-k → top-p → min-p →
-  temperature → a seeded draw), so every ``SamplingParams`` field means what it means on the
-  llama backend. onnxruntime-genai's own search cannot bias logits, has no min-p and no
-  presence/frequency penalty, and penalizes the prompt too.
+- Sampling: ``edgeserve.sampling``, llama.cpp's chain on the logits in NumPy, so every
+  ``SamplingParams`` field means what it means on the llama backend. onnxruntime-genai's own
+  search cannot bias logits, has no min-p and no presence/frequency penalty, and penalizes the
+  prompt too.
 
-KV state: onnxruntime-genai 0.18 can read its cache (``get_output("present.N.key")``) but offers
-no way to load one into a generator. So ``export_state`` carries the *tokens* (and the model's
-fingerprint), not the keys and values, and ``import_state`` evaluates them again: honest, exact
-(the same tokens through the same graph), small and portable across machines and execution
-providers, but importing costs a prefill instead of a memory copy.
+Sequences and KV state: one generator per open sequence (up to ``MAX_SEQUENCES``).
+onnxruntime-genai 0.18 can read its cache (``get_output("present.N.key")``) but offers no way to
+load one into a generator. So parking carries the *tokens* and how they were batched (and the
+model's fingerprint), not the keys and values, and restoring evaluates them again in the same
+batches: the same tokens through the same kernels at the same batch shapes give the same cache,
+so a resumed sequence continues exactly. Small and portable across machines and execution
+providers, but a restore costs a prefill (and a replay of every generated token, one at a time)
+instead of a memory copy; the engine keeps sequences open rather than parked while slots allow.
 
 A ``.gguf`` model is converted on first use to a cached folder (``edgeserve convert MODEL --to
 onnx`` does the same ahead of time); a folder model (one with ``genai_config.json``) loads as is.
-
-Invariant: ``self._tokens`` lists exactly the tokens whose keys and values are in the generator;
-``self._live`` says whether the generator's logits are those after the last of them;
-``self._pending`` holds an imported state's last token until a prefill evaluates it.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
-import math
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgeserve.backend import SeqId, Step
 from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
+from edgeserve.sampling import Sampler
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
+
+if TYPE_CHECKING:
+    from edgeserve.progress import ProgressCallback
 
 from ._common import common_prefix, converted_folder, pack_state, unpack_state
 from ._hf import FolderTokenizer, read_json
 
 log = logging.getLogger(__name__)
 
-STATE_MAGIC = b"EDGESERVE-ONNX-TOKENS1\n"
-#: How far back the repetition/frequency/presence penalties look, in tokens (as the llama backend).
-PENALTY_LAST_N = 64
+STATE_MAGIC = b"EDGESERVE-ONNX-TOKENS2\n"
+#: Sequences open at once, one generator each. Each holds a cache for the whole context
+#: (cache_slack below), so this bounds the backend's memory.
+MAX_SEQUENCES = 2
 #: Execution providers in order of preference, as onnxruntime-genai names them, each with the
 #: check that says this install can run it.
 _PROVIDERS = (("cuda", "is_cuda_available"), ("dml", "is_dml_available"), ("webgpu", "is_webgpu_available"))
 
 
-def load(model: ResolvedModel, settings: ModelSettings) -> OnnxBackend:
-    return OnnxBackend(model, model_folder(model, settings), settings)
+def load(model: ResolvedModel, settings: ModelSettings, progress: ProgressCallback | None = None) -> OnnxBackend:
+    return OnnxBackend(model, model_folder(model, settings, progress), settings)
 
 
 def execution_providers() -> list[str]:
@@ -73,8 +74,8 @@ def execution_providers() -> list[str]:
     return [name for name, check in _PROVIDERS if getattr(og, check, lambda: False)()] + ["cpu"]
 
 
-def model_folder(model: ResolvedModel, settings: ModelSettings) -> Path:
-    return converted_folder(model, settings, "onnx")
+def model_folder(model: ResolvedModel, settings: ModelSettings, progress: ProgressCallback | None = None) -> Path:
+    return converted_folder(model, settings, "onnx", progress)
 
 
 class OnnxBackend:
@@ -131,6 +132,7 @@ class OnnxBackend:
             architecture=architecture.removesuffix("_text"),
             kv_state=True,
             device=str(self._model.device_type).lower(),
+            max_sequences=MAX_SEQUENCES,
         )
         self._fingerprint = {
             "architecture": architecture,
@@ -138,169 +140,148 @@ class OnnxBackend:
             "n_layers": int(decoder.get("num_hidden_layers", 0)),
             "hidden_size": int(decoder.get("hidden_size", 0)),
         }
-        self._generator: Any = None
-        self._tokens: list[int] = []
-        self._pending: list[int] = []
-        self._live = False
-        self._reset()
+        #: Open sequences (one generator each), and what the last released one left behind: the
+        #: prefix cache for the next open.
+        self._seqs: dict[SeqId, _Seq] = {}
+        self._residue: _Seq | None = None
 
     # ---- Backend protocol -------------------------------------------------------------------
 
     def capabilities(self) -> Capabilities:
         return self._caps
 
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        return self._tokenizer.tokenize(text, self._bos if add_bos else None)
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        return self._tokenizer.tokenize(text, self._bos if add_bos else None, special=special)
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         return self._tokenizer.detokenize(tokens)
 
-    def prefill(self, prompt: Sequence[int], *, reuse: bool = True) -> int:
-        prompt = list(prompt)
-        self._pending = []
+    def sampler(self, params: SamplingParams) -> Sampler:
+        return Sampler(params)
+
+    def open(self, seq: SeqId, prompt: Sequence[int], *, reuse: bool = True) -> int:
+        self._check_free(seq)
+        state, self._residue = self._residue, None
         keep = 0
-        if reuse:
-            common = common_prefix(self._tokens, prompt)
-            if common == len(prompt) == len(self._tokens) and self._live:
-                return common  # the whole prompt is evaluated and its logits are live
-            # Sampling needs the logits of the prompt's last token, so at least that one runs.
-            keep = min(common, len(prompt) - 1)
-            if keep < len(self._tokens) and not self._rewind(keep):
+        if reuse and state is not None:
+            # The prompt's last token is always evaluated by the first decode step.
+            keep = min(common_prefix(state.tokens, prompt), len(prompt) - 1)
+            if keep < len(state.tokens) and not state.rewind(keep):
                 keep = 0
-        if keep == 0:
-            self._reset()
-        # The last token always runs alone, so that a prompt evaluated from scratch and the same
-        # prompt served from the cache take the same path: int8/int4 MatMulNBits kernels quantize
-        # activations differently for one row than for many (logits differ by up to ~0.4).
-        self._extend(prompt[keep:-1])
-        self._extend(prompt[-1:])
+        self._seqs[seq] = state if keep and state is not None else self._new_seq()
         return keep
 
-    def decode(self, params: SamplingParams) -> Iterator[int]:
-        sample = _Sampler(params, self._n_vocab)
-        while True:
-            token = sample(self._last_logits())
-            yield token
-            self._extend([token])
+    def prefill(self, seq: SeqId, tokens: Sequence[int]) -> None:
+        state = self._get(seq)
+        tokens = list(tokens)
+        for i in range(0, len(tokens), self._n_batch):
+            state.append(tokens[i : i + self._n_batch])
 
-    def export_state(self) -> bytes:
-        return pack_state(STATE_MAGIC, self._fingerprint, self._tokens + self._pending)
+    def decode(self, steps: Sequence[Step]) -> list[int]:
+        out = []
+        for step in steps:  # one generator per sequence: steps run one after another
+            state = self._get(step.seq)
+            # Always alone: a prompt evaluated from scratch and the same prompt served from the
+            # cache then take the same path (int8/int4 MatMulNBits kernels quantize activations
+            # differently for one row than for many; logits differ by up to ~0.4).
+            state.append([step.token])
+            logits = state.generator.get_logits()[0, -1]  # [n_vocab]
+            out.append(step.sampler(logits))  # type: ignore[operator]
+        return out
 
-    def import_state(self, blob: bytes) -> list[int]:
+    def park(self, seq: SeqId) -> bytes:
+        state = self._get(seq)
+        del self._seqs[seq]
+        # The tokens and how they were batched: replaying the same batches gives the same cache.
+        blob = pack_state(STATE_MAGIC, self._fingerprint, state.tokens, json.dumps(state.batches).encode())
+        self._residue = state  # still a valid prefix cache until another open takes it
+        return blob
+
+    def restore(self, seq: SeqId, blob: bytes) -> list[int]:
+        self._check_free(seq)
         tokens, payload = unpack_state(
             blob, STATE_MAGIC, self._fingerprint, n_ctx=self._n_ctx, n_vocab=self._n_vocab, what="ONNX Runtime"
         )
-        if payload:
-            raise KVStateError("corrupt ONNX Runtime state: it carries tokens only")
-        # The cache is rebuilt by evaluating the tokens again (see the module docstring). All but
-        # the last: the next prefill evaluates that one, as after a llama.cpp state restore.
-        self._reset()
-        self._extend(tokens[:-1])
-        self._pending = tokens[-1:]
+        batches = _batches(payload, len(tokens))
+        state = self._new_seq()
+        done = 0
+        for size in batches:  # see the module docstring: the cache is rebuilt by evaluating again
+            state.append(tokens[done : done + size])
+            done += size
+        self._seqs[seq] = state
         return list(tokens)
 
+    def release(self, seq: SeqId) -> None:
+        if (state := self._seqs.pop(seq, None)) is not None:
+            self._residue = state
+
     def close(self) -> None:
-        self._generator = None
-        self._tokens, self._pending, self._live = [], [], False
+        self._seqs, self._residue = {}, None
         self._model = None
 
-    # ---- model steps ------------------------------------------------------------------------
+    # ---- sequences --------------------------------------------------------------------------
 
-    def _reset(self) -> None:
+    def _new_seq(self) -> _Seq:
         og = self._og
         params = og.GeneratorParams(self._model)
         params.set_search_options(max_length=self._max_length)
-        self._generator = og.Generator(self._model, params)
-        self._tokens, self._pending, self._live = [], [], False
+        return _Seq(og.Generator(self._model, params))
 
-    def _rewind(self, n: int) -> bool:
+    def _get(self, seq: SeqId) -> _Seq:
+        state = self._seqs.get(seq)
+        if state is None:
+            raise BackendError(f"sequence {seq} is not open")
+        return state
+
+    def _check_free(self, seq: SeqId) -> None:
+        if seq in self._seqs:
+            raise BackendError(f"sequence {seq} is already open")
+        if len(self._seqs) >= MAX_SEQUENCES:
+            raise BackendError(f"{MAX_SEQUENCES} sequences are open; park or release one first")
+
+
+class _Seq:
+    """One generator. Invariant: ``tokens`` lists exactly the tokens whose keys and values are in
+    the generator, and ``batches`` how many went in with each ``append_tokens`` call."""
+
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator
+        self.tokens: list[int] = []
+        self.batches: list[int] = []
+
+    def append(self, tokens: list[int]) -> None:
+        if tokens:
+            self.generator.append_tokens(np.asarray(tokens, dtype=np.int32))
+            self.tokens.extend(tokens)
+            self.batches.append(len(tokens))
+
+    def rewind(self, n: int) -> bool:
         """Drop all but the first ``n`` tokens from the cache; False if it cannot."""
         try:
-            self._generator.rewind_to(n)
+            self.generator.rewind_to(n)
         except RuntimeError as exc:  # e.g. a sliding-window ring that no longer holds position n
             log.debug("cannot rewind to %d (%s); evaluating from scratch", n, exc)
             return False
-        del self._tokens[n:]
-        self._live = False
+        del self.tokens[n:]
+        kept, total = [], 0
+        for size in self.batches:
+            if total >= n:
+                break
+            kept.append(min(size, n - total))
+            total += kept[-1]
+        self.batches = kept
         return True
 
-    def _extend(self, tokens: list[int]) -> None:
-        """Evaluate ``tokens``, ``n_batch`` at a time; the logits after the last become live."""
-        for i in range(0, len(tokens), self._n_batch):
-            chunk = tokens[i : i + self._n_batch]
-            self._live = False
-            self._generator.append_tokens(np.asarray(chunk, dtype=np.int32))
-            self._tokens.extend(chunk)
-            self._live = True
 
-    def _last_logits(self) -> np.ndarray[Any, np.dtype[np.float32]]:
-        if not self._live:
-            raise BackendError("decode needs a prefill first")
-        logits: np.ndarray[Any, np.dtype[np.float32]] = self._generator.get_logits()[0, -1]  # [n_vocab]
-        return logits
-
-
-class _Sampler:
-    """llama.cpp's sampler chain over NumPy logits, in the llama backend's order. Penalties look at
-    the tokens this call generated (the llama backend's sampler sees only those too)."""
-
-    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
-        self.p = params
-        self.history: collections.deque[int] = collections.deque(maxlen=PENALTY_LAST_N)
-        self.penalize = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
-        self.bias: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
-        if params.logit_bias:
-            ids = sorted(params.logit_bias)
-            self.bias = (np.array(ids), np.array([params.logit_bias[i] for i in ids], dtype=np.float32))
-        seed = params.seed if params.seed is not None else random.randrange(2**32 - 1)
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, logits: np.ndarray[Any, Any]) -> int:
-        p = self.p
-        if self.bias is not None or (self.penalize and self.history):
-            logits = np.array(logits, dtype=np.float32)  # a copy: the runtime's buffer stays as it is
-        if self.bias is not None:
-            np.add.at(logits, self.bias[0], self.bias[1])
-        if self.penalize and self.history:
-            counts = collections.Counter(self.history)
-            ids = np.fromiter(counts, dtype=np.int64)
-            n = np.fromiter(counts.values(), dtype=np.float32)
-            seen = logits[ids]
-            if p.repetition_penalty != 1:
-                seen = np.where(seen <= 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
-            logits[ids] = seen - n * p.frequency_penalty - p.presence_penalty
-        token = int(np.argmax(logits)) if p.greedy else self._draw(logits)
-        self.history.append(token)
-        return token
-
-    def _draw(self, logits: np.ndarray[Any, Any]) -> int:
-        p = self.p
-        ids = None  # candidate ids, when fewer than the vocabulary
-        cand = logits.astype(np.float64)
-        if 0 < p.top_k < cand.size:
-            ids = np.argpartition(-cand, p.top_k - 1)[: p.top_k]
-            cand = cand[ids]
-        if p.top_p < 1:
-            order = np.argsort(-cand, kind="stable")
-            cand = cand[order]
-            ids = order if ids is None else ids[order]
-            probs = _softmax(cand)
-            # Keep the smallest prefix whose mass reaches top_p (at least one token).
-            keep = max(int(np.sum(np.cumsum(probs) - probs < p.top_p)), 1)
-            cand, ids = cand[:keep], ids[:keep]
-        if p.min_p > 0:
-            kept = np.flatnonzero(cand >= cand.max() + math.log(p.min_p))
-            cand = cand[kept]
-            ids = kept if ids is None else ids[kept]
-        cdf = np.cumsum(_softmax(cand / p.temperature))
-        pick = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), cand.size - 1)
-        return pick if ids is None else int(ids[pick])
-
-
-def _softmax(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    e = np.exp(x - x.max())
-    out: np.ndarray[Any, Any] = e / e.sum()
-    return out
-
-
-# ---- helpers --------------------------------------------------------------------------------
+def _batches(payload: bytes, n_tokens: int) -> list[int]:
+    try:
+        batches = json.loads(payload) if payload else [n_tokens]
+    except ValueError:
+        batches = None
+    if (
+        not isinstance(batches, list)
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in batches)
+        or sum(batches) != n_tokens
+    ):
+        raise KVStateError("corrupt ONNX Runtime state: its batches do not cover its tokens")
+    return batches

@@ -6,7 +6,7 @@ with Engine.from_settings() as engine:           # the embedded default model on
         ...
 """
 
-from edgeserve.engine import AsyncRequestHandle, Engine, RequestHandle
+from edgeserve.engine import AsyncRequestHandle, Engine, Handle, RequestHandle
 from edgeserve.errors import (
     BackendError,
     BackendNotFoundError,
@@ -47,6 +47,7 @@ __all__ = [
     "FinalEvent",
     "FinishReason",
     "GenerationResult",
+    "Handle",
     "InvalidParameterError",
     "KVStateError",
     "ModelNotFoundError",

@@ -1,69 +1,116 @@
 """The backend seam: a small Protocol and a registry that imports a backend only when it is chosen.
 
 A backend owns one loaded model and is driven by exactly one thread (the engine loop), so it needs
-no locking. It does the model's work (tokens in, tokens out); the engine does everything around it
-(stop sequences, text streaming, timing, cancellation, queueing).
+no locking. It does the model's work (tokens in, tokens out, on named sequences); the engine does
+everything around it (stop sequences, text streaming, timing, cancellation, queueing, preemption).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from edgeserve.errors import BackendNotFoundError, BackendNotInstalledError
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 
 if TYPE_CHECKING:
+    from edgeserve.progress import ProgressCallback
     from edgeserve.settings import ModelSettings
 
 
+SeqId: TypeAlias = int
+
+
+class Sampler(Protocol):
+    """One request's token picker and its state (random generator, penalty history). Made by the
+    backend (llama.cpp runs its native chain; MLX and ONNX Runtime share ``edgeserve.sampling``),
+    owned by the request, so it survives a pause: a parked request resumes drawing where it stopped."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """One sequence's share of a decode call: evaluate ``token`` at the end of sequence ``seq``,
+    then pick the token after it with ``sampler``."""
+
+    seq: SeqId
+    token: int
+    sampler: Sampler
+
+
 class Backend(Protocol):
+    """The model's work, on named sequences. A sequence is one request's KV state; the engine names
+    it, and at most ``capabilities().max_sequences`` are open at once (parked ones do not count).
+
+    A request's life on it: ``open`` (keep a cached prefix), ``prefill`` the prompt but its last
+    token in chunks, then ``decode`` steps (the first evaluates the prompt's last token) until the
+    engine stops; ``release`` at the end. Between any two calls the engine may ``park`` a sequence
+    (its KV state to host bytes; the slot is freed) and later ``restore`` it, to continue exactly
+    where it was: a token that was sampled but not evaluated is the engine's, not the backend's, so
+    no logits need to survive a park (llama.cpp keeps none in its state).
+    """
+
     def capabilities(self) -> Capabilities: ...
 
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        """Text to token ids. Special-token text (``<start_of_turn>``) is parsed as special tokens,
-        because rendered chat templates contain it."""
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        """Text to token ids. With ``special``, special-token text (``<start_of_turn>``) becomes
+        special tokens (a rendered chat template's markers); without, it is plain text (user content:
+        a user must not be able to forge a turn)."""
         ...
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         """Token ids to bytes. Bytes, not text: one token may hold part of a UTF-8 character."""
         ...
 
-    def prefill(self, prompt: Sequence[int], *, reuse: bool = True) -> int:
-        """Evaluate ``prompt`` so that the next token can be sampled. With ``reuse``, keeps the
-        longest prefix already in the KV cache; returns how many prompt tokens it reused.
+    def sampler(self, params: SamplingParams) -> Sampler:
+        """A fresh sampler for one request."""
+        ...
 
-        ``reuse=False`` evaluates from scratch: the path a seeded request takes, because llama.cpp's
-        kernels are not batch-invariant (the logits of a prompt evaluated in one batch and of the
-        same prompt evaluated as cached prefix + suffix differ), and a seed promises the same text.
+    def open(self, seq: SeqId, prompt: Sequence[int], *, reuse: bool = True) -> int:
+        """Open sequence ``seq`` for ``prompt``, keeping the longest prefix of it (never the last
+        token) whose KV state the backend still holds from a released sequence; returns how many
+        tokens that is. Nothing is evaluated.
+
+        ``reuse=False`` keeps nothing: the path a seeded request takes, because kernels are not
+        batch-invariant (a prompt evaluated in one batch and the same prompt as cached prefix +
+        suffix give different logits), and a seed promises the same text.
         """
         ...
 
-    def decode(self, params: SamplingParams) -> Iterator[int]:
-        """Sample a token, yield it, evaluate it, repeat, until the consumer stops iterating.
-
-        The backend never stops by itself: end-of-generation, stop sequences and max_tokens are
-        the engine's decisions. Closing the iterator cancels within one decode step.
-        """
+    def prefill(self, seq: SeqId, tokens: Sequence[int]) -> None:
+        """Evaluate ``tokens`` at the end of an open sequence (no logits are needed)."""
         ...
 
-    def export_state(self) -> bytes:
-        """The KV state of every token evaluated so far, as an opaque blob."""
+    def decode(self, steps: Sequence[Step]) -> list[int]:
+        """For each step, evaluate its token and pick the next; returns the picked tokens in order.
+        One call may carry several sequences (a batching backend evaluates them together)."""
         ...
 
-    def import_state(self, blob: bytes) -> list[int]:
-        """Load a blob from ``export_state`` (possibly from another process) and return the tokens it
-        covers. A following ``prefill`` of those tokens (plus more) reuses it."""
+    def park(self, seq: SeqId) -> bytes:
+        """Move an open sequence's KV state to host memory as bytes and close it (its slot is free).
+        The blob is self-describing (model fingerprint, tokens) and can also leave the process."""
+        ...
+
+    def restore(self, seq: SeqId, blob: bytes) -> list[int]:
+        """Open ``seq`` from a blob of ``park`` (possibly from another process); returns the tokens
+        its KV state covers. ``KVStateError`` if the blob does not fit this model."""
+        ...
+
+    def release(self, seq: SeqId) -> None:
+        """Close a sequence. Its KV state may stay as a prefix cache for a later ``open``."""
         ...
 
     def close(self) -> None: ...
 
 
 class BackendLoader(Protocol):
-    def __call__(self, model: ResolvedModel, settings: ModelSettings) -> Backend: ...
+    def __call__(
+        self, model: ResolvedModel, settings: ModelSettings, progress: ProgressCallback | None = None
+    ) -> Backend: ...
 
 
 @dataclass(frozen=True)
@@ -98,8 +145,11 @@ def get_spec(name: str) -> BackendSpec:
         raise BackendNotFoundError(f"unknown backend {name!r}; choose one of: {known}") from None
 
 
-def load_backend(name: str, model: ResolvedModel, settings: ModelSettings) -> Backend:
-    """Import the named backend's module and load the model with it."""
+def load_backend(
+    name: str, model: ResolvedModel, settings: ModelSettings, progress: ProgressCallback | None = None
+) -> Backend:
+    """Import the named backend's module and load the model with it (``progress`` hears about a
+    first-use conversion)."""
     spec = get_spec(name)
     if not spec.installed():
         raise BackendNotInstalledError(
@@ -107,4 +157,4 @@ def load_backend(name: str, model: ResolvedModel, settings: ModelSettings) -> Ba
         )
     module = importlib.import_module(spec.module)
     loader: BackendLoader = module.load
-    return loader(model, settings)
+    return loader(model, settings, progress)

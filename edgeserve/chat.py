@@ -9,6 +9,8 @@ llama-2 format and Gemma answers nothing).
 from __future__ import annotations
 
 import functools
+import re
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,10 @@ class RenderedChat:
     prompt: str
     #: ``model`` (the model's template) or ``builtin:<name>``.
     template: str
+    #: ``prompt`` cut into (text, special) pieces: the template's own text, whose special-token
+    #: markers become special tokens, and message content, which is tokenized as plain text so that
+    #: a user who writes ``<start_of_turn>`` cannot forge a turn. Joined, the texts are ``prompt``.
+    parts: tuple[tuple[str, bool], ...] = ()
 
 
 def normalize(messages: Sequence[Message]) -> list[ChatTurn]:
@@ -116,9 +122,29 @@ def builtin_for(architecture: str) -> str:
 def render(messages: Sequence[Message], caps: Capabilities) -> RenderedChat:
     turns = normalize(messages)
     if caps.chat_template:
-        return RenderedChat(_render_jinja(caps.chat_template, turns, caps.bos_token, caps.eos_token), "model")
-    name = builtin_for(caps.architecture)
-    return RenderedChat(BUILTIN[name](turns, caps.bos_token), f"builtin:{name}")
+        name = "model"
+        fmt: Callable[[list[ChatTurn]], str] = lambda ts: _render_jinja(  # noqa: E731
+            caps.chat_template or "", ts, caps.bos_token, caps.eos_token
+        )
+    else:
+        builtin = builtin_for(caps.architecture)
+        name = f"builtin:{builtin}"
+        fmt = lambda ts: BUILTIN[builtin](ts, caps.bos_token)  # noqa: E731
+        if builtin == "gemma":  # its format strips each turn; stripped here, the marks stay exact
+            turns = [ChatTurn(t.role, t.content.strip()) for t in turns]
+    # Each message's content goes through the template as a mark no user can type (a fresh random
+    # nonce in private-use characters); the marks are then swapped back for the content, as plain text.
+    nonce = secrets.token_hex(8)
+    marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(turns))]
+    template_text = fmt([ChatTurn(t.role, mark) for t, mark in zip(turns, marks, strict=True)])
+    parts: list[tuple[str, bool]] = []
+    for i, piece in enumerate(re.split(f"\ue000{nonce}:(\\d+)\ue001", template_text)):
+        if i % 2 == 0:
+            if piece:
+                parts.append((piece, True))
+        elif content := turns[int(piece)].content:
+            parts.append((content, False))
+    return RenderedChat("".join(text for text, _ in parts), name, tuple(parts))
 
 
 def _raise_exception(message: str) -> None:

@@ -1,9 +1,13 @@
 """The engine: one loop thread owns the backend; callers get a per-request stream of events.
 
-Backends are serial (one model, one context), so every request goes through the admission queue
-and the loop runs them one at a time. Work that needs no context (validation, tokenizing, chat
-rendering) happens in the caller's thread before queueing, so bad input fails before any wait and
-the loop only ever runs the model.
+Work that needs no model (validation, tokenizing, chat rendering, length prediction) happens in the
+caller's thread before queueing, so bad input fails before any wait and the loop only runs the
+model. The loop works in small units, a prefill chunk or one decode step, and decides between two
+units what runs next (``edgeserve.scheduler``): under ``srpt`` a shorter request displaces the
+running one at a token boundary, and the displaced one's sequence stays open while the backend has
+room, or is parked to host memory until it runs again. A request's running state
+(``edgeserve.running.Running``) belongs to the loop, not to the backend, so it resumes with the
+same text it would have produced without the pause.
 
 Errors travel as values (``ErrorEvent``) from the loop to the caller; the convenience methods
 (``generate``, ``stream``, their async twins) raise them at the caller's side.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import queue
 import threading
@@ -20,11 +25,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from edgeserve import chat
-from edgeserve.backend import Backend
+from edgeserve.backend import Backend, SeqId, Step
 from edgeserve.errors import (
     BackendError,
     ContextLengthError,
@@ -32,7 +36,10 @@ from edgeserve.errors import (
     EngineClosedError,
     InvalidParameterError,
 )
-from edgeserve.scheduler import INITIAL_AGING_S, AgingTracker, Entry, QueueView, Scheduler
+from edgeserve.handles import AsyncRequestHandle, Handle, RequestHandle, outcome
+from edgeserve.running import Request, Running, Sink, Where, empty_result, final
+from edgeserve.scheduler import INITIAL_AGING_S, UNKNOWN_TOKENS, AgingTracker, Entry, QueueView, Scheduler
+from edgeserve.service import LengthEstimator, LengthRecorder, PredictorInput, ServiceModel
 from edgeserve.settings import EngineSettings, ModelSettings
 from edgeserve.textstream import TextStream
 from edgeserve.types import (
@@ -48,136 +55,18 @@ from edgeserve.types import (
     TokenEvent,
 )
 
+if TYPE_CHECKING:
+    from edgeserve.progress import ProgressCallback
+
+__all__ = ["AsyncRequestHandle", "Engine", "Handle", "RequestHandle", "outcome"]
+
 log = logging.getLogger(__name__)
 R = TypeVar("R")
-Sink = Callable[[StreamEvent], None]
-PredictorInput = str | Sequence[Message]
-
-
-class LengthPrediction(Protocol):
-    @property
-    def expected_tokens(self) -> float: ...
-
-    @property
-    def length_class(self) -> str: ...
-
-
-class LengthEstimator(Protocol):
-    """What SJF admission needs from a length predictor (``edgeserve.predictor.LengthPredictor``)."""
-
-    def predict(self, prompt: PredictorInput) -> LengthPrediction: ...
-
-
-class LengthRecorder(Protocol):
-    """Where real answer lengths go for online adaptation (``edgeserve.predictor.AdaptationLog``)."""
-
-    def record(self, request: PredictorInput, actual_tokens: int) -> None: ...
-
-
-@dataclass
-class _Request:
-    """What the loop needs to run one request. Built in the caller's thread by ``Engine._prepare``."""
-
-    request_id: str
-    prompt_tokens: list[int]
-    params: SamplingParams
-    #: ``params.max_tokens``, or what is left of the context when that is None.
-    max_tokens: int
-    chat_template: str | None
-    submitted: float
-    sink: Sink = field(repr=False)
-    predicted_tokens: float | None = None
-    #: Kept only while a LengthRecorder wants it, and only in memory.
-    predictor_input: PredictorInput | None = field(default=None, repr=False)
-    cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
-
-
-class _Handle:
-    """What both handles share: identity, size, and cancellation."""
-
-    def __init__(self, engine: Engine, request: _Request) -> None:
-        self._engine = engine
-        self._request = request
-
-    @property
-    def request_id(self) -> str:
-        return self._request.request_id
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self._request.prompt_tokens)
-
-    def cancel(self) -> None:
-        """Remove the request if it waits, stop it within a decode step if it runs; a no-op once ended."""
-        self._engine._cancel(self._request)
-
-
-class RequestHandle(_Handle):
-    """A submitted request. Iterate it for its events; ``cancel`` frees its slot at once.
-
-    Iteration ends after exactly one ``FinalEvent`` or ``ErrorEvent``. Leaving the loop early (break,
-    exception, garbage collection) cancels the request.
-    """
-
-    def __init__(self, engine: Engine, request: _Request, events: queue.SimpleQueue[StreamEvent]) -> None:
-        super().__init__(engine, request)
-        self._events = events
-
-    def __iter__(self) -> Iterator[StreamEvent]:
-        ended = False
-        try:
-            while not ended:
-                event = self._events.get()
-                # Set before yielding: a consumer that stops at the last event has not left early.
-                ended = not isinstance(event, TokenEvent)
-                yield event
-        finally:
-            if not ended:
-                self.cancel()
-
-    def result(self) -> GenerationResult:
-        for event in self:
-            if (result := outcome(event)) is not None:
-                return result
-        raise BackendError("stream ended without a result")  # unreachable by the handle's invariant
-
-
-class AsyncRequestHandle(_Handle):
-    """The asyncio twin of ``RequestHandle``; events arrive through the caller's event loop."""
-
-    def __init__(self, engine: Engine, request: _Request, events: asyncio.Queue[StreamEvent]) -> None:
-        super().__init__(engine, request)
-        self._events = events
-
-    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
-        ended = False
-        try:
-            while not ended:
-                event = await self._events.get()
-                ended = not isinstance(event, TokenEvent)
-                yield event
-        finally:
-            if not ended:  # the consumer left early or its task was cancelled (client disconnect)
-                self.cancel()
-
-    async def result(self) -> GenerationResult:
-        async for event in self:
-            if (result := outcome(event)) is not None:
-                return result
-        raise BackendError("stream ended without a result")  # unreachable by the handle's invariant
-
-
-def outcome(event: StreamEvent) -> GenerationResult | None:
-    """The result a final event carries; raises the error an error event carries; None for tokens."""
-    if isinstance(event, FinalEvent):
-        return event.result
-    if isinstance(event, ErrorEvent):
-        raise event.error
-    return None
+PromptArg = str | Sequence[int] | None
 
 
 class Engine:
-    """Runs requests on one backend, one at a time, in admission order.
+    """Runs requests on one backend in the order of its policy, one unit of work at a time.
 
     Thread-safe: any thread may submit, cancel or read state. Use as a context manager, or call
     ``close()``, to stop the loop and release the model.
@@ -192,32 +81,50 @@ class Engine:
         predictor: LengthEstimator | None = None,
         recorder: LengthRecorder | None = None,
     ) -> None:
-        """``predictor`` scores requests for the sjf and priority policies (without one every request
-        counts as medium-length, which makes them first come, first served); ``recorder`` receives
-        the real length of every naturally ended answer."""
+        """``predictor`` scores requests for the sjf, srpt and priority policies (without one every
+        answer counts as equally long); ``recorder`` receives the real length of every naturally
+        ended answer."""
         self.settings = settings or EngineSettings()
         self.backend = backend
         #: Where the model came from, when the engine resolved it itself (``from_settings``).
         self.model: ResolvedModel | None = None
         self.capabilities: Capabilities = backend.capabilities()
         self._clock = clock
-        self._predictor = predictor if self.settings.policy != "fcfs" else None
+        predicts = self.settings.policy != "fcfs" and self.settings.predict_lengths
+        self._predictor = predictor if predicts else None
         self._predict_lock = threading.Lock()  # predictors reuse one feature buffer
         self._recorder = recorder
         self._aging = AgingTracker(self.settings.aging_factor) if self.settings.aging_s is None else None
-        self._scheduler: Scheduler[_Request] = Scheduler(
+        self._scheduler: Scheduler[Request] = Scheduler(
             self.settings.policy, self.settings.max_queue, aging_s=self.settings.aging_s or INITIAL_AGING_S
         )
+        self._service = ServiceModel()
+        #: Seconds one park plus one restore cost (measured); a preemption must be worth it.
+        self._switch_s = 0.0
+        self._seq_ids = itertools.count()
         self._cond = threading.Condition()
+        # Guarded by _cond:
         self._control: collections.deque[Callable[[], None]] = collections.deque()
-        self._running: _Request | None = None
+        self._current: Request | None = None
+        #: Started requests cancelled while they waited to resume: the loop frees their KV state.
+        self._dropped: list[Request] = []
         self._closed = False
+        # Loop thread only: open sequences in least-recently-run order, and the parked count.
+        self._open: collections.OrderedDict[SeqId, Request] = collections.OrderedDict()
+        self._n_parked = 0
         self._thread = threading.Thread(target=self._loop, name="edgeserve-engine", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_settings(cls, model: ModelSettings | None = None, engine: EngineSettings | None = None) -> Engine:
-        """Resolve the model, pick the backend, load it, and start the loop."""
+    def from_settings(
+        cls,
+        model: ModelSettings | None = None,
+        engine: EngineSettings | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> Engine:
+        """Resolve the model, pick the backend, load it (``progress`` hears about a first-use
+        conversion), and start the loop."""
         from edgeserve.backend import load_backend
         from edgeserve.hardware import choose_backend
         from edgeserve.models import resolve
@@ -227,49 +134,91 @@ class Engine:
         resolved = resolve(model.model, cache_dir=model.cache_dir)
         backend_name = choose_backend(model=resolved.path) if model.backend == "auto" else model.backend
         predictor = recorder = None
-        if engine.policy != "fcfs" or engine.adapt_log:
+        if (engine.policy != "fcfs" and engine.predict_lengths) or engine.adapt_log:
             from edgeserve.predictor import AdaptationLog, LengthPredictor
 
             predictor = LengthPredictor.load(engine.predictor)
             if engine.adapt_log:
                 recorder = AdaptationLog(engine.adapt_log, predictor.spec)
-        backend = load_backend(backend_name, resolved, model)
+        backend = load_backend(backend_name, resolved, model, progress)
         instance = cls(backend, engine, predictor=predictor, recorder=recorder)
         instance.model = resolved
         return instance
 
     # ---- submitting -------------------------------------------------------------------------
 
+    @overload
     def submit(
         self,
-        prompt: str | Sequence[int] | None = None,
+        prompt: PromptArg = None,
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
         request_id: str | None = None,
         priority: int = 0,
         predicted_tokens: float | None = None,
-    ) -> RequestHandle:
-        """Queue a request and return its handle. Raises at once on bad input or a full queue."""
+        on_event: None = None,
+        **sampling: Any,
+    ) -> RequestHandle: ...
+
+    @overload
+    def submit(
+        self,
+        prompt: PromptArg = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        predicted_tokens: float | None = None,
+        on_event: Callable[[StreamEvent], None],
+        **sampling: Any,
+    ) -> Handle: ...
+
+    def submit(
+        self,
+        prompt: PromptArg = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        predicted_tokens: float | None = None,
+        on_event: Callable[[StreamEvent], None] | None = None,
+        **sampling: Any,
+    ) -> Handle:
+        """Queue a request and return its handle; raises at once on bad input or a full queue.
+        ``sampling`` keywords build ``SamplingParams`` when ``params`` is None.
+
+        Without ``on_event``, iterate the returned ``RequestHandle`` for the events. With it, each
+        event is passed to ``on_event`` as it happens, on the engine's thread (or the cancelling
+        thread, for a request cancelled while it waits): for event loops that are not asyncio, such
+        as a GUI toolkit's, which forwards them with its own thread-safe signal."""
+        params = _params(params, sampling)
+        if on_event is not None:
+            request = self._prepare(prompt, messages, params, request_id, on_event)
+            self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
+            return Handle(request, self._cancel)
         events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         request = self._prepare(prompt, messages, params, request_id, events.put)
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
-        return RequestHandle(self, request, events)
+        return RequestHandle(request, self._cancel, events)
 
     def submit_async(
         self,
-        prompt: str | Sequence[int] | None = None,
+        prompt: PromptArg = None,
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
         request_id: str | None = None,
         priority: int = 0,
         predicted_tokens: float | None = None,
+        **sampling: Any,
     ) -> AsyncRequestHandle:
         """Like ``submit``, from a coroutine: events are delivered through the running event loop."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        holder: list[_Request] = []
+        holder: list[Request] = []
 
         def sink(event: StreamEvent) -> None:
             try:
@@ -277,57 +226,57 @@ class Engine:
             except RuntimeError:  # the event loop is gone: nobody will read this stream
                 holder[0].cancelled.set()
 
-        request = self._prepare(prompt, messages, params, request_id, sink)
+        request = self._prepare(prompt, messages, _params(params, sampling), request_id, sink)
         holder.append(request)
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
-        return AsyncRequestHandle(self, request, events)
+        return AsyncRequestHandle(request, self._cancel, events)
 
     # ---- convenience ------------------------------------------------------------------------
 
     def generate(
         self,
-        prompt: str | Sequence[int] | None = None,
+        prompt: PromptArg = None,
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
         **sampling: Any,
     ) -> GenerationResult:
-        """Run one request to the end. ``sampling`` keywords build ``SamplingParams`` when ``params`` is None."""
-        return self.submit(prompt, _params(params, sampling), messages=messages).result()
+        """Run one request to the end."""
+        return self.submit(prompt, params, messages=messages, on_event=None, **sampling).result()
 
     def stream(
         self,
-        prompt: str | Sequence[int] | None = None,
+        prompt: PromptArg = None,
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
         **sampling: Any,
     ) -> Iterator[TokenEvent | FinalEvent]:
         """Yield ``TokenEvent``s as text arrives, then one ``FinalEvent``; raises on error."""
-        for event in self.submit(prompt, _params(params, sampling), messages=messages):
+        for event in self.submit(prompt, params, messages=messages, on_event=None, **sampling):
             if isinstance(event, ErrorEvent):
                 raise event.error
             yield event
 
     async def agenerate(
         self,
-        prompt: str | Sequence[int] | None = None,
+        prompt: PromptArg = None,
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
         **sampling: Any,
     ) -> GenerationResult:
-        return await self.submit_async(prompt, _params(params, sampling), messages=messages).result()
+        return await self.submit_async(prompt, params, messages=messages, **sampling).result()
 
     async def astream(
         self,
-        prompt: str | Sequence[int] | None = None,
+        prompt: PromptArg = None,
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
         **sampling: Any,
     ) -> AsyncIterator[TokenEvent | FinalEvent]:
-        async for event in self.submit_async(prompt, _params(params, sampling), messages=messages):
+        async for event in self.submit_async(prompt, params, messages=messages, **sampling):
             if isinstance(event, ErrorEvent):
                 raise event.error
             yield event
@@ -339,7 +288,8 @@ class Engine:
         return self.backend.tokenize(text, add_bos=add_bos)
 
     def call(self, fn: Callable[[Backend], R]) -> R:
-        """Run ``fn(backend)`` on the loop thread between requests (KV export/import, warm-up)."""
+        """Run ``fn(backend)`` on the loop thread while no request is running (warm-up, KV moves).
+        ``fn`` must leave no sequence open."""
         future: Future[R] = Future()
 
         def job() -> None:
@@ -356,11 +306,34 @@ class Engine:
             self._cond.notify()
         return future.result()
 
-    def export_state(self) -> bytes:
-        return self.call(lambda b: b.export_state())
+    def export_state(self, prompt: str | Sequence[int]) -> bytes:
+        """Prefill ``prompt`` and return its KV state as a blob another engine on the same model
+        (another process, another machine) can ``import_state`` to skip that prefill."""
+        tokens = self.backend.tokenize(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+
+        def export(backend: Backend) -> bytes:
+            seq = next(self._seq_ids)
+            cached = backend.open(seq, tokens, reuse=True)
+            try:
+                backend.prefill(seq, tokens[cached:])
+                return backend.park(seq)
+            except BaseException:
+                backend.release(seq)
+                raise
+
+        return self.call(export)
 
     def import_state(self, blob: bytes) -> list[int]:
-        return self.call(lambda b: b.import_state(blob))
+        """Load a blob from ``export_state`` as the prefix cache: the next request whose prompt
+        starts with its tokens evaluates only the rest (the last token at least). Returns them."""
+
+        def restore(backend: Backend) -> list[int]:
+            seq = next(self._seq_ids)
+            tokens = backend.restore(seq, blob)
+            backend.release(seq)
+            return tokens
+
+        return self.call(restore)
 
     @property
     def queue_depth(self) -> int:
@@ -376,20 +349,26 @@ class Engine:
     @property
     def busy(self) -> bool:
         with self._cond:
-            return self._running is not None
+            return self._current is not None
+
+    @property
+    def service(self) -> ServiceModel:
+        """The measured prefill and decode rates the scheduler's costs come from."""
+        return self._service
 
     def snapshot(self) -> list[QueueView]:
         with self._cond:
             return self._scheduler.snapshot(self._clock())
 
     def close(self) -> None:
-        """Stop taking requests, fail the waiting ones, cancel the running one, release the model."""
+        """Stop taking requests, fail the waiting ones, cancel the running one, join the loop
+        thread and release the model."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
-            if self._running is not None:
-                self._running.cancelled.set()
+            if self._current is not None:
+                self._current.cancelled.set()
             self._cond.notify_all()
         self._thread.join()
         self.backend.close()
@@ -400,23 +379,23 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- internals --------------------------------------------------------------------------
+    # ---- the caller's side ------------------------------------------------------------------
 
     def _prepare(
         self,
-        prompt: str | Sequence[int] | None,
+        prompt: PromptArg,
         messages: Sequence[Message] | None,
         params: SamplingParams | None,
         request_id: str | None,
         sink: Sink,
-    ) -> _Request:
+    ) -> Request:
         params = params or SamplingParams()
         template = None
         if (prompt is None) == (messages is None):
             raise InvalidParameterError("give exactly one of prompt or messages", param="prompt")
         if messages is not None:
             rendered = chat.render(messages, self.capabilities)
-            tokens = self._tokenize_rendered(rendered.prompt)
+            tokens = self._tokenize_rendered(rendered)
             template = rendered.template
         elif isinstance(prompt, str):
             if not prompt:
@@ -440,20 +419,19 @@ class Engine:
                 param="max_tokens",
             )
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
-        return _Request(rid, tokens, params, max_tokens, template, self._clock(), sink)
+        return Request(rid, tokens, params, max_tokens, template, self._clock(), sink)
 
-    def _tokenize_rendered(self, text: str) -> list[int]:
-        # Templates usually write the BOS token themselves; adding another would shift the model.
+    def _tokenize_rendered(self, rendered: chat.RenderedChat) -> list[int]:
+        """Template markers become special tokens; message content never does (no forged turns)."""
+        tokens: list[int] = []
         bos = self.capabilities.bos_token
-        return self.backend.tokenize(text, add_bos=not (bos and text.startswith(bos)))
+        for i, (text, special) in enumerate(rendered.parts):
+            # Templates usually write the BOS token themselves; adding another would shift the model.
+            add_bos = i == 0 and not (bos and text.startswith(bos))
+            tokens += self.backend.tokenize(text, add_bos=add_bos, special=special)
+        return tokens
 
-    def _enqueue(
-        self,
-        request: _Request,
-        priority: int,
-        predicted_tokens: float | None,
-        source: str | Sequence[int] | Sequence[Message] | None,
-    ) -> None:
+    def _enqueue(self, request: Request, priority: int, predicted_tokens: float | None, source: object) -> None:
         # Token prompts carry no text to read: they wait as medium-length requests.
         readable: PredictorInput | None = source if isinstance(source, str) or _is_messages(source) else None  # type: ignore[assignment]
         if predicted_tokens is None and self._predictor is not None and readable is not None:
@@ -463,137 +441,264 @@ class Engine:
             except EdgeserveError:  # nothing it can read (e.g. only a system prompt): servable all the same
                 predicted_tokens = None
         request.predicted_tokens = predicted_tokens
+        request.priority = priority
         if self._recorder is not None:
             request.predictor_input = readable
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
-            self._scheduler.add(Entry(request.request_id, request.submitted, request, priority, predicted_tokens))
+            answer = UNKNOWN_TOKENS if predicted_tokens is None else predicted_tokens
+            cost_s = self._service.estimate_s(len(request.prompt_tokens), min(answer, request.max_tokens))
+            if len(self._scheduler) >= self._scheduler.capacity:
+                self._scheduler.retry_after_s = self._drain_estimate_s()
+            self._scheduler.add(
+                Entry(request.request_id, request.submitted, request, priority, predicted_tokens, cost_s)
+            )
             self._cond.notify()
 
-    def _cancel(self, request: _Request) -> None:
+    def _drain_estimate_s(self) -> float:
+        """Seconds until the queue has room again: the work waiting ahead, at the measured rates,
+        divided among nothing (one device). Called with ``_cond`` held, only when the queue is full."""
+        backlog = self._scheduler.backlog_cost()
+        current = self._current
+        if current is not None and current.run is not None:
+            backlog += current.run.remaining_s(self._service)
+        # A slot frees when the request at the head ends, but a retry that finds the queue refilled
+        # fails again; half the backlog is the honest middle between the two.
+        return max(1.0, backlog / 2)
+
+    def _cancel(self, request: Request) -> None:
         with self._cond:
             request.cancelled.set()
             # By identity: another request may have reused this id once this one ended.
             waiting = self._scheduler.cancel(request.request_id, request) is not None
+            if waiting and request.run is not None:  # preempted: its KV state is the loop's to free
+                self._dropped.append(request)
+                self._cond.notify()
+                return
         if waiting:  # never started: answer it here; a running request is answered by the loop
-            now = self._clock()
-            request.sink(FinalEvent(_empty_result(request, now, FinishReason.CANCELLED)))
+            request.sink(FinalEvent(empty_result(request, self._clock(), FinishReason.CANCELLED)))
+
+    # ---- the loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    if self._closed:
-                        self._fail_waiting()
-                        return
-                    if self._control:
-                        job: Callable[[], None] | None = self._control.popleft()
-                        request = None
-                        break
-                    entry = self._scheduler.next(self._clock())
-                    if entry is not None:
-                        job, request = None, entry.item
-                        self._running = request
-                        break
-                    self._cond.wait()
-            if job is not None:
-                job()
-                continue
-            assert request is not None
-            try:
-                self._run(request)
-            finally:
-                with self._cond:
-                    self._running = None
+        while (work := self._next_work()) is not None:
+            if isinstance(work, Request):
+                self._advance(work)
+            else:
+                work()
+        self._shut_down()
 
-    def _fail_waiting(self) -> None:
-        while (entry := self._scheduler.next(self._clock())) is not None:
-            entry.item.sink(ErrorEvent(EngineClosedError("the engine was closed before this request ran")))
-        for job in self._control:
-            job()  # each job resolves its own future; closing must not strand a caller of call()
-        self._control.clear()
+    def _next_work(self) -> Request | Callable[[], None] | None:
+        """What the loop does next: a control job, dropped requests to free, or one unit of a
+        request (the current one, or one that displaces it). None once the engine is closed."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                if self._dropped:
+                    dropped, self._dropped = self._dropped, []
+                    return lambda: self._free_dropped(dropped)
+                if self._current is None and self._control:
+                    return self._control.popleft()
+                now = self._clock()
+                if self._current is not None:
+                    if self._scheduler.preemptive:
+                        self._maybe_preempt(self._current, now)
+                    return self._current
+                entry = self._scheduler.next(now)
+                if entry is not None:
+                    self._switch_to(entry.item, now)
+                    return entry.item
+                self._cond.wait()
 
-    def _run(self, request: _Request) -> None:
-        """Prefill, then decode until a stop condition; the only place the model runs."""
-        started = self._clock()
-        if request.cancelled.is_set():
-            request.sink(FinalEvent(_empty_result(request, started, FinishReason.CANCELLED)))
+    def _maybe_preempt(self, current: Request, now: float) -> None:
+        """Displace ``current`` by a shorter waiting request, if the policy says so (``_cond`` held)."""
+        run = current.run
+        if run is None or run.finish is not None or now - run.slice_started < self.settings.preempt_quantum_s:
             return
-        params = request.params
-        eog = frozenset() if params.ignore_eos else self.capabilities.eog_token_ids
-        text = TextStream(params.stop)
-        pieces: list[str] = []
-        n_out = 0
-        first_at: float | None = None
-        last_at = started
-        finish = FinishReason.LENGTH
-        try:
-            # A seed promises reproducible text, which only an identical evaluation path gives.
-            cached = self.backend.prefill(request.prompt_tokens, reuse=params.seed is None)
-            steps = self.backend.decode(params)
-            try:
-                for token in steps:
-                    now = self._clock()
-                    if first_at is None:
-                        first_at = now
-                    if request.cancelled.is_set():
-                        finish = FinishReason.CANCELLED
-                        break
-                    if token in eog:
-                        finish = FinishReason.STOP
-                        break
-                    # Only counted tokens move the end of the decode span (an EOS step is not output).
-                    n_out += 1
-                    last_at = now
-                    out = text.push(self.backend.detokenize((token,)))
-                    if out:
-                        pieces.append(out)
-                        request.sink(TokenEvent(out, (token,)))
-                    if text.stopped:
-                        finish = FinishReason.STOP
-                        break
-                    if n_out >= request.max_tokens:
-                        break
-            finally:
-                steps.close()  # type: ignore[attr-defined]
-        except EdgeserveError as exc:
-            request.sink(ErrorEvent(exc))
-            return
-        except Exception as exc:  # a backend library failed: map it here, once, and keep the loop alive
-            log.exception("backend failed on request %s", request.request_id)
-            request.sink(ErrorEvent(BackendError(f"{type(exc).__name__}: {exc}")))
-            return
-        tail = text.finish()
-        if tail and finish is not FinishReason.CANCELLED:
-            pieces.append(tail)
-            request.sink(TokenEvent(tail, ()))
-        end = self._clock()
-        decode_tok_s = None
-        if first_at is not None and n_out >= 2 and last_at > first_at:
-            decode_tok_s = (n_out - 1) / (last_at - first_at)
-        request.sink(
-            FinalEvent(
-                GenerationResult(
-                    request_id=request.request_id,
-                    text="".join(pieces),
-                    prompt_tokens=len(request.prompt_tokens),
-                    completion_tokens=n_out,
-                    finish_reason=finish,
-                    ttft_s=None if first_at is None else first_at - request.submitted,
-                    queue_wait_s=started - request.submitted,
-                    total_s=end - request.submitted,
-                    decode_tok_s=decode_tok_s,
-                    chat_template=request.chat_template,
-                    cached_prompt_tokens=cached,
-                    predicted_tokens=request.predicted_tokens,
-                )
-            )
+        if len(self._open) >= self.capabilities.max_sequences and self._n_parked >= self.settings.max_parked:
+            return  # displacing it would mean parking one more than allowed
+        remaining = Entry(
+            current.request_id,
+            current.submitted,
+            current,
+            current.priority,
+            current.predicted_tokens,
+            run.remaining_s(self._service),
         )
-        if finish is FinishReason.STOP:  # a natural end: the answer's real length is known
-            self._learn(request, n_out, end - started)
+        if self._scheduler.preempts(remaining, now, switch_s=self._switch_s) is None:
+            return
+        self._scheduler.add(remaining, readmit=True)
+        entry = self._scheduler.next(now)
+        assert entry is not None and entry.item is not current
+        run.preemptions += 1
+        self._switch_to(entry.item, now)
 
-    def _learn(self, request: _Request, n_out: int, service_s: float) -> None:
+    def _switch_to(self, request: Request, now: float) -> None:
+        self._current = request
+        if request.run is not None:
+            request.run.slice_started = now
+
+    def _advance(self, request: Request) -> None:
+        """One unit of work on ``request``: open or restore it, then one prefill chunk or one decode step."""
+        try:
+            run = request.run or self._start(request)
+            if request.cancelled.is_set():
+                run.finish = FinishReason.CANCELLED
+            else:
+                self._make_open(run)
+                self._work(run)
+        except Exception as exc:
+            self._fail(request, exc)
+            return
+        if run.finish is not None:
+            self._end(run)
+
+    def _start(self, request: Request) -> Running:
+        params = request.params
+        now = self._clock()
+        run = Running(
+            request=request,
+            seq=next(self._seq_ids),
+            sampler=self.backend.sampler(params),
+            text=TextStream(params.stop),
+            eog=frozenset() if params.ignore_eos else self.capabilities.eog_token_ids,
+            started=now,
+            pending=request.prompt_tokens[-1],
+            slice_started=now,
+        )
+        request.run = run
+        return run
+
+    def _make_open(self, run: Running) -> None:
+        """Give ``run`` an open sequence: parking the least recently run other one if all slots are taken."""
+        if run.where is Where.OPEN:
+            self._open.move_to_end(run.seq)
+            return
+        while len(self._open) >= self.capabilities.max_sequences:
+            victim = next(iter(self._open.values())).run
+            assert victim is not None and victim is not run
+            self._park(victim)
+        request = run.request
+        if run.where is Where.NEW:
+            # A seed promises reproducible text, which only an identical evaluation path gives.
+            run.cached = run.prefilled = self.backend.open(
+                run.seq, request.prompt_tokens, reuse=request.params.seed is None
+            )
+        else:
+            assert run.parked is not None
+            t0 = self._clock()
+            self.backend.restore(run.seq, run.parked)
+            run.resume_s += self._clock() - t0
+            run.parked = None
+            self._n_parked -= 1
+        run.where = Where.OPEN
+        self._open[run.seq] = request
+
+    def _park(self, run: Running) -> None:
+        t0 = self._clock()
+        blob = self.backend.park(run.seq)
+        took = self._clock() - t0
+        del self._open[run.seq]
+        run.where, run.parked = Where.PARKED, blob
+        run.parked_bytes += len(blob)
+        run.park_s += took
+        self._n_parked += 1
+        # A restore costs about what a park does here (a copy each way) until one is measured.
+        restore_s = run.resume_s / run.preemptions if run.preemptions and run.resume_s else took
+        self._switch_s = 0.8 * self._switch_s + 0.2 * (took + restore_s) if self._switch_s else took + restore_s
+
+    def _work(self, run: Running) -> None:
+        request = run.request
+        prompt = request.prompt_tokens
+        t0 = self._clock()
+        if run.prefilled < len(prompt) - 1:
+            chunk = prompt[run.prefilled : min(run.prefilled + self.settings.prefill_chunk, len(prompt) - 1)]
+            self.backend.prefill(run.seq, chunk)
+            run.prefilled += len(chunk)
+            self._service.observe_prefill(len(chunk), self._clock() - t0)
+            return
+        assert run.pending is not None
+        (token,) = self.backend.decode([Step(run.seq, run.pending, run.sampler)])
+        now = self._clock()
+        first = run.first_at is None
+        if first:
+            run.first_at = now
+            run.prefilled = len(prompt)
+        run.accept(token, self.backend.detokenize)
+        counted = token not in run.eog
+        if not first and counted:  # the decode span: an end-of-generation step is not output
+            run.decode_s += now - t0
+            self._service.observe_decode(1, now - t0)
+
+    def _end(self, run: Running) -> None:
+        """Send the final event, free the sequence, and let the next request run."""
+        request = run.request
+        run.flush()
+        self._free(run)
+        now = self._clock()
+        request.sink(FinalEvent(run.result(now)))
+        with self._cond:
+            if self._current is request:
+                self._current = None
+        if run.finish is FinishReason.STOP:  # a natural end: the answer's real length is known
+            self._learn(request, len(run.generated), now - run.started)
+
+    def _fail(self, request: Request, exc: Exception) -> None:
+        if not isinstance(exc, EdgeserveError):  # a backend library failed: map it here, once
+            log.exception("backend failed on request %s", request.request_id)
+            exc = BackendError(f"{type(exc).__name__}: {exc}")
+        if request.run is not None:
+            try:
+                self._free(request.run)
+            except Exception:  # the backend is already failing; the sequence goes with it
+                log.debug("could not release sequence %s", request.run.seq, exc_info=True)
+                self._open.pop(request.run.seq, None)
+        request.sink(ErrorEvent(exc))
+        with self._cond:
+            if self._current is request:
+                self._current = None
+
+    def _free(self, run: Running) -> None:
+        if run.where is Where.OPEN:
+            del self._open[run.seq]
+            self.backend.release(run.seq)
+        elif run.where is Where.PARKED:
+            run.parked = None
+            self._n_parked -= 1
+        run.where = Where.RELEASED
+
+    def _free_dropped(self, dropped: list[Request]) -> None:
+        for request in dropped:
+            assert request.run is not None
+            request.run.finish = FinishReason.CANCELLED
+            self._free(request.run)
+            request.sink(final(request, self._clock()))
+
+    def _shut_down(self) -> None:
+        """Closing: answer everything still here, free every sequence, resolve control jobs."""
+        with self._cond:
+            current, self._current = self._current, None
+            dropped, self._dropped = self._dropped, []
+            waiting = []
+            while (entry := self._scheduler.next(self._clock())) is not None:
+                waiting.append(entry.item)
+            control, self._control = list(self._control), collections.deque()
+        if current is not None and current.run is not None:
+            current.run.finish = FinishReason.CANCELLED
+            current.run.flush()
+            self._free(current.run)
+            current.sink(final(current, self._clock()))
+        self._free_dropped(dropped)
+        for request in waiting:
+            if request.run is not None:
+                self._free(request.run)
+            request.sink(ErrorEvent(EngineClosedError("the engine was closed before this request ended")))
+        for job in control:
+            job()  # each job resolves its own future; closing must not strand a caller of call()
+
+    def _learn(self, request: Request, n_out: int, service_s: float) -> None:
         """Feed a finished request back: its service time into derived aging, its real length into
         the recorder. Runs on the loop thread after the caller already has its result."""
         aging_s = self._aging.observe(n_out, service_s) if self._aging is not None else None
@@ -605,22 +710,6 @@ class Engine:
                 self._recorder.record(request.predictor_input, n_out)
             except (OSError, EdgeserveError) as exc:  # losing a log line must never fail serving
                 log.warning("could not record answer length: %s", exc)
-
-
-def _empty_result(request: _Request, now: float, finish: FinishReason) -> GenerationResult:
-    return GenerationResult(
-        request_id=request.request_id,
-        text="",
-        prompt_tokens=len(request.prompt_tokens),
-        completion_tokens=0,
-        finish_reason=finish,
-        ttft_s=None,
-        queue_wait_s=now - request.submitted,
-        total_s=now - request.submitted,
-        decode_tok_s=None,
-        chat_template=request.chat_template,
-        predicted_tokens=request.predicted_tokens,
-    )
 
 
 def _is_messages(source: object) -> bool:

@@ -195,6 +195,10 @@ class Scheduler(Generic[T]):
             return None
         return self._live.pop(request_id)
 
+    def backlog_cost(self) -> float:
+        """The summed cost of every waiting entry (the work ahead of a new arrival, at worst)."""
+        return sum(e.cost for e in self._live.values())
+
     def snapshot(self, now: float) -> list[QueueView]:
         """Live entries in the order ``next`` would take them if nothing else arrived."""
         aged = [e for e in self._arrivals if self._alive(e) and now - e.arrival >= self.aging_s]

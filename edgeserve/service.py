@@ -1,16 +1,44 @@
 """Service-time estimates: how long a request will hold the device, from measured token rates.
 
 Pure arithmetic, no clock and no I/O: the engine and the proxy feed it what they measure and ask it
-what a request costs. Shortest-job-first orders by this cost, not by answer length alone, because
-a long prompt's prefill is part of the job (a chat with a long history and a short answer is not a
-short job on a slow device).
+what a request costs. The length predictor's Protocols live here too, where both can see them.
+Shortest-job-first orders by this cost, not by answer length alone, because a long prompt's
+prefill is part of the job (a chat with a long history and a short answer is not a short job on a
+slow device).
 
     cost_s = prompt tokens still to evaluate / prefill rate + answer tokens still to come / decode rate
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
+
+from edgeserve.types import Message
+
+PredictorInput = str | Sequence[Message]
+
+
+class LengthPrediction(Protocol):
+    @property
+    def expected_tokens(self) -> float: ...
+
+    @property
+    def length_class(self) -> str: ...
+
+
+class LengthEstimator(Protocol):
+    """What SJF admission needs from a length predictor (``edgeserve.predictor.LengthPredictor``)."""
+
+    def predict(self, prompt: PredictorInput) -> LengthPrediction: ...
+
+
+class LengthRecorder(Protocol):
+    """Where real answer lengths go for online adaptation (``edgeserve.predictor.AdaptationLog``)."""
+
+    def record(self, request: PredictorInput, actual_tokens: int) -> None: ...
+
 
 #: Rates assumed before anything is measured: Gemma 3 270M on two CPU cores (PLATFORM-NOTES.md).
 #: Only their ratio matters for ordering, and the first measured request replaces them.

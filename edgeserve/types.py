@@ -38,17 +38,35 @@ class SamplingParams:
     """
 
     #: None: until an end-of-generation token or the context is full (OpenAI's meaning when omitted).
-    max_tokens: int | None = field(default=256, metadata={"help": "Tokens to generate at most (None: until the end or the context is full)."})
+    max_tokens: int | None = field(
+        default=256, metadata={"help": "Tokens to generate at most (None: until the end or the context is full)."}
+    )
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature; 0 means greedy."})
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling: keep the smallest set of tokens with this much mass."})
+    top_p: float = field(
+        default=0.95, metadata={"help": "Nucleus sampling: keep the smallest set of tokens with this much mass."}
+    )
     top_k: int = field(default=40, metadata={"help": "Keep the k likeliest tokens; 0 disables top-k."})
-    min_p: float = field(default=0.0, metadata={"help": "Drop tokens less likely than min_p times the likeliest; 0 disables it."})
-    seed: int | None = field(default=None, metadata={"help": "Seed for reproducible sampling (default: a fresh one per request)."})
-    stop: tuple[str, ...] = field(default=(), metadata={"help": "Stop sequence; generation ends before it (repeatable, at most 16)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Divide the logits of recent tokens by this (1.0 disables it)."})
-    presence_penalty: float = field(default=0.0, metadata={"help": "Subtract this from the logits of tokens already generated (-2..2)."})
-    frequency_penalty: float = field(default=0.0, metadata={"help": "Subtract this times each token's count so far (-2..2)."})
-    ignore_eos: bool = field(default=False, metadata={"help": "Generate through end-of-generation tokens: exactly max_tokens tokens."})
+    min_p: float = field(
+        default=0.0, metadata={"help": "Drop tokens less likely than min_p times the likeliest; 0 disables it."}
+    )
+    seed: int | None = field(
+        default=None, metadata={"help": "Seed for reproducible sampling (default: a fresh one per request)."}
+    )
+    stop: tuple[str, ...] = field(
+        default=(), metadata={"help": "Stop sequence; generation ends before it (repeatable, at most 16)."}
+    )
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "Divide the logits of recent tokens by this (1.0 disables it)."}
+    )
+    presence_penalty: float = field(
+        default=0.0, metadata={"help": "Subtract this from the logits of tokens already generated (-2..2)."}
+    )
+    frequency_penalty: float = field(
+        default=0.0, metadata={"help": "Subtract this times each token's count so far (-2..2)."}
+    )
+    ignore_eos: bool = field(
+        default=False, metadata={"help": "Generate through end-of-generation tokens: exactly max_tokens tokens."}
+    )
     logit_bias: Mapping[int, float] = field(
         default_factory=dict, metadata={"help": "Token id to a number added to its logit, as JSON: '{\"123\": 5}'."}
     )
@@ -131,6 +149,8 @@ class Capabilities:
     architecture: str = ""
     kv_state: bool = False
     device: str = "cpu"
+    #: Sequences that can be open (hold live KV state) at once; more are parked to host memory.
+    max_sequences: int = 1
 
 
 @dataclass(frozen=True)
@@ -176,6 +196,12 @@ class GenerationResult:
     cached_prompt_tokens: int = 0
     #: What the length predictor expected (None: not predicted, e.g. under fcfs).
     predicted_tokens: float | None = None
+    #: Times a shorter request displaced this one (srpt), its KV state parked meanwhile.
+    preemptions: int = 0
+    #: Bytes of KV state parked for it, and seconds spent parking and restoring it.
+    parked_bytes: int = 0
+    park_s: float = 0.0
+    resume_s: float = 0.0
 
 
 @dataclass(frozen=True)

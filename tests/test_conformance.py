@@ -24,7 +24,7 @@ from edgeserve import (
     SamplingParams,
     TokenEvent,
 )
-from edgeserve.backend import get_spec
+from edgeserve.backend import Backend, Step, get_spec
 from edgeserve.settings import EngineSettings, ModelSettings
 
 BACKENDS = ["llama", "mlx", "onnx"]
@@ -80,6 +80,14 @@ def test_special_token_text_parses_as_special_tokens(engine: Engine, reference: 
     assert tokens == reference.tokenize(text, add_bos=False)
     assert tokens[0] == caps.bos_token_id and tokens[-1] in caps.eog_token_ids
     assert engine.backend.detokenize(tokens) == b"Hi"  # control tokens print as nothing
+
+
+def test_user_text_can_be_tokenized_as_plain_text(engine: Engine, reference: Engine) -> None:
+    text = "<start_of_turn>user\nhi<end_of_turn>"
+    plain = engine.backend.tokenize(text, add_bos=False, special=False)
+    assert plain == reference.backend.tokenize(text, add_bos=False, special=False)
+    assert len(plain) > len(engine.tokenize(text, add_bos=False))  # the markers are spelled out
+    assert engine.backend.detokenize(plain) == text.encode()
 
 
 def test_capabilities_describe_the_same_model(engine: Engine, reference: Engine) -> None:
@@ -201,14 +209,95 @@ def test_cancel_mid_stream_stops_within_a_step(engine: Engine) -> None:
     assert "Berlin" in engine.generate(PROMPT, GREEDY).text  # the backend is usable again
 
 
-# ---- KV state -------------------------------------------------------------------------------
+# ---- KV state: sequences, parking, interleaving ---------------------------------------------
+
+
+def _decode_manually(
+    engine: Engine,
+    prompt: str,
+    params: SamplingParams,
+    n: int,
+    *,
+    park_at: tuple[int, ...] = (),
+) -> list[int]:
+    """Drive the backend through the Protocol: open, prefill, decode ``n`` tokens, parking the
+    sequence before each step in ``park_at`` and running another request in between, so that what
+    the context held is overwritten before the restore."""
+    tokens = engine.tokenize(prompt)
+    other = engine.tokenize("Something else entirely, to overwrite the cache.")
+
+    def run(b: Backend) -> list[int]:
+        seq, sampler = 1000, b.sampler(params)
+        b.prefill(seq, tokens[b.open(seq, tokens, reuse=False) : -1])
+        pending, out = tokens[-1], []
+        for i in range(n):
+            if i in park_at:
+                blob = b.park(seq)
+                b.prefill(2000, other[b.open(2000, other, reuse=False) : -1])
+                b.decode([Step(2000, other[-1], b.sampler(GREEDY))])
+                b.release(2000)
+                # The KV state covers every evaluated token: not the one sampled last (pending).
+                assert b.restore(seq, blob) == (tokens + out[:-1] if out else tokens[:-1])
+            (pending,) = b.decode([Step(seq, pending, sampler)])
+            out.append(pending)
+        b.release(seq)
+        sampler.close()
+        return out
+
+    return engine.call(run)
+
+
+SEEDED = SamplingParams(max_tokens=12, temperature=1.0, top_k=0, top_p=1.0, seed=11, ignore_eos=True)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("park_at", [(4,), (2, 5, 9)], ids=["parked-once", "parked-3-times"])
+def test_parked_and_resumed_sequence_continues_exactly(
+    engine: Engine, params: SamplingParams, park_at: tuple[int, ...]
+) -> None:
+    prompt = "The three primary colours are"
+    solo = _decode_manually(engine, prompt, params, 12)
+    assert _decode_manually(engine, prompt, params, 12, park_at=park_at) == solo
+
+
+def test_two_requests_interleaved_token_by_token_equal_their_solo_runs(engine: Engine) -> None:
+    prompts = ["The three primary colours are", "My favourite animal is"]
+    params = [GREEDY, SEEDED]
+    solo = [_decode_manually(engine, p, sp, 10) for p, sp in zip(prompts, params, strict=True)]
+
+    def interleaved(b: Backend) -> list[list[int]]:
+        seqs = [1001, 1002]
+        samplers = [b.sampler(sp) for sp in params]
+        tokens = [engine.tokenize(p) for p in prompts]
+        pending = [t[-1] for t in tokens]
+        parked: dict[int, bytes] = {}
+        out: list[list[int]] = [[], []]
+        room = b.capabilities().max_sequences
+        for step in range(10):
+            for i, seq in enumerate(seqs):
+                if step == 0:
+                    if room < 2 and i == 1:
+                        parked[seqs[0]] = b.park(seqs[0])
+                    b.prefill(seq, tokens[i][b.open(seq, tokens[i], reuse=False) : -1])
+                elif seq in parked:
+                    if room < 2:
+                        parked[seqs[1 - i]] = b.park(seqs[1 - i])
+                    b.restore(seq, parked.pop(seq))
+                (pending[i],) = b.decode([Step(seq, pending[i], samplers[i])])
+                out[i].append(pending[i])
+        for seq in seqs:
+            if seq not in parked:
+                b.release(seq)
+        return out
+
+    assert engine.call(interleaved) == solo
 
 
 def test_kv_export_import_reproduces_greedy_output(engine: Engine) -> None:
     prompt = "The three primary colours are"
     expected = engine.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).text
     tokens = engine.tokenize(prompt)
-    blob = engine.call(lambda b: (b.prefill(tokens), b.export_state())[1])
+    blob = engine.export_state(prompt)
     engine.generate("Something else entirely, to overwrite the cache.", max_tokens=2)
     assert engine.import_state(blob) == tokens
     again = engine.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True)
@@ -220,14 +309,14 @@ def test_kv_state_from_garbage_or_another_backend_is_a_clear_error(engine: Engin
     with pytest.raises(KVStateError):
         engine.import_state(b"not a state")
     if engine.capabilities.backend != "llama":
-        foreign = reference.call(lambda b: (b.prefill(reference.tokenize("Hi")), b.export_state())[1])
+        foreign = reference.export_state("Hi")
         with pytest.raises(KVStateError):
             engine.import_state(foreign)
     assert "Berlin" in engine.generate(PROMPT, GREEDY).text
 
 
 def test_kv_state_with_a_forged_header_is_a_clear_error(engine: Engine) -> None:
-    blob = engine.call(lambda b: (b.prefill(engine.tokenize("Hi there")), b.export_state())[1])
+    blob = engine.export_state("Hi there")
     magic_and_head, _, payload = blob.partition(b"\n{")
     header = json.loads(b"{" + payload.split(b"\n", 1)[0])
     rest = payload.split(b"\n", 1)[1] if b"\n" in payload else b""

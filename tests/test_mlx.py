@@ -1,11 +1,10 @@
-"""MLX specifics: the sampler on hand-made logits, tokens printed as llama.cpp prints them, the
-cross-backend agreement with llama.cpp under teacher forcing, MLX-quantized folders, clean exit."""
+"""MLX specifics: tokens printed as llama.cpp prints them, the cross-backend agreement with
+llama.cpp under teacher forcing, MLX-quantized folders, clean exit."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgeserve import Engine, SamplingParams
+from edgeserve import Engine
 from edgeserve.settings import ModelSettings
 
 mx = pytest.importorskip("mlx.core", reason="the mlx extra is not installed: pip install 'edgeserve[mlx]'")
@@ -24,55 +23,6 @@ from agreement import AGREEMENT_MIN, AGREEMENT_TEXT, llama_cpp_argmax  # noqa: E
 from edgeserve.backends import mlx as mlx_backend  # noqa: E402
 
 SETTINGS = ModelSettings(model="default", backend="mlx", n_ctx=1024, threads=1)
-
-
-# ---- the sampler, on hand-made logits -------------------------------------------------------
-
-
-def _draws(params: SamplingParams, logits: list[float], n: int = 200) -> Counter[int]:
-    def run() -> Counter[int]:
-        sample = mlx_backend._Sampler(mx, params, len(logits))
-        return Counter(sample(mx.array(logits)) for _ in range(n))
-
-    return mlx_backend.WORKER.call(run)
-
-
-PROBS = [0.5, 0.3, 0.15, 0.05]
-LOGITS = [float(np.log(p)) for p in PROBS]
-
-
-def test_greedy_bias_and_penalties() -> None:
-    greedy = SamplingParams(temperature=0)
-    assert _draws(greedy, LOGITS, 3) == Counter({0: 3})
-    assert _draws(SamplingParams(temperature=0, logit_bias={2: 5.0}), LOGITS, 3) == Counter({2: 3})
-    # After token 0 is drawn once, a strong presence penalty moves greedy to token 1, then 2, ...
-    assert _draws(SamplingParams(temperature=0, presence_penalty=2.0), LOGITS, 3) == Counter({0: 1, 1: 1, 2: 1})
-    # Repetition penalty divides positive logits and multiplies negative ones (llama.cpp's rule).
-    assert _draws(SamplingParams(temperature=0, repetition_penalty=3.0), LOGITS, 2) == Counter({0: 1, 1: 1})
-
-
-@pytest.mark.parametrize(
-    ("narrow", "allowed"),
-    [
-        (dict(top_k=2), {0, 1}),
-        (dict(top_p=0.5), {0}),  # the first token alone reaches 0.5
-        (dict(top_p=0.81), {0, 1, 2}),
-        (dict(min_p=0.5), {0, 1}),  # p >= 0.5 * 0.5
-        (dict(min_p=0.11), {0, 1, 2}),  # p >= 0.055 leaves out 0.05
-    ],
-)
-def test_truncation_keeps_exactly_the_allowed_tokens(narrow: dict[str, Any], allowed: set[int]) -> None:
-    params = SamplingParams(**{"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 1, **narrow})
-    assert set(_draws(params, LOGITS, 300)) == allowed
-
-
-def test_seeded_draws_repeat_and_follow_the_distribution() -> None:
-    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=11)
-    a, b = _draws(params, LOGITS, 400), _draws(params, LOGITS, 400)
-    assert a == b
-    assert abs(a[0] / 400 - 0.5) < 0.08 and abs(a[3] / 400 - 0.05) < 0.04
-    hot = _draws(SamplingParams(temperature=5.0, top_k=0, top_p=1.0, seed=11), LOGITS, 400)
-    assert hot[3] > a[3]  # a higher temperature flattens the distribution
 
 
 # ---- the default model ----------------------------------------------------------------------

@@ -1,11 +1,10 @@
-"""ONNX Runtime specifics: the sampler on hand-made logits, the model builder's adjustments, the
-converter's cache, cross-backend agreement with llama.cpp under teacher forcing, and the token-only
+"""ONNX Runtime specifics: the model builder's adjustments, the converter's cache, cross-backend
+agreement with llama.cpp under teacher forcing, and the token-only
 KV state moving between engines."""
 
 from __future__ import annotations
 
 import types
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgeserve import Engine, SamplingParams
+from edgeserve import Engine
+from edgeserve.backend import Step
 from edgeserve.errors import InvalidParameterError
 from edgeserve.progress import ProgressEvent
 from edgeserve.settings import ModelSettings
@@ -28,61 +28,6 @@ from edgeserve.models import convert as conv  # noqa: E402
 from edgeserve.models.convert import onnx as onnx_format  # noqa: E402
 
 SETTINGS = ModelSettings(model="default", backend="onnx", n_ctx=1024, threads=1)
-
-
-# ---- the sampler, on hand-made logits -------------------------------------------------------
-
-
-def _draws(params: SamplingParams, logits: list[float], n: int = 200) -> Counter[int]:
-    sample = onnx_backend._Sampler(params, len(logits))
-    array = np.array(logits, dtype=np.float32)
-    return Counter(sample(array) for _ in range(n))
-
-
-PROBS = [0.5, 0.3, 0.15, 0.05]
-LOGITS = [float(np.log(p)) for p in PROBS]
-
-
-def test_greedy_bias_and_penalties() -> None:
-    assert _draws(SamplingParams(temperature=0), LOGITS, 3) == Counter({0: 3})
-    assert _draws(SamplingParams(temperature=0, logit_bias={2: 5.0}), LOGITS, 3) == Counter({2: 3})
-    # After token 0 is drawn once, a strong presence penalty moves greedy to token 1, then 2, ...
-    assert _draws(SamplingParams(temperature=0, presence_penalty=2.0), LOGITS, 3) == Counter({0: 1, 1: 1, 2: 1})
-    # Repetition penalty divides positive logits and multiplies negative ones (llama.cpp's rule).
-    assert _draws(SamplingParams(temperature=0, repetition_penalty=3.0), LOGITS, 2) == Counter({0: 1, 1: 1})
-
-
-def test_the_sampler_leaves_the_runtime_logits_alone() -> None:
-    logits = np.array(LOGITS, dtype=np.float32)
-    before = logits.copy()
-    sample = onnx_backend._Sampler(SamplingParams(temperature=0, logit_bias={3: 9.0}, presence_penalty=1.0), 4)
-    sample(logits), sample(logits)
-    assert np.array_equal(logits, before)
-
-
-@pytest.mark.parametrize(
-    ("narrow", "allowed"),
-    [
-        (dict(top_k=2), {0, 1}),
-        (dict(top_p=0.5), {0}),  # the first token alone reaches 0.5
-        (dict(top_p=0.81), {0, 1, 2}),
-        (dict(min_p=0.5), {0, 1}),  # p >= 0.5 * 0.5
-        (dict(min_p=0.11), {0, 1, 2}),  # p >= 0.055 leaves out 0.05
-        (dict(top_k=3, top_p=0.7, min_p=0.2), {0, 1}),
-    ],
-)
-def test_truncation_keeps_exactly_the_allowed_tokens(narrow: dict[str, Any], allowed: set[int]) -> None:
-    params = SamplingParams(**{"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 1, **narrow})
-    assert set(_draws(params, LOGITS, 300)) == allowed
-
-
-def test_seeded_draws_repeat_and_follow_the_distribution() -> None:
-    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=11)
-    a, b = _draws(params, LOGITS, 400), _draws(params, LOGITS, 400)
-    assert a == b
-    assert abs(a[0] / 400 - 0.5) < 0.08 and abs(a[3] / 400 - 0.05) < 0.04
-    hot = _draws(SamplingParams(temperature=5.0, top_k=0, top_p=1.0, seed=11), LOGITS, 400)
-    assert hot[3] > a[3]  # a higher temperature flattens the distribution
 
 
 # ---- the converter --------------------------------------------------------------------------
@@ -177,6 +122,20 @@ def engine(onnx_folder: Path) -> Iterator[Engine]:
         yield eng
 
 
+class _Argmax:
+    """A sampler that picks the likeliest token and remembers it (teacher forcing ignores it)."""
+
+    def __init__(self, out: list[int]) -> None:
+        self.out = out
+
+    def __call__(self, logits: np.ndarray[Any, Any]) -> int:
+        self.out.append(int(np.argmax(logits)))
+        return self.out[-1]
+
+    def close(self) -> None:
+        pass
+
+
 def test_the_execution_provider_is_reported(engine: Engine) -> None:
     providers = onnx_backend.execution_providers()
     assert providers[-1] == "cpu"
@@ -194,12 +153,12 @@ def test_teacher_forced_next_token_agreement_with_llama_cpp(
     theirs = llama_cpp_argmax(gguf_path, tokens)
 
     def ours(backend: Any) -> np.ndarray[Any, Any]:
-        backend._reset()
-        out = []
-        for t in tokens:
-            backend._extend([t])
-            out.append(int(np.argmax(backend._last_logits())))
-        backend._reset()
+        out: list[int] = []
+        seq = backend.capabilities().max_sequences + 100
+        backend.open(seq, tokens, reuse=False)
+        for t in tokens:  # each step's argmax, whatever was fed
+            backend.decode([Step(seq, t, _Argmax(out))])
+        backend.release(seq)
         return np.array(out)
 
     agreement = float((engine.call(ours) == theirs).mean())
@@ -211,12 +170,11 @@ def test_teacher_forced_next_token_agreement_with_llama_cpp(
 def test_a_state_moves_to_another_engine_as_tokens(engine: Engine) -> None:
     prompt = "The three primary colours are"
     tokens = engine.tokenize(prompt)
-    blob = engine.call(lambda b: (b.prefill(tokens, reuse=False), b.export_state())[1])
-    assert len(blob) < 1000  # the tokens, not the keys and values
+    blob = engine.export_state(prompt)
+    assert len(blob) < 1000  # the tokens and their batches, not the keys and values
     expected = engine.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True, seed=1).text
     with Engine.from_settings(SETTINGS) as other:
         assert other.import_state(blob) == tokens
-        assert other.export_state() == blob  # the last token, not evaluated yet, is still covered
         again = other.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True)
     assert again.cached_prompt_tokens == len(tokens) - 1
     assert again.text == expected

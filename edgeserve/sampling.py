@@ -1,0 +1,110 @@
+"""One token sampler for the backends that hand logits to Python (MLX, ONNX Runtime).
+
+llama.cpp's sampler chain, in llama.cpp's order, over a NumPy row of logits:
+
+    logit bias -> repetition / frequency / presence penalties (last ``PENALTY_LAST_N`` generated
+    tokens) -> greedy, or top-k -> top-p -> min-p -> temperature -> a seeded draw
+
+so that every ``SamplingParams`` field means on those backends what it means on the llama backend
+(which runs the same chain natively; ``tests/test_sampling.py`` checks that the two distributions
+agree). A ``Sampler`` is a request's sampling *state*: its random generator and its penalty
+history live here, not in a backend's decode loop, so a request paused between two tokens and
+resumed later draws exactly what it would have drawn without the pause.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import random
+from typing import Any
+
+import numpy as np
+
+from edgeserve.types import SamplingParams
+
+#: How far back the repetition/frequency/presence penalties look, in generated tokens (every backend).
+PENALTY_LAST_N = 64
+
+Logits = np.ndarray[Any, np.dtype[np.float32]]
+
+
+def fresh_seed(params: SamplingParams) -> int:
+    """The request's seed, or a new one: ``seed=None`` promises a different draw per request."""
+    return params.seed if params.seed is not None else random.randrange(2**32 - 1)
+
+
+class Sampler:
+    """Picks tokens for one request. Penalties look at the tokens this sampler picked (the llama
+    backend's native chain sees only those too), never at the prompt."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.history: collections.deque[int] = collections.deque(maxlen=PENALTY_LAST_N)
+        self._penalize = bool(params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty)
+        self._bias: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
+        if params.logit_bias:
+            ids = sorted(params.logit_bias)
+            self._bias = (np.array(ids), np.array([params.logit_bias[i] for i in ids], dtype=np.float32))
+        self.rng = np.random.default_rng(fresh_seed(params))
+
+    def __call__(self, logits: Logits) -> int:
+        """Pick the next token from ``logits`` ([n_vocab]) and remember it."""
+        logits = self.adjusted(logits)
+        token = int(np.argmax(logits)) if self.params.greedy else self._draw(logits)
+        self.history.append(token)
+        return token
+
+    def close(self) -> None:
+        """Nothing to free (the llama backend's native sampler has to; the engine calls both alike)."""
+
+    def adjusted(self, logits: Logits) -> Logits:
+        """The logits after bias and penalties (a copy when anything changes; the input stays as it is)."""
+        p = self.params
+        if self._bias is None and not (self._penalize and self.history):
+            return logits
+        logits = np.array(logits, dtype=np.float32)
+        if self._bias is not None:
+            np.add.at(logits, self._bias[0], self._bias[1])
+        if self._penalize and self.history:
+            counts = collections.Counter(self.history)
+            ids = np.fromiter(counts, dtype=np.int64)
+            n = np.fromiter(counts.values(), dtype=np.float32)
+            seen = logits[ids]
+            if p.repetition_penalty != 1:
+                seen = np.where(seen <= 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+            logits[ids] = seen - n * p.frequency_penalty - p.presence_penalty
+        return logits
+
+    def distribution(self, logits: Logits) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """(candidate ids, their probabilities) the next draw picks from: the truncation chain
+        applied to already adjusted logits. Exposed for the cross-backend distribution check."""
+        p = self.params
+        ids = np.arange(logits.size)
+        cand = logits.astype(np.float64)
+        if 0 < p.top_k < cand.size:
+            top = np.argpartition(-cand, p.top_k - 1)[: p.top_k]
+            ids, cand = ids[top], cand[top]
+        if p.top_p < 1:
+            order = np.argsort(-cand, kind="stable")
+            ids, cand = ids[order], cand[order]
+            probs = _softmax(cand)
+            # Keep the smallest prefix whose mass reaches top_p (at least one token).
+            keep = max(int(np.sum(np.cumsum(probs) - probs < p.top_p)), 1)
+            ids, cand = ids[:keep], cand[:keep]
+        if p.min_p > 0:
+            kept = np.flatnonzero(cand >= cand.max() + math.log(p.min_p))
+            ids, cand = ids[kept], cand[kept]
+        return ids, _softmax(cand / p.temperature)
+
+    def _draw(self, logits: Logits) -> int:
+        ids, probs = self.distribution(logits)
+        cdf = np.cumsum(probs)
+        pick = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), ids.size - 1)
+        return int(ids[pick])
+
+
+def _softmax(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    e = np.exp(x - x.max())
+    out: np.ndarray[Any, Any] = e / e.sum()
+    return out

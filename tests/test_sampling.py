@@ -1,0 +1,132 @@
+"""The one Python sampler (MLX and ONNX Runtime use it) on hand-made logits, and the check that it
+draws from the same distribution as llama.cpp's native chain, which the llama backend keeps."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgeserve import Engine, SamplingParams
+from edgeserve.sampling import Sampler
+
+PROBS = [0.5, 0.3, 0.15, 0.05]
+LOGITS = np.log(np.array(PROBS, dtype=np.float32))
+
+
+def _draws(params: SamplingParams, logits: np.ndarray[Any, Any] = LOGITS, n: int = 200) -> Counter[int]:
+    sample = Sampler(params)
+    return Counter(sample(logits) for _ in range(n))
+
+
+def test_greedy_bias_and_penalties() -> None:
+    assert _draws(SamplingParams(temperature=0), n=3) == Counter({0: 3})
+    assert _draws(SamplingParams(temperature=0, logit_bias={2: 5.0}), n=3) == Counter({2: 3})
+    # After token 0 is drawn once, a strong presence penalty moves greedy to token 1, then 2, ...
+    assert _draws(SamplingParams(temperature=0, presence_penalty=2.0), n=3) == Counter({0: 1, 1: 1, 2: 1})
+    # Repetition penalty divides positive logits and multiplies negative ones (llama.cpp's rule).
+    assert _draws(SamplingParams(temperature=0, repetition_penalty=3.0), n=2) == Counter({0: 1, 1: 1})
+
+
+def test_the_sampler_leaves_the_runtime_logits_alone() -> None:
+    logits = LOGITS.copy()
+    sample = Sampler(SamplingParams(temperature=0, logit_bias={3: 9.0}, presence_penalty=1.0))
+    sample(logits), sample(logits)
+    assert np.array_equal(logits, LOGITS)
+
+
+@pytest.mark.parametrize(
+    ("narrow", "allowed"),
+    [
+        (dict(top_k=2), {0, 1}),
+        (dict(top_p=0.5), {0}),  # the first token alone reaches 0.5
+        (dict(top_p=0.81), {0, 1, 2}),
+        (dict(min_p=0.5), {0, 1}),  # p >= 0.5 * 0.5
+        (dict(min_p=0.11), {0, 1, 2}),  # p >= 0.055 leaves out 0.05
+    ],
+)
+def test_truncation_keeps_exactly_the_allowed_tokens(narrow: dict[str, Any], allowed: set[int]) -> None:
+    params = SamplingParams(**{"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 1, **narrow})
+    assert set(_draws(params, n=300)) == allowed
+
+
+def test_seeded_draws_repeat_and_follow_the_distribution() -> None:
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=11)
+    a, b = _draws(params, n=400), _draws(params, n=400)
+    assert a == b
+    assert abs(a[0] / 400 - 0.5) < 0.08 and abs(a[3] / 400 - 0.05) < 0.04
+    hot = _draws(SamplingParams(temperature=5.0, top_k=0, top_p=1.0, seed=11), n=400)
+    assert hot[3] > a[3]  # a higher temperature flattens the distribution
+
+
+def test_a_paused_sampler_resumes_its_random_stream() -> None:
+    """The state is the object: drawing 5, then 5 more later, equals drawing 10 in a row."""
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=3, presence_penalty=0.5)
+    straight = Sampler(params)
+    paused = Sampler(params)
+    first = [paused(LOGITS) for _ in range(5)]
+    _draws(SamplingParams(temperature=1.0, seed=4), n=7)  # another request draws in between
+    assert first + [paused(LOGITS) for _ in range(5)] == [straight(LOGITS) for _ in range(10)]
+
+
+# ---- against llama.cpp's native chain -------------------------------------------------------
+
+DRAWS = 3000
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.95),  # the defaults
+        SamplingParams(temperature=1.3, top_k=100, top_p=0.9, min_p=0.02),
+        SamplingParams(temperature=1.0, top_k=8, top_p=1.0, logit_bias={1000: 3.0}),
+    ],
+    ids=["defaults", "top_p-min_p", "top_k-bias"],
+)
+def test_python_and_native_samplers_draw_from_the_same_distribution(engine: Engine, params: SamplingParams) -> None:
+    """On the real model's next-token logits, llama.cpp's chain (many seeds) draws from the exact
+    distribution ours computes: a chi-square test cannot tell them apart."""
+    from llama_cpp import llama_get_logits_ith
+    from scipy.stats import chisquare
+
+    tokens = engine.tokenize("My favourite animal is the")
+
+    def native(backend: Any) -> tuple[Counter[int], np.ndarray[Any, Any]]:
+        seq = 3000
+        backend.prefill(seq, tokens[backend.open(seq, tokens, reuse=False) : -1])
+        backend._llm.eval([tokens[-1]])  # the logits after the prompt, live in the context
+        n_vocab = engine.capabilities.n_vocab
+        logits = np.ctypeslib.as_array(llama_get_logits_ith(backend._ctx.ctx, -1), shape=(n_vocab,)).copy()
+        counts: Counter[int] = Counter()
+        for seed in range(DRAWS):
+            sampler = backend.sampler(SamplingParams(**{**_fields(params), "seed": seed}))
+            counts[int(sampler.sample(backend._ctx, -1))] += 1
+            sampler.close()
+        backend.release(seq)
+        return counts, logits
+
+    counts, logits = engine.call(native)
+    ours = Sampler(params)
+    ids, probs = ours.distribution(ours.adjusted(logits))
+    expected = dict(zip(ids.tolist(), probs.tolist(), strict=True))
+    assert set(counts) <= set(expected), "llama.cpp drew a token our chain truncates away"
+    # Chi-square goodness of fit, tokens expected fewer than 5 times pooled into one bin.
+    observed, want, rest_o, rest_e = [], [], 0.0, 0.0
+    for token, p in expected.items():
+        if p * DRAWS >= 5:
+            observed.append(counts[token])
+            want.append(p * DRAWS)
+        else:
+            rest_o, rest_e = rest_o + counts[token], rest_e + p * DRAWS
+    if rest_e > 0:
+        observed.append(rest_o)
+        want.append(rest_e)
+    p_value = chisquare(observed, want).pvalue
+    tvd = 0.5 * sum(abs(counts[t] / DRAWS - p) for t, p in expected.items())
+    assert p_value > 1e-3, f"the distributions differ: chi-square p={p_value:.2g}, total variation {tvd:.3f}"
+
+
+def _fields(params: SamplingParams) -> dict[str, Any]:
+    return {f: getattr(params, f) for f in params.__dataclass_fields__}
