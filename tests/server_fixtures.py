@@ -1,5 +1,5 @@
-"""Helpers for the server tests: a live uvicorn server on a loopback port, and a backend double that
-fails mid-generation (the real model never fails on cue)."""
+"""Helpers for the server tests: a live uvicorn server on a loopback port, and a counter of the work a
+backend really did."""
 
 from __future__ import annotations
 
@@ -10,22 +10,31 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
+import pytest
 import uvicorn
 from starlette.types import ASGIApp
 
+from edgeserve.backend import Backend, SeqId, Step
 from edgeserve.engine import Engine
-from edgeserve.types import Capabilities, SamplingParams
+from edgeserve.scripted import ScriptedBackend
+from edgeserve.server.listen import uvicorn_options
+from edgeserve.settings import ServerSettings
 
 
 @contextmanager
-def live_server(app: ASGIApp, *, lifespan: Literal["on", "off"] = "off") -> Iterator[str]:
+def live_server(
+    app: ASGIApp, *, lifespan: Literal["on", "off"] = "off", settings: ServerSettings | None = None
+) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 on a free port from a background thread; yields the base URL.
-    ``lifespan="on"`` runs the app's startup and shutdown (the proxy closes its upstream pool there)."""
+    ``lifespan="on"`` runs the app's startup and shutdown (the proxy closes its upstream pool there).
+    ``settings``: serve with ``edgeserve serve``'s uvicorn options (its timeouts and limits)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
+    options = uvicorn_options(settings) if settings is not None else {}
+    config = uvicorn.Config(app, **{**options, "log_level": "warning", "lifespan": lifespan})
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     wait_for(lambda: server.started, what="uvicorn to start")
@@ -50,55 +59,47 @@ def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
 
 
 class DecodeCounter:
-    """Wraps a backend's ``decode`` to count the tokens the model really produced: the proof that a
-    cancelled request stopped early, whatever the machine's speed."""
+    """Wraps a backend's ``open`` and ``decode`` to count the requests that reached the model and the
+    tokens it really produced: the proof that a cancelled request stopped early, whatever the
+    machine's speed. Install with ``counter.install(backend, monkeypatch)``."""
 
-    def __init__(self, decode: Callable[[SamplingParams], Iterator[int]]) -> None:
-        self._decode = decode
+    def __init__(self, backend: Backend) -> None:
+        self._open = backend.open
+        self._decode = backend.decode
         self.tokens = 0
-        #: Requests that reached the model (one decode per request run).
+        #: Requests that reached the model (one ``open`` per request run).
         self.runs = 0
 
-    def __call__(self, params: SamplingParams) -> Iterator[int]:
+    def open(self, seq: SeqId, prompt: Sequence[int], *, reuse: bool = True) -> int:
         self.runs += 1
-        steps = self._decode(params)
-        try:
-            for token in steps:
-                self.tokens += 1
-                yield token
-        finally:
-            steps.close()  # type: ignore[attr-defined]
+        return self._open(seq, prompt, reuse=reuse)
+
+    def decode(self, steps: Sequence[Step]) -> list[int]:
+        out = self._decode(steps)
+        self.tokens += len(out)
+        return out
+
+    def install(self, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> DecodeCounter:
+        monkeypatch.setattr(backend, "open", self.open)
+        monkeypatch.setattr(backend, "decode", self.decode)
+        return self
 
 
-class FailingBackend:
-    """Bytes as tokens; ``decode`` yields ``good_tokens`` letters, then fails like a lost device."""
+class FailingBackend(ScriptedBackend):
+    """The scripted double, failing each request on its fourth decode step like a lost device (the
+    real model never fails on cue): three letters come out, then the error."""
 
-    def __init__(self, good_tokens: int = 3) -> None:
-        self.good_tokens = good_tokens
+    def __init__(self) -> None:
+        super().__init__()
+        self._steps: dict[SeqId, int] = {}
 
-    def capabilities(self) -> Capabilities:
-        return Capabilities(
-            backend="fake", model="failing", n_ctx=256, n_vocab=258, eog_token_ids=frozenset({257}), bos_token_id=256
-        )
+    def open(self, seq: SeqId, prompt: Sequence[int], *, reuse: bool = True) -> int:
+        self._steps[seq] = 0
+        return super().open(seq, prompt, reuse=reuse)
 
-    def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
-        return ([256] if add_bos else []) + list(text.encode())
-
-    def detokenize(self, tokens: Sequence[int]) -> bytes:
-        return bytes(t for t in tokens if t < 256)
-
-    def prefill(self, prompt: Sequence[int], *, reuse: bool = True) -> int:
-        return 0
-
-    def decode(self, params: SamplingParams) -> Iterator[int]:
-        yield from [ord("a")] * self.good_tokens
-        raise RuntimeError("device lost")
-
-    def export_state(self) -> bytes:
-        return b""
-
-    def import_state(self, blob: bytes) -> list[int]:
-        return []
-
-    def close(self) -> None:
-        pass
+    def decode(self, steps: Sequence[Step]) -> list[int]:
+        for step in steps:
+            self._steps[step.seq] = self._steps.get(step.seq, 0) + 1
+            if self._steps[step.seq] > 3:
+                raise RuntimeError("device lost")
+        return super().decode(steps)

@@ -2,6 +2,11 @@
 needs hangs off ``app.state.edgeserve`` (a ``ServerContext``), so several apps can share a process.
 
 The engine belongs to the caller, who closes it; the app only submits to it.
+
+Layers, outermost first: ``ErrorBoundary`` (every request ends with a whole response and refusals
+are counted), ``OriginGuard`` (Host and Origin: DNS rebinding, foreign web pages), CORS for the
+allowed origins (before the key check: preflights carry no key), ``GuardMiddleware`` (key, body size,
+JSON media type, body read time), then the routes.
 """
 
 from __future__ import annotations
@@ -11,15 +16,19 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import PlainTextResponse, Response
 
 from edgeserve.engine import Engine
 from edgeserve.server import ollama_routes, openai_routes, openai_wire
+from edgeserve.server.boundary import ErrorBoundary
 from edgeserve.server.context import Context, ServedModel, ServerContext
 from edgeserve.server.guard import GuardMiddleware
 from edgeserve.server.http_errors import install as install_error_handlers
 from edgeserve.server.metrics import ServerMetrics
+from edgeserve.server.origins import OriginGuard, OriginPolicy
 from edgeserve.settings import ServerSettings
 from edgeserve.types import ResolvedModel
 
@@ -72,12 +81,13 @@ def create_app(
         summary="OpenAI- and Ollama-compatible API over one local model.",
         redoc_url=None,
     )
-    app.state.edgeserve = ServerContext(engine, settings, ServerMetrics(engine, served.name), served)
+    metrics = ServerMetrics(engine, served.name)
+    app.state.edgeserve = ServerContext(engine, settings, metrics, served)
     app.include_router(openai_routes.router)
     app.include_router(ollama_routes.router)
     app.include_router(system)
     install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    _add_layers(app, settings, metrics)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -88,6 +98,30 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _add_layers(app: FastAPI, settings: ServerSettings, metrics: ServerMetrics) -> None:
+    """The middleware, added innermost first (Starlette wraps each new one around the others)."""
+    app.add_middleware(
+        GuardMiddleware,
+        api_key=settings.api_key,
+        max_body_bytes=settings.max_body_bytes,
+        require_json=True,
+        body_timeout_s=settings.body_timeout_s,
+    )
+    policy = OriginPolicy.from_settings(settings)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=["*"] if policy.any_origin else [],
+        allow_origin_regex=None if policy.any_origin else policy.cors_regex(),
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["*"],
+        max_age=600,
+    )
+    app.add_middleware(OriginGuard, policy=policy)
+    routers = (openai_routes.router, ollama_routes.router, system)
+    paths = [route.path for router in routers for route in router.routes if isinstance(route, APIRoute)]
+    app.add_middleware(ErrorBoundary, metrics=metrics, paths=paths)
 
 
 def _with_stream_models(schema: dict[str, Any], models: tuple[type[BaseModel], ...]) -> dict[str, Any]:

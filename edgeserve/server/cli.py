@@ -34,13 +34,17 @@ def serve(**values: Any) -> None:
 
     from edgeserve.engine import Engine
     from edgeserve.server.app import create_app
+    from edgeserve.server.listen import raise_open_files_limit, uvicorn_options
 
-    if not _is_loopback(server.host) and server.api_key is None:
-        log.warning("listening on %s without an API key: anyone who can reach it can use it", server.host)
+    if not _is_loopback(server.host):
+        if server.api_key is None:
+            log.warning("listening on %s without an API key: anyone who can reach it can use it", server.host)
+        if not server.allowed_hosts:
+            log.warning("clients must name this server by IP address or be listed in --allowed-hosts")
+    raise_open_files_limit(server.max_connections)
     with Engine.from_settings(model, engine_settings) as engine:
         app = create_app(engine, server, model=engine.model)
-        # On shutdown, streams still open after the grace period are cancelled (their requests too).
-        uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=10)
+        uvicorn.run(app, **uvicorn_options(server))
 
 
 def _is_loopback(host: str) -> bool:

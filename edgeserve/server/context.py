@@ -14,7 +14,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from edgeserve.engine import AsyncRequestHandle, Engine
-from edgeserve.errors import EdgeserveError, ModelNotFoundError, QueueFullError
+from edgeserve.errors import ModelNotFoundError
+from edgeserve.server.boundary import mark_engine_counts
 from edgeserve.server.metrics import ServerMetrics
 from edgeserve.settings import ServerSettings
 from edgeserve.types import Message, ResolvedModel, SamplingParams
@@ -63,6 +64,7 @@ class ServerContext:
 
     def submit(
         self,
+        request: Request,
         endpoint: str,
         params: SamplingParams,
         *,
@@ -70,12 +72,10 @@ class ServerContext:
         messages: Sequence[Message] | None = None,
         priority: int = 0,
     ) -> AsyncRequestHandle:
-        """Queue a request; bad input and a full queue raise here, before any response starts."""
-        try:
-            handle = self.engine.submit_async(prompt, params, messages=messages, priority=priority)
-        except EdgeserveError as exc:
-            self.metrics.ended_early(endpoint, "queue_full" if isinstance(exc, QueueFullError) else "invalid")
-            raise
+        """Queue a request; bad input and a full queue raise here, before any response starts (and
+        ``ErrorBoundary`` counts them). From here on the request's events count it."""
+        handle = self.engine.submit_async(prompt, params, messages=messages, priority=priority)
+        mark_engine_counts(request.scope)
         if self.settings.log_prompts:
             log.info("%s %s prompt=%r messages=%r", handle.request_id, endpoint, prompt, messages)
         else:

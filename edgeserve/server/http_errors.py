@@ -1,11 +1,15 @@
 """Errors on the wire: status chosen by exception class (``http_status``), body shaped for the API the
 path belongs to (Ollama's ``{"error": "..."}`` under /api, OpenAI's ``{"error": {...}}`` elsewhere).
 
-No handler here reads an exception's message to decide anything; messages are only shown.
+No handler here reads an exception's message to decide anything; messages are only shown. An
+exception no handler knows ends in ``boundary.ErrorBoundary`` (a 500 that keeps the connection), not
+in a handler for ``Exception``: Starlette re-raises after that handler's 500, and uvicorn then closes
+the keep-alive connection under the client's next request.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -37,8 +41,11 @@ def documented_errors(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]
         for status, text in (
             (400, "Invalid request: malformed JSON, a wrong type or value, a prompt longer than the context."),
             (401, "Missing or wrong API key."),
+            (403, "A Host or browser Origin this server does not serve (DNS-rebinding and cross-origin guard)."),
             (404, "Unknown model."),
+            (408, "The request head or body did not arrive in time."),
             (413, "Request body too large."),
+            (415, "A request body that is not sent as application/json."),
             (429, "The queue is full; retry after the Retry-After header's seconds."),
             (500, "The backend failed."),
         )
@@ -55,6 +62,14 @@ def error_body(path: str, message: str, error_type: str, param: str | None = Non
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+class ErrorJSONResponse(JSONResponse):
+    """ASCII JSON: an error can always be written, whatever text (a lone surrogate from the client, a
+    backend's message) its message quotes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(
     path: str,
     status: int,
@@ -66,7 +81,7 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     kind = error_type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse(error_body(path, message, kind, param, code), status_code=status, headers=headers)
+    return ErrorJSONResponse(error_body(path, message, kind, param, code), status_code=status, headers=headers)
 
 
 def edgeserve_error_response(path: str, exc: EdgeserveError) -> JSONResponse:
@@ -97,6 +112,10 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         if err.get("type") == "missing" and not loc:
             problems.append("a JSON request body is required")
             continue
+        if err.get("type") == "invalid_unicode":  # WireRequest names the place itself
+            problems.append(err.get("msg", "invalid text"))
+            param = param or err.get("ctx", {}).get("param")
+            continue
         where = ".".join(loc) or "body"
         param = param or (loc[0] if loc else None)
         problems.append(f"{where}: {err.get('msg', 'invalid')}")
@@ -120,11 +139,6 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, HTTPException)
         return error_response(request.url.path, exc.status_code, str(exc.detail), headers=exc.headers)
 
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("%s %s failed", request.method, request.url.path)
-        return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}")
-
     app.add_exception_handler(EdgeserveError, on_edgeserve)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(HTTPException, on_http)
-    app.add_exception_handler(Exception, on_unexpected)

@@ -3,8 +3,10 @@ tests, must not share or collide).
 
 Latency histograms are fed from the engine's own timings (``GenerationResult``), so they measure
 the request from admission, not the HTTP layer's view of it. Every request is counted once in
-``edgeserve_requests_total`` by outcome: the finish reason, ``error``, ``queue_full`` or
-``cancelled`` (the client left before the end).
+``edgeserve_requests_total`` by outcome: the finish reason, ``error``, or ``cancelled`` (the client
+left before the end) for requests the engine took; for refused ones (``refused``, fed by
+``boundary.ErrorBoundary``) a name per status: ``invalid`` (400), ``not_found`` (404), ``queue_full``
+(429), ``error`` (5xx) and the others in ``REFUSALS``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,18 @@ from edgeserve.types import GenerationResult
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 PER_TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+#: Outcome of a request refused with this status before the engine took it.
+REFUSALS = {
+    400: "invalid",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "queue_full",
+}
 
 
 class ServerMetrics:
@@ -74,6 +88,11 @@ class ServerMetrics:
         self.requests.labels(self.model, endpoint, outcome).inc()
         if generated_tokens:
             self.generation_tokens.labels(self.model, endpoint).inc(generated_tokens)
+
+    def refused(self, endpoint: str, status: int) -> None:
+        """A request answered ``status`` (>= 400) without the engine running it."""
+        outcome = REFUSALS.get(status) or ("error" if status >= 500 else "rejected")
+        self.requests.labels(self.model, endpoint, outcome).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

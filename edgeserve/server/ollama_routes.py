@@ -168,10 +168,10 @@ async def generate(body: wire.GenerateRequest, request: Request, ctx: Context) -
         return _loaded(ctx, lambda **kw: wire.GenerateResponse(response="", **kw))
     if body.raw or ctx.engine.capabilities.chat_template is None:
         prompt = body.prompt if body.raw or not body.system else f"{body.system}\n\n{body.prompt}"
-        handle = ctx.submit(endpoint, params, prompt=prompt)
+        handle = ctx.submit(request, endpoint, params, prompt=prompt)
     else:
         messages: list[Message] = [{"role": "system", "content": body.system}] if body.system else []
-        handle = ctx.submit(endpoint, params, messages=[*messages, {"role": "user", "content": body.prompt}])
+        handle = ctx.submit(request, endpoint, params, messages=[*messages, {"role": "user", "content": body.prompt}])
 
     def make(text: str, result: GenerationResult | None) -> wire.GenerateResponse:
         stats = _stats(result) if result is not None else {"done": False}
@@ -191,7 +191,7 @@ async def chat(body: wire.ChatRequest, request: Request, ctx: Context) -> Respon
     if not body.messages:
         return _loaded(ctx, lambda **kw: wire.ChatResponse(message=wire.OllamaReply(content=""), **kw))
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    handle = ctx.submit(endpoint, params, messages=messages)
+    handle = ctx.submit(request, endpoint, params, messages=messages)
 
     def make(text: str, result: GenerationResult | None) -> wire.ChatResponse:
         stats = _stats(result) if result is not None else {"done": False}

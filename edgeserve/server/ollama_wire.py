@@ -3,6 +3,7 @@
 Shapes follow Ollama's API documentation and what the official ``ollama`` Python client parses.
 Durations are nanoseconds, as Ollama reports them. Options edgeserve cannot apply (``num_ctx``,
 ``num_gpu``, ``mirostat``, ...) are accepted and ignored, as Ollama ignores options a runner lacks.
+Requests are strict and their text valid Unicode, as ``/v1``'s (see ``openai_wire.WireRequest``).
 Features it cannot serve (``format``, ``think``, ``images``, ``tools``) validate loosely so that the
 route can refuse them by name, and are documented as absent (see ``openai_wire.Documented``).
 """
@@ -13,14 +14,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeserve.server.openai_wire import NULL, Documented
+from edgeserve.server.openai_wire import NULL, Documented, Strict, WireRequest
 
 StopText = Annotated[str, Field(min_length=1)]
 NAME = {"type": "string", "minLength": 1}
 EMPTY_LIST = {"anyOf": [{"type": "array", "maxItems": 0}, NULL]}
 
 
-class OllamaOptions(BaseModel):
+class OllamaOptions(Strict):
     num_predict: Annotated[
         int | None, Documented({"anyOf": [{"type": "integer", "minimum": 1}, {"enum": [-1, -2]}, NULL]})
     ] = Field(None, ge=-2, description="Tokens to generate at most; -1 or -2 (or absent): until the end of text.")
@@ -35,7 +36,7 @@ class OllamaOptions(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
 
 
-class _Request(BaseModel):
+class _Request(WireRequest):
     model: str = Field(min_length=1)
     stream: bool = Field(True, description="NDJSON stream (the default) or one JSON object.")
     options: OllamaOptions | None = None
@@ -57,7 +58,7 @@ class GenerateRequest(_Request):
     )
 
 
-class OllamaMessage(BaseModel):
+class OllamaMessage(Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: Annotated[list[str] | None, Documented(EMPTY_LIST)] = Field(
@@ -72,8 +73,10 @@ class ChatRequest(_Request):
     )
 
 
-class ShowRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["model"]}, {"required": ["name"]}]})
+class ShowRequest(WireRequest):
+    model_config = ConfigDict(
+        strict=True, json_schema_extra={"anyOf": [{"required": ["model"]}, {"required": ["name"]}]}
+    )
 
     model: Annotated[str | None, Documented(NAME)] = Field(None, min_length=1)
     name: Annotated[str | None, Documented(NAME)] = Field(None, min_length=1, description="Older spelling of model.")

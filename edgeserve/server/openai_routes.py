@@ -178,7 +178,7 @@ async def chat_completions(body: wire.ChatCompletionRequest, request: Request, c
         raise InvalidParameterError("only response_format {'type': 'text'} is supported", param="response_format")
     params = _sampling(body, body.max_completion_tokens or body.max_tokens)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    handle = ctx.submit(endpoint, params, messages=messages, priority=body.priority)
+    handle = ctx.submit(request, endpoint, params, messages=messages, priority=body.priority)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.model.name
 
     if body.stream:
@@ -218,7 +218,7 @@ async def completions(body: wire.CompletionRequest, request: Request, ctx: Conte
     ctx.check_model(body.model)
     _refuse_unsupported(body)
     params = _sampling(body, body.max_tokens)
-    handle = ctx.submit(endpoint, params, prompt=_completion_prompt(body.prompt), priority=body.priority)
+    handle = ctx.submit(request, endpoint, params, prompt=_completion_prompt(body.prompt), priority=body.priority)
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), ctx.model.name
 
     def chunk(

@@ -3,6 +3,12 @@
 Only what edgeserve serves is declared; unknown request fields are ignored (clients send many), and
 fields that would change the answer in a way edgeserve cannot honour (``n > 1``, ``logprobs``,
 ``tools``) are declared so that the route can refuse them with a clear 400 instead of ignoring them.
+
+Every request model is strict, as OpenAI's API is: ``temperature: true``, ``max_tokens: "5"`` or
+``stream: "yes"`` are 400s, not coerced (an integer field takes no ``5.0`` either; a float field takes
+integers). Text must be Unicode: a lone UTF-16 surrogate (``"a\\ud800"``, valid JSON escape, no
+character) anywhere in a request is a 400 naming where it is, never replaced silently (OpenAI's
+parser refuses it too; the prompt the client meant is unknown).
 For those, validation accepts the field's usual shape and the route says what is wrong, while the
 documented schema (``Documented``) states only what is served: a request that fits the schema is
 served. ``ignore_eos``, ``priority``, ``top_k``, ``min_p`` and ``repetition_penalty`` are extensions.
@@ -10,9 +16,11 @@ served. ``ignore_eos``, ``priority``, ``top_k``, ``min_p`` and ``repetition_pena
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
 
 TokenId = Annotated[int, Field(ge=0)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
@@ -25,13 +33,59 @@ StopList = Annotated[list[StopText], Field(max_length=16)]
 Documented = WithJsonSchema
 
 NULL = {"type": "null"}
+#: Python strings from JSON hold a surrogate code point only where the JSON had a lone ``\udXXX``
+#: escape (a valid pair decodes to one character).
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class StreamOptions(BaseModel):
+def lone_surrogate(data: Any) -> tuple[str, ...] | None:
+    """The path to the first string (value or key) in decoded JSON that holds a lone surrogate.
+    Iterative: JSON nests as deep as the parser allowed, deeper than Python's recursion limit."""
+    todo: list[tuple[tuple[str, ...], Any]] = [((), data)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, str):
+            if SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and SURROGATE.search(key):
+                    return (*path, key)
+                todo.append(((*path, str(key)), item))
+        elif isinstance(value, list):
+            todo.extend(((*path, str(i)), item) for i, item in enumerate(value))
+    return None
+
+
+class Strict(BaseModel):
+    """No coercion: a boolean is not a number, a string is not a boolean (OpenAI answers 400 too)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class WireRequest(Strict):
+    """A whole request body: strict, and all of its text valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data: Any) -> Any:
+        path = lone_surrogate(data)
+        if path is not None:
+            where = ".".join(path) or "body"
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "{where}: the text holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair), "
+                "which is no character; send text as UTF-8 or as complete surrogate pairs",
+                {"where": where, "param": path[0] if path else None},
+            )
+        return data
+
+
+class StreamOptions(Strict):
     include_usage: bool = Field(False, description="Send one last chunk with token usage before [DONE].")
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(WireRequest):
     """Fields the chat and the text completion requests share."""
 
     model: str = Field(min_length=1, description="Model id, as listed by GET /v1/models.")
@@ -84,17 +138,17 @@ def _text_part_only(schema: dict[str, Any]) -> None:
     schema["required"] = ["type", "text"]
 
 
-class ContentPart(BaseModel):
+class ContentPart(Strict):
     """One part of a message's content; only ``text`` parts can be served (the engine says so for
     others, naming the part's type)."""
 
-    model_config = ConfigDict(json_schema_extra=_text_part_only)
+    model_config = ConfigDict(strict=True, json_schema_extra=_text_part_only)
 
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
