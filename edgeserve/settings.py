@@ -51,6 +51,12 @@ class ModelSettings(_Settings):
         description="Where assembled and converted models are kept (default: ~/.cache/edgeserve).",
     )
 
+    @property
+    def threads_pinned(self) -> bool:
+        """``threads`` was given (argument, flag or ``EDGESERVE_THREADS``): keep it fixed. Otherwise
+        it is the most a backend may use, and ``edgeserve.threads.ThreadTuner`` picks the count."""
+        return "threads" in self.model_fields_set
+
 
 class EngineSettings(_Settings):
     max_queue: int = Field(64, ge=1, description="Requests that may wait for the engine; more get 429.")
@@ -84,12 +90,8 @@ class EngineSettings(_Settings):
     preempt_quantum_s: float = Field(
         0.1, ge=0, description="srpt: seconds a request keeps the device before anything may displace it."
     )
-    max_parked: int = Field(
-        16, ge=0, description="srpt: requests whose KV state may be parked in host memory at once."
-    )
-    prefill_chunk: int = Field(
-        256, ge=1, description="Prompt tokens evaluated between two scheduling decisions."
-    )
+    max_parked: int = Field(16, ge=0, description="srpt: requests whose KV state may be parked in host memory at once.")
+    prefill_chunk: int = Field(256, ge=1, description="Prompt tokens evaluated between two scheduling decisions.")
 
 
 class ServerSettings(_Settings):

@@ -1,0 +1,242 @@
+"""Choosing the CPU thread count from measured decode step times: a pure controller.
+
+Why: llama.cpp's threads meet at a barrier after every operation of every step. With as many
+threads as cores and one other CPU-bound process, one thread has no core, every barrier waits for
+it, and decode fell here from ~70 to 0.5-1.2 tok/s; one thread gave 48-55 tok/s. Laptops, phones and
+boards are always running something else (browsers, IDEs, big.LITTLE cores, thermal limits), so the
+default count has to follow the machine, not its core count.
+
+How: ``ThreadTuner`` is fed the duration of each decode step and answers with a new count when one
+should change. It owns no thread, no clock and no backend (the caller measures the step and applies
+the count, e.g. ``llama_set_n_threads``), so tests script the step times.
+
+- **Probe.** Counts come from a ladder (1, 2, 4, ..., max-1, max). A count is measured over a few
+  steps after one warm-up step (new threads); its median step time is its score. The first probe
+  climbs from 1 (never catastrophic) while each rung is faster by more than ``tolerance``; among
+  counts within ``tolerance`` of the fastest the fewest threads win (they leave cores to the rest
+  of the machine at no cost to decode).
+- **Abort.** A probe step slower than ``abort_factor`` x the best median so far ends that count at
+  once, and the climb: more threads only add contention. Under a competitor this caps a wrong
+  probe at one step (~1 s here).
+- **Contention.** In steady state a step slower than ``spike_factor`` x the recent median, or three
+  in a row above ``jump_factor`` x, start a probe of the neighbouring rungs; the slow steps are the
+  current count's score, so it is not measured again.
+- **Re-probe.** Conditions also improve (the competitor exits), which a steady step time cannot show
+  at a lower count. Every ``reprobe_s`` seconds of decode the neighbours are probed again; an
+  unchanged answer doubles the interval (to ``max_reprobe_s``), a change resets it. An optional
+  ``idle_cores`` callable (see ``IdleCores``) lets the tuner skip rungs above the current count
+  when the machine has no idle core for them, so a busy machine pays no probe at all.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TunerConfig:
+    warmup_steps: int = 1
+    probe_steps: int = 3
+    #: Steady steps kept for the recent median (the contention reference).
+    window: int = 8
+    jump_factor: float = 1.5
+    spike_factor: float = 3.0
+    abort_factor: float = 2.0
+    #: Counts within this fraction of the fastest are equal (the fewest threads win).
+    tolerance: float = 0.03
+    #: Seconds of decode between re-probes, after a change; doubled while nothing changes.
+    reprobe_s: float = 4.0
+    max_reprobe_s: float = 120.0
+    #: An idle-core reading below (rungs up - this) means no room for the higher rung.
+    idle_slack: float = 0.5
+
+
+def ladder(max_threads: int) -> list[int]:
+    """The counts tried, ascending: powers of two below max, max - 1 (one core busy) and max."""
+    rungs = {1, max_threads, max(1, max_threads - 1)}
+    n = 2
+    while n < max_threads:
+        rungs.add(n)
+        n *= 2
+    return sorted(rungs)
+
+
+@dataclass
+class _Probe:
+    #: Rungs still to measure, in order (ascending, so the cheap and safe ones come first).
+    todo: list[int]
+    #: The steady count the probe started from (upward rungs need idle cores beyond it).
+    base: int
+    idle_base: float | None
+    #: Climb past the last rung of ``todo`` while each rung keeps improving.
+    climb: bool
+    scores: dict[int, float] = field(default_factory=dict)
+    seen: int = 0
+    steps: list[float] = field(default_factory=list)
+
+
+class ThreadTuner:
+    """Feed ``observe`` each decode step's seconds; apply the count it returns (None: keep).
+    ``threads`` is the count to run with now (start with it)."""
+
+    def __init__(
+        self,
+        max_threads: int,
+        *,
+        config: TunerConfig | None = None,
+        idle_cores: Callable[[], float] | None = None,
+    ) -> None:
+        self.config = config or TunerConfig()
+        self.max_threads = max(1, max_threads)
+        self.rungs = ladder(self.max_threads)
+        self._idle = idle_cores
+        self._recent: deque[float] = deque(maxlen=self.config.window)
+        self._decode_s = 0.0
+        self._interval = self.config.reprobe_s
+        self._previous: int | None = None
+        #: Probes finished, and the scores of the last one (seconds per step by count).
+        self.probes = 0
+        self.last_scores: dict[int, float] = {}
+        self.threads = self.rungs[0]
+        self._probe: _Probe | None = None
+        if len(self.rungs) > 1:  # measure 1 thread first, then climb
+            self._probe = _Probe(todo=[], base=self.threads, idle_base=None, climb=True)
+
+    @property
+    def probing(self) -> bool:
+        return self._probe is not None
+
+    def observe(self, step_s: float) -> int | None:
+        """One decode step took ``step_s`` seconds at ``threads``; returns the next count if it
+        changes."""
+        if len(self.rungs) == 1:
+            return None
+        if self._probe is not None:
+            return self._observe_probe(self._probe, step_s)
+        return self._observe_steady(step_s)
+
+    # ---- steady state ------------------------------------------------------------------------
+
+    def _observe_steady(self, step_s: float) -> int | None:
+        cfg = self.config
+        reference = statistics.median(self._recent) if len(self._recent) >= cfg.probe_steps else None
+        self._recent.append(step_s)
+        self._decode_s += step_s
+        if reference is not None:
+            last = list(self._recent)[-3:]
+            if step_s > cfg.spike_factor * reference:
+                return self._start_probe(current_score=step_s, interval=cfg.reprobe_s)
+            if len(last) == 3 and min(last) > cfg.jump_factor * reference:
+                return self._start_probe(current_score=statistics.median(last), interval=cfg.reprobe_s)
+        if self._decode_s >= self._interval and len(self._recent) >= cfg.probe_steps:
+            recent = list(self._recent)[-cfg.probe_steps :]
+            return self._start_probe(current_score=statistics.median(recent), interval=None)
+        return None
+
+    def _start_probe(self, current_score: float, interval: float | None) -> int | None:
+        """Probe the rungs beside the current one; ``interval`` resets the re-probe clock (after a
+        jump), None keeps its backoff (a periodic probe)."""
+        if interval is not None:
+            self._interval = interval
+        i = self.rungs.index(self.threads)
+        neighbours = self.rungs[max(0, i - 1) : i] + self.rungs[i + 1 : i + 2]
+        idle = self._idle() if self._idle else None
+        probe = _Probe(todo=neighbours, base=self.threads, idle_base=idle, climb=False)
+        probe.scores[self.threads] = current_score
+        self._previous = self.threads
+        self._probe = probe
+        return self._next_rung(probe)
+
+    # ---- probing -----------------------------------------------------------------------------
+
+    def _observe_probe(self, probe: _Probe, step_s: float) -> int | None:
+        cfg = self.config
+        probe.seen += 1
+        best = min(probe.scores.values()) if probe.scores else None
+        # A warm-up step may be slower (new threads start): it gets twice the margin.
+        limit = cfg.abort_factor * (2 if probe.seen <= cfg.warmup_steps else 1)
+        if best is not None and step_s > limit * best:
+            probe.scores[self.threads] = step_s  # far slower: no more steps, and no higher rung
+            probe.todo = [r for r in probe.todo if r < self.threads]
+            probe.climb = False
+            return self._next_rung(probe)
+        if probe.seen <= cfg.warmup_steps:
+            if probe.seen == cfg.warmup_steps and self._idle and self.threads == probe.base:
+                self._idle()  # restart the idle reading: it is to cover this rung's steps only
+            return None
+        probe.steps.append(step_s)
+        if len(probe.steps) < cfg.probe_steps:
+            return None
+        score = statistics.median(probe.steps)
+        probe.scores[self.threads] = score
+        if self.threads == probe.base and probe.idle_base is None and self._idle:
+            probe.idle_base = self._idle()
+        if probe.climb and not probe.todo:
+            improved = best is None or score < best * (1 - cfg.tolerance)
+            higher = [r for r in self.rungs if r > self.threads]
+            if improved and higher:
+                probe.todo.append(higher[0])
+        return self._next_rung(probe)
+
+    def _next_rung(self, probe: _Probe) -> int | None:
+        while probe.todo:
+            rung = probe.todo.pop(0)
+            if rung in probe.scores:
+                continue
+            if rung > probe.base and not self._room_for(rung, probe):
+                probe.todo = [r for r in probe.todo if r < rung]
+                continue
+            probe.seen, probe.steps = 0, []
+            return self._set(rung)
+        return self._finish(probe)
+
+    def _room_for(self, rung: int, probe: _Probe) -> bool:
+        if probe.idle_base is None:
+            return True  # no reading: measure it (the abort rule caps the cost)
+        return probe.idle_base >= rung - probe.base - self.config.idle_slack
+
+    def _finish(self, probe: _Probe) -> int | None:
+        cfg = self.config
+        fastest = min(probe.scores.values())
+        choice = min(n for n, s in probe.scores.items() if s <= fastest * (1 + cfg.tolerance))
+        self._probe = None
+        self.probes += 1
+        self.last_scores = dict(sorted(probe.scores.items()))
+        if self._previous is not None:
+            changed = choice != self._previous
+            self._interval = cfg.reprobe_s if changed else min(self._interval * 2, cfg.max_reprobe_s)
+        self._decode_s = 0.0
+        self._recent.clear()
+        self._recent.extend([probe.scores[choice]] * cfg.probe_steps)
+        if self._idle:
+            self._idle()  # the next reading covers steady running at the choice
+        return self._set(choice)
+
+    def _set(self, threads: int) -> int | None:
+        if threads == self.threads:
+            return None
+        self.threads = threads
+        return threads
+
+
+class IdleCores:
+    """Idle cores of the machine since the last call, from ``/proc/stat`` via psutil: the hint
+    ``ThreadTuner`` uses to skip rungs a busy machine has no room for. Logical CPUs are scaled to
+    physical cores (a hyper-thread sibling is not a free core for a memory-bound decode)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+        self._last = psutil.cpu_times()
+
+    def __call__(self) -> float:
+        now = self._psutil.cpu_times()
+        idle = (now.idle + getattr(now, "iowait", 0.0)) - (self._last.idle + getattr(self._last, "iowait", 0.0))
+        total = sum(now) - sum(self._last)
+        self._last = now
+        return float(idle / total * self._cores) if total > 0 else 0.0

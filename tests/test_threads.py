@@ -1,0 +1,197 @@
+"""ThreadTuner on scripted step times: a simulated machine answers each step's seconds for the
+thread count in use, with or without a CPU-bound competitor (figures measured on this 2-core CPU:
+decode ~70 tok/s on 2 threads, ~50 on 1, ~1 on 2 threads beside a competitor)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+
+import pytest
+
+from edgeserve.threads import ThreadTuner, TunerConfig, ladder
+
+#: Seconds per decode step on this machine, by thread count.
+IDLE = {1: 0.020, 2: 0.0143}
+BUSY = {1: 0.020, 2: 1.0}  # one core taken: the second thread waits at every barrier
+
+
+class Machine:
+    """Runs a tuner for ``steps`` steps; ``phase(step)`` says which table applies."""
+
+    def __init__(self, tuner: ThreadTuner, jitter: float = 0.0, seed: int = 0) -> None:
+        self.tuner = tuner
+        self.rng = random.Random(seed)
+        self.jitter = jitter
+        self.log: list[tuple[int, float]] = []  # (threads, seconds) per step
+        self.changes = 0
+
+    def run(self, steps: int, table: Callable[[int], dict[int, float]]) -> None:
+        for _ in range(steps):
+            n = self.tuner.threads
+            seconds = table(len(self.log))[n] * (1 + self.rng.uniform(-self.jitter, self.jitter))
+            self.log.append((n, seconds))
+            if self.tuner.observe(seconds) is not None:
+                self.changes += 1
+            assert self.tuner.threads in self.tuner.rungs
+
+    def seconds(self, start: int = 0, stop: int | None = None) -> float:
+        return sum(s for _, s in self.log[start:stop])
+
+
+def fixed_seconds(machine: Machine, table: Callable[[int], dict[int, float]], n: int) -> float:
+    return sum(table(i)[n] for i in range(len(machine.log)))
+
+
+def best_fixed_ratio(machine: Machine, table: Callable[[int], dict[int, float]]) -> float:
+    """Adaptive decode speed over the best fixed count's, on the same steps."""
+    best = min(fixed_seconds(machine, table, n) for n in machine.tuner.rungs)
+    return best / machine.seconds()
+
+
+def test_ladder() -> None:
+    assert ladder(1) == [1]
+    assert ladder(2) == [1, 2]
+    assert ladder(4) == [1, 2, 3, 4]
+    assert ladder(8) == [1, 2, 4, 7, 8]
+    assert ladder(16) == [1, 2, 4, 8, 15, 16]
+
+
+def test_one_core_never_changes() -> None:
+    tuner = ThreadTuner(1)
+    assert tuner.threads == 1 and not tuner.probing
+    assert all(tuner.observe(0.02) is None for _ in range(100))
+
+
+def test_an_idle_machine_climbs_to_every_core() -> None:
+    tuner = ThreadTuner(2)
+    assert tuner.threads == 1 and tuner.probing  # 1 thread first: never catastrophic
+    machine = Machine(tuner)
+    machine.run(8, lambda i: IDLE)  # 1 warm-up + 3 measured steps per count
+    assert tuner.threads == 2 and not tuner.probing
+    assert tuner.last_scores == {1: IDLE[1], 2: IDLE[2]}
+    machine.run(3000, lambda i: IDLE)
+    assert best_fixed_ratio(machine, lambda i: IDLE) > 0.97  # re-probes of 1 thread back off
+    assert [n for n, _ in machine.log[-50:]] == [2] * 50
+
+
+def test_a_busy_machine_from_the_start_costs_one_slow_step_per_probe() -> None:
+    tuner = ThreadTuner(2)
+    machine = Machine(tuner)
+    machine.run(3000, lambda i: BUSY)  # 60 s of decode
+    slow = [i for i, (n, _) in enumerate(machine.log) if n == 2]
+    # The first probe and each re-probe (4, 8, 16, 32 s of decode apart) pay one step at 2 threads.
+    assert 1 <= len(slow) <= 5
+    assert all(b - a > 150 for a, b in itertools.pairwise(slow))  # backed off, never back to back
+    assert tuner.threads == 1
+    assert best_fixed_ratio(machine, lambda i: BUSY) >= 0.9
+
+
+def test_an_idle_core_reading_spares_the_busy_machine_every_slow_step() -> None:
+    tuner = ThreadTuner(2, idle_cores=lambda: 0.05)  # the competitor keeps the other core busy
+    machine = Machine(tuner)
+    machine.run(3000, lambda i: BUSY)
+    assert all(n == 1 for n, _ in machine.log)
+    assert tuner.probes >= 4  # it kept asking, at no cost
+
+
+def test_a_competitor_that_comes_and_goes() -> None:
+    arrives, leaves = 1000, 2000
+
+    def table(i: int) -> dict[int, float]:
+        return BUSY if arrives <= i < leaves else IDLE
+
+    tuner = ThreadTuner(2)
+    machine = Machine(tuner)
+    machine.run(3500, table)
+    threads = [n for n, _ in machine.log]
+    assert threads[arrives - 1] == 2
+    # The first slow step at 2 threads sends it to 1 at once.
+    assert threads[arrives] == 2 and threads[arrives + 1] == 1
+    # Once the competitor leaves, a re-probe finds 2 threads again within the backed-off interval.
+    back = next(i for i in range(leaves, len(threads)) if threads[i : i + 20] == [2] * 20)
+    assert machine.seconds(leaves, back) < TunerConfig().max_reprobe_s
+    assert threads[-1] == 2
+    assert best_fixed_ratio(machine, table) >= 0.8
+    # Neither fixed count is good across both phases; adaptive beats both.
+    assert machine.seconds() < min(fixed_seconds(machine, table, n) for n in (1, 2))
+
+
+def test_a_competitor_that_leaves_is_found_with_an_idle_core_reading() -> None:
+    busy = {"now": True}
+    tuner = ThreadTuner(2, idle_cores=lambda: 0.0 if busy["now"] else 1.0)
+    machine = Machine(tuner)
+    machine.run(1500, lambda i: BUSY)
+    assert tuner.threads == 1 and all(n == 1 for n, _ in machine.log)
+    busy["now"] = False
+    machine.run(3000, lambda i: IDLE)
+    assert tuner.threads == 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_noise_does_not_make_it_flap(seed: int) -> None:
+    tuner = ThreadTuner(2)
+    machine = Machine(tuner, jitter=0.15, seed=seed)
+    machine.run(5000, lambda i: IDLE)
+    assert tuner.threads == 2
+    assert machine.changes <= 12  # the first climb, then a few backed-off re-probes
+    assert best_fixed_ratio(machine, lambda i: IDLE) > 0.95
+
+
+def _many_cores(busy_core: bool) -> dict[int, float]:
+    """8 cores, memory-bound decode: speed saturates past 4 threads; with one core busy, 8 threads
+    wait for the one without a core at every barrier, 7 do not."""
+    table = {1: 0.080, 2: 0.042, 4: 0.024, 7: 0.020, 8: 0.0195}
+    if busy_core:
+        table[8] = 0.4
+    return table
+
+
+def test_many_cores_stop_climbing_where_threads_stop_helping() -> None:
+    tuner = ThreadTuner(8)
+    machine = Machine(tuner)
+    machine.run(40, lambda i: _many_cores(False))
+    assert tuner.threads == 7  # 8 is within 3% of 7: the fewer threads win
+    machine.run(3000, lambda i: _many_cores(False))
+    assert best_fixed_ratio(machine, lambda i: _many_cores(False)) > 0.95
+
+
+def test_many_cores_step_down_from_a_straggler() -> None:
+    table = {1: 0.080, 2: 0.042, 4: 0.024, 7: 0.020, 8: 0.014}  # 8 clearly fastest while idle
+    tuner = ThreadTuner(8)
+    machine = Machine(tuner)
+    machine.run(200, lambda i: table)
+    assert tuner.threads == 8
+    straggler = {**table, 8: 0.4}
+    machine.run(20, lambda i: straggler)
+    assert tuner.threads == 7
+    assert sum(1 for n, s in machine.log[200:] if s >= 0.4) == 1
+
+
+def test_probe_scores_are_medians_after_the_warm_up_step() -> None:
+    tuner = ThreadTuner(2)
+    for seconds in (0.5, 0.020, 0.030, 0.021):  # a slow first step (threads starting) is ignored
+        tuner.observe(seconds)
+    assert tuner.threads == 2
+    for seconds in (0.05, 0.015, 0.014, 0.016):
+        tuner.observe(seconds)
+    assert tuner.last_scores == {1: 0.021, 2: 0.015} and tuner.threads == 2
+
+
+def test_idle_cores_reads_the_real_machine() -> None:
+    import psutil
+
+    from edgeserve.threads import IdleCores
+
+    meter = IdleCores()
+    end = sum(range(200_000))  # some work between the readings
+    cores = psutil.cpu_count(logical=False) or psutil.cpu_count()
+    assert end > 0 and 0.0 <= meter() <= cores
+
+
+def test_threads_pinned_only_when_given() -> None:
+    from edgeserve.settings import ModelSettings
+
+    assert not ModelSettings().threads_pinned
+    assert ModelSettings(threads=1).threads_pinned
