@@ -16,9 +16,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("PySide6", reason="the desktop example needs the desktop extra: pip install 'edgeserve[desktop]'")
-pytest.importorskip("pytestqt", reason="the real-window test needs pytest-qt: pip install 'edgeserve[desktop]'")
-
 from edgeserve import EngineSettings, FinishReason, GenerationResult, ModelSettings
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "desktop_chat.py"
@@ -39,8 +36,21 @@ def _display_problem() -> str | None:
     )
 
 
+def test_pyside6_is_an_extra_never_a_base_dependency() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((EXAMPLE.parents[1] / "pyproject.toml").read_text())["project"]
+    assert not any("pyside" in r.lower() or "pytest-qt" in r.lower() for r in project["dependencies"])
+    assert any(r.lower().startswith("pyside6") for r in project["optional-dependencies"]["desktop"])
+    assert any("desktop" in r for r in project["optional-dependencies"]["dev"])  # CI installs it
+
+
 @pytest.fixture(scope="module")
 def app_module() -> ModuleType:
+    pytest.importorskip(
+        "PySide6", reason="the desktop example needs the desktop extra: pip install 'edgeserve[desktop]'"
+    )
+    pytest.importorskip("pytestqt", reason="the real-window test needs pytest-qt: pip install 'edgeserve[desktop]'")
     problem = _display_problem()
     if problem:
         print(problem)
@@ -111,3 +121,28 @@ def test_the_desktop_chat_window(app_module: ModuleType, qtbot: Any, tmp_path: P
     window.close()
     assert window.engine is None
     assert edgeserve_threads() == []
+
+
+@pytest.mark.slow
+def test_a_first_use_conversion_drives_the_progress_bar(app_module: ModuleType, qtbot: Any, tmp_path: Path) -> None:
+    """The MLX backend converts the GGUF on first use (~20 s here): the bar follows its stages
+    instead of spinning, and the window stays responsive meanwhile."""
+    pytest.importorskip("mlx_lm", reason="the MLX backend needs the mlx extra: pip install 'edgeserve[mlx]'")
+    settings = ModelSettings(model="default", backend="mlx", threads=1, cache_dir=tmp_path)  # nothing cached
+    window = app_module.ChatWindow(settings, EngineSettings(policy="fcfs"))
+    qtbot.addWidget(window)
+    window.show()
+    seen: list[tuple[int, int, str]] = []
+    window.bar.valueChanged.connect(lambda v: seen.append((v, window.bar.maximum(), window.bar.format())))
+    with qtbot.waitSignal(window.loaded, timeout=240_000):
+        window.load("default")
+    determinate = [(v, f) for v, top, f in seen if top == 1000 and 0 < v < 1000]
+    assert len({v for v, _ in determinate}) >= 3, seen  # moved through the stage, not one jump
+    assert any(f.startswith("dequantizing") for _, f in determinate), seen
+    assert window.bar.value() == window.bar.maximum() == 1
+    assert "on mlx" in window.bar.format()
+    window.close()
+    assert window.engine is None
+    # MLX runs on one process-wide thread that backends/mlx.py keeps for the life of the process
+    # (MLX streams are bound to a thread); everything else edgeserve started is gone.
+    assert [t for t in edgeserve_threads() if t != "edgeserve-mlx"] == []
