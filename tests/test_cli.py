@@ -270,7 +270,7 @@ def test_serve_log_prompts_logs_the_prompt(
     from starlette.testclient import TestClient
 
     def serve_one(app: object, **kwargs: object) -> None:
-        with TestClient(app) as client:  # type: ignore[arg-type]
+        with TestClient(app, base_url="http://127.0.0.1") as client:  # type: ignore[arg-type]
             reply = client.post(
                 "/v1/completions", json={"model": "default", "prompt": "purple elephants", "max_tokens": 2}
             )
