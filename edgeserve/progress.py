@@ -273,27 +273,26 @@ class RichSink:
     def _start(self, event: ProgressEvent) -> None:
         if self._bar is None:
             from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-            self._bar = Progress(*columns, TimeElapsedColumn(), console=Console(stderr=True))
+            columns = (
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[amount]}"),
+            )
+            self._bar = Progress(*columns, TimeElapsedColumn(), console=Console(stderr=True, highlight=False))
             self._bar.start()
         self._open += 1
-        self._bar.console.print(event.message or event.task)
+        self._bar.console.print(f"{event.task}: {event.message}" if event.message else event.task, markup=False)
 
     def _step(self, event: ProgressEvent) -> None:
         key = (event.task, event.stage)
         if key not in self._rows:
             self._finish_rows(event.task)
-            self._rows[key] = self._bar.add_task(event.stage, total=event.total or None)
-        self._bar.update(self._rows[key], completed=event.done, total=event.total or None)
+            self._rows[key] = self._bar.add_task(event.stage, total=event.total or None, amount="")
+        amount = _amount(event).removeprefix(", ")
+        self._bar.update(self._rows[key], completed=event.done, total=event.total or None, amount=amount)
 
     def _finish_rows(self, task: str) -> None:
         """A new stage of a task completes its earlier ones (stages run one after another)."""
@@ -305,7 +304,8 @@ class RichSink:
     def _end(self, event: ProgressEvent) -> None:
         if event.kind == "done":
             self._finish_rows(event.task)
-        self._bar.console.print(f"{event.task}: {event.kind} in {event.elapsed:.1f} s {event.message}".rstrip())
+        line = f"{event.task}: {event.kind} in {event.elapsed:.1f} s" + (f": {event.message}" if event.message else "")
+        self._bar.console.print(line, markup=False)
         self._open -= 1
         if self._open <= 0:
             self._bar.stop()
