@@ -244,6 +244,9 @@ def test_ollama_errors_are_ollama_shaped(olm: ollama.Client, base_url: str) -> N
     assert err.value.status_code == 404 and "nope" in err.value.error
     r = httpx.post(f"{base_url}/api/generate", json={"model": MODEL, "prompt": "hi", "options": {"num_predict": -7}})
     assert r.status_code == 400 and isinstance(r.json()["error"], str) and "num_predict" in r.json()["error"]
+    for loose in ({"stream": "yes"}, {"options": {"temperature": True}}, {"options": {"num_predict": "4"}}):
+        r = httpx.post(f"{base_url}/api/generate", json={"model": MODEL, "prompt": "hi", **loose})
+        assert r.status_code == 400 and isinstance(r.json()["error"], str), loose
     # `curl -d` sends form data: refused (a web page could send it cross-origin without a preflight),
     # with a message that says what to send instead.
     r = httpx.post(
@@ -278,6 +281,12 @@ HI = [{"role": "user", "content": "hi"}]
         ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "at most 1 item"),
         ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt"),
         ("/v1/nothing-here", {}, 404, "Not Found"),
+        # Strict types, as OpenAI: no boolean as a number, no string as a boolean.
+        (CHAT, {"model": MODEL, "messages": HI, "temperature": True}, 400, "temperature"),
+        (CHAT, {"model": MODEL, "messages": HI, "max_tokens": True}, 400, "max_tokens"),
+        (CHAT, {"model": MODEL, "messages": HI, "stream": "yes"}, 400, "stream"),
+        (CHAT, {"model": MODEL, "messages": HI, "stream_options": {"include_usage": 1}}, 400, "include_usage"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": "7"}, 400, "seed"),
     ],
 )
 def test_bad_input_is_a_clear_openai_error(base_url: str, path: str, body: object, status: int, needle: str) -> None:
@@ -436,7 +445,8 @@ def test_full_queue_is_429_with_retry_after(base_url: str, engine: Engine, decod
             return openai_429, ollama_429
 
     openai_429, ollama_429 = asyncio.run(main())
-    assert openai_429.status_code == 429 and int(openai_429.headers["retry-after"]) >= 1
+    # Honest Retry-After: the queue holds minutes of work (1,500 tokens each), so not the old fixed 1.
+    assert openai_429.status_code == 429 and int(openai_429.headers["retry-after"]) > 1
     assert openai_429.json()["error"]["type"] == "rate_limit_error"
     assert ollama_429.status_code == 429 and "queue" in ollama_429.json()["error"]
     wait_idle(engine, timeout=60)  # every client left: every request was cancelled, the waiting ones unrun
@@ -505,6 +515,27 @@ def test_metrics_are_labelled_by_model_and_endpoint(base_url: str, oai: openai.O
     assert metric(base_url, "edgeserve_prompt_tokens_total", model=MODEL, endpoint="/v1/completions") > 0
     assert metric(base_url, "edgeserve_generation_tokens_total", model=MODEL, endpoint="/v1/completions") > 0
     assert "edgeserve_queue_depth{" in text
+
+
+def test_refused_requests_are_counted(base_url: str) -> None:
+    """Validation 400s and 404s are requests too: counted once, under a bounded set of endpoints."""
+
+    def count(endpoint: str, outcome: str) -> float:
+        return metric(base_url, "edgeserve_requests_total", endpoint=endpoint, outcome=outcome)
+
+    cases = [
+        (CHAT, {"model": MODEL, "messages": HI, "temperature": True}, CHAT, "invalid"),
+        (CHAT, {"model": "no-such-model", "messages": HI}, CHAT, "not_found"),
+        ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"num_predict": 0}}, "/api/generate", "invalid"),
+        ("/v1/completions", {"model": MODEL, "prompt": "word " * 3000}, "/v1/completions", "invalid"),
+        ("/no/such/route/123", {}, "other", "not_found"),
+    ]
+    for path, body, endpoint, outcome in cases:
+        before = count(endpoint, outcome)
+        r = httpx.post(f"{base_url}{path}", json=body)
+        assert r.status_code in (400, 404), r.text
+        assert count(endpoint, outcome) == before + 1, (path, body)
+    assert 'endpoint="/no/such/route/123"' not in httpx.get(f"{base_url}/metrics").text
 
 
 def test_concurrent_clients_on_threads_all_complete(base_url: str) -> None:

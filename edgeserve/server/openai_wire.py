@@ -50,7 +50,8 @@ def lone_surrogate(data: Any) -> tuple[str, ...] | None:
         elif isinstance(value, dict):
             for key, item in value.items():
                 if isinstance(key, str) and SURROGATE.search(key):
-                    return (*path, key)
+                    # Shown escaped: the message must itself be writable as UTF-8.
+                    return (*path, key.encode("utf-8", "backslashreplace").decode())
                 todo.append(((*path, str(key)), item))
         elif isinstance(value, list):
             todo.extend(((*path, str(i)), item) for i, item in enumerate(value))
