@@ -65,6 +65,11 @@ class ServerMetrics:
         self.prompt_tokens = Counter("edgeserve_prompt_tokens", "Prompt tokens of ended requests.", labels, registry=r)
         self.generation_tokens = Counter("edgeserve_generation_tokens", "Tokens generated.", labels, registry=r)
         self.requests = Counter("edgeserve_requests", "Requests by outcome.", (*labels, "outcome"), registry=r)
+        # srpt: what preemption cost, summed over ended requests (GenerationResult's fields).
+        self.preemptions = Counter("edgeserve_preemptions", "Times a request was displaced (srpt).", labels, registry=r)
+        self.parked_bytes = Counter("edgeserve_parked_bytes", "KV bytes parked to host memory.", labels, registry=r)
+        self.park_s = Counter("edgeserve_park_seconds", "Seconds spent parking KV state.", labels, registry=r)
+        self.resume_s = Counter("edgeserve_resume_seconds", "Seconds restoring parked KV state.", labels, registry=r)
         depth = Gauge("edgeserve_queue_depth", "Requests waiting for the engine.", ("model",), registry=r)
         depth.labels(model).set_function(lambda: engine.queue_depth)
         running = Gauge("edgeserve_requests_running", "Requests running now (0 or 1).", ("model",), registry=r)
@@ -78,6 +83,10 @@ class ServerMetrics:
         self.generation_tokens.labels(m, e).inc(result.completion_tokens)
         self.queue_wait.labels(m, e).observe(result.queue_wait_s)
         self.e2e.labels(m, e).observe(result.total_s)
+        self.preemptions.labels(m, e).inc(result.preemptions)
+        self.parked_bytes.labels(m, e).inc(result.parked_bytes)
+        self.park_s.labels(m, e).inc(result.park_s)
+        self.resume_s.labels(m, e).inc(result.resume_s)
         if result.ttft_s is not None:
             self.ttft.labels(m, e).observe(result.ttft_s)
         if result.decode_tok_s:
