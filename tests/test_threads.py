@@ -81,19 +81,11 @@ def test_a_busy_machine_from_the_start_costs_one_slow_step_per_probe() -> None:
     machine = Machine(tuner)
     machine.run(3000, lambda i: BUSY)  # 60 s of decode
     slow = [i for i, (n, _) in enumerate(machine.log) if n == 2]
-    # The first probe and each re-probe (4, 8, 16, 32 s of decode apart) pay one step at 2 threads.
+    # The first probe and each re-probe (8, 16, 32 s of decode apart) pay one step at 2 threads.
     assert 1 <= len(slow) <= 5
     assert all(b - a > 150 for a, b in itertools.pairwise(slow))  # backed off, never back to back
     assert tuner.threads == 1
     assert best_fixed_ratio(machine, lambda i: BUSY) >= 0.9
-
-
-def test_an_idle_core_reading_spares_the_busy_machine_every_slow_step() -> None:
-    tuner = ThreadTuner(2, idle_cores=lambda: 0.05)  # the competitor keeps the other core busy
-    machine = Machine(tuner)
-    machine.run(3000, lambda i: BUSY)
-    assert all(n == 1 for n, _ in machine.log)
-    assert tuner.probes >= 4  # it kept asking, at no cost
 
 
 def test_a_competitor_that_comes_and_goes() -> None:
@@ -118,15 +110,15 @@ def test_a_competitor_that_comes_and_goes() -> None:
     assert machine.seconds() < min(fixed_seconds(machine, table, n) for n in (1, 2))
 
 
-def test_a_competitor_that_leaves_is_found_with_an_idle_core_reading() -> None:
-    busy = {"now": True}
-    tuner = ThreadTuner(2, idle_cores=lambda: 0.0 if busy["now"] else 1.0)
-    machine = Machine(tuner)
-    machine.run(1500, lambda i: BUSY)
-    assert tuner.threads == 1 and all(n == 1 for n, _ in machine.log)
-    busy["now"] = False
-    machine.run(3000, lambda i: IDLE)
+def test_an_oversubscribed_machine_keeps_more_threads() -> None:
+    """Measured here with other work running: beside a competitor, 2 threads got 27 tok/s and 1
+    thread 10 (time is shared per thread). Only measuring finds that; no rule of thumb would."""
+    table = {1: 0.100, 2: 0.037}
+    tuner = ThreadTuner(2)
+    machine = Machine(tuner, jitter=0.3)
+    machine.run(2000, lambda i: table)
     assert tuner.threads == 2
+    assert best_fixed_ratio(machine, lambda i: table) > 0.9
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -137,6 +129,22 @@ def test_noise_does_not_make_it_flap(seed: int) -> None:
     assert tuner.threads == 2
     assert machine.changes <= 12  # the first climb, then a few backed-off re-probes
     assert best_fixed_ratio(machine, lambda i: IDLE) > 0.95
+
+
+def test_a_shared_machine_with_bursts_of_slow_steps_stays_near_the_best() -> None:
+    """Step times that double now and then for a few steps (another process's burst): a few
+    probes, no lasting wrong choice."""
+    rng = random.Random(5)
+    bursts = {i for start in rng.sample(range(5000), 40) for i in range(start, start + rng.randint(1, 6))}
+
+    def table(i: int) -> dict[int, float]:
+        return {n: s * (2.2 if i in bursts else 1.0) for n, s in IDLE.items()}
+
+    tuner = ThreadTuner(2)
+    machine = Machine(tuner, jitter=0.2, seed=3)
+    machine.run(5000, table)
+    assert tuner.threads == 2
+    assert best_fixed_ratio(machine, table) > 0.9
 
 
 def _many_cores(busy_core: bool) -> dict[int, float]:
@@ -166,7 +174,8 @@ def test_many_cores_step_down_from_a_straggler() -> None:
     straggler = {**table, 8: 0.4}
     machine.run(20, lambda i: straggler)
     assert tuner.threads == 7
-    assert sum(1 for n, s in machine.log[200:] if s >= 0.4) == 1
+    # The step that showed it, and one more when 8 threads are tried again after 7 (then aborted).
+    assert sum(1 for n, s in machine.log[200:] if s >= 0.4) == 2
 
 
 def test_probe_scores_are_medians_after_the_warm_up_step() -> None:
@@ -177,17 +186,6 @@ def test_probe_scores_are_medians_after_the_warm_up_step() -> None:
     for seconds in (0.05, 0.015, 0.014, 0.016):
         tuner.observe(seconds)
     assert tuner.last_scores == {1: 0.021, 2: 0.015} and tuner.threads == 2
-
-
-def test_idle_cores_reads_the_real_machine() -> None:
-    import psutil
-
-    from edgeserve.threads import IdleCores
-
-    meter = IdleCores()
-    end = sum(range(200_000))  # some work between the readings
-    cores = psutil.cpu_count(logical=False) or psutil.cpu_count()
-    assert end > 0 and 0.0 <= meter() <= cores
 
 
 def test_threads_pinned_only_when_given() -> None:
