@@ -1,0 +1,180 @@
+"""Thread count under contention: the default (adaptive) against fixed counts, with and without a
+CPU-bound competitor process, decode tok/s on the default model.
+
+Why: llama.cpp's threads meet at a barrier after every operation; beside one CPU-bound process on
+2 cores, 2 threads decoded at 0.5-1.2 tok/s where 1 thread kept ~50. The default must not fall into
+that: target, adaptive decode >= 0.8x the best fixed count, in both scenarios.
+
+One engine per configuration, all loaded at once and kept for the whole run (the adaptive one
+keeps what it learnt between requests, as a server does). Each repetition runs one greedy request
+per configuration, the order rotating, so drift on this shared machine hits all alike. A request
+decodes up to ``--tokens`` tokens or for ``--cap-s`` seconds (a fixed count that has lost its core
+would take minutes for 128 tokens), and its decode rate is tokens after the first over the time
+since the first. The competitor is ``python -c 'while True: pass'``, started before its scenario's
+first request and killed after its last.
+
+    python bench/threads_contention.py [--reps 3] [--tokens 128] [--cap-s 15] [--fixed 1 2]
+
+Writes bench/results/threads_contention.json and .png: per scenario, the median tok/s of each
+configuration and the ratio adaptive / best fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import save
+
+from edgeserve import Engine, ModelSettings, TokenEvent
+
+OUT = Path(__file__).resolve().parent / "results"
+PROMPT = "Write a long story about a lighthouse keeper who finds a map in a bottle. Once upon a time"
+
+
+def decode_rate(engine: Engine, tokens: int, cap_s: float) -> dict[str, float]:
+    """One greedy request: (tokens after the first) / (seconds since the first token)."""
+    start = time.perf_counter()
+    first = last = None
+    count = 0
+    for event in engine.stream(PROMPT, max_tokens=tokens, temperature=0, ignore_eos=True):
+        if not isinstance(event, TokenEvent):
+            continue
+        now = time.perf_counter()
+        count += len(event.token_ids)
+        if first is None:
+            first = now
+        last = now
+        if now - first > cap_s:
+            break  # leaving the loop cancels the request
+    assert first is not None and last is not None and count > 1
+    return {
+        "tokens": count,
+        "decode_s": last - first,
+        "tok_s": (count - 1) / (last - first),
+        "ttft_s": first - start,
+    }
+
+
+def competitor() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def tuner_state(engine: Engine) -> dict[str, Any] | None:
+    """What the adaptive engine's tuner settled on, where the backend shows it."""
+    tuner = getattr(engine.backend, "tuner", None) or getattr(engine.backend, "_tuner", None)
+    if tuner is None:
+        return None
+    return {"threads": tuner.threads, "probes": tuner.probes, "last_scores": tuner.last_scores}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    configs: dict[str, ModelSettings] = {
+        "adaptive": ModelSettings(backend="llama", n_ctx=1024),
+        **{f"fixed {n}": ModelSettings(backend="llama", n_ctx=1024, threads=n) for n in args.fixed},
+    }
+    rows: list[dict[str, Any]] = []
+    tuner_after: dict[str, Any] = {}
+    with ExitStack() as stack:
+        engines = {name: stack.enter_context(Engine.from_settings(s)) for name, s in configs.items()}
+        for engine in engines.values():  # load, warm up (and let the adaptive one make its first probe)
+            decode_rate(engine, 16, args.cap_s)
+        for scenario in ("idle", "competitor"):
+            rival = competitor() if scenario == "competitor" else None
+            try:
+                time.sleep(0.5 if rival else 0)
+                names = list(engines)
+                for rep in range(args.reps):
+                    shift = rep % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        row = {"scenario": scenario, "config": name, "rep": rep}
+                        row.update(decode_rate(engines[name], args.tokens, args.cap_s))
+                        rows.append(row)
+                        print(f"{scenario:10} {name:9} rep {rep}: {row['tok_s']:6.1f} tok/s", flush=True)
+                tuner_after[scenario] = tuner_state(engines["adaptive"])
+            finally:
+                if rival:
+                    rival.kill()
+                    rival.wait()
+    return {"rows": rows, "tuner_after": tuner_after, "configs": list(configs)}
+
+
+def summarize(rows: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for scenario in ("idle", "competitor"):
+        medians = {
+            c: statistics.median(r["tok_s"] for r in rows if r["scenario"] == scenario and r["config"] == c)
+            for c in configs
+        }
+        fixed = {c: v for c, v in medians.items() if c != "adaptive"}
+        best = max(fixed, key=lambda c: fixed[c])
+        out[scenario] = {
+            "median_tok_s": {c: round(v, 2) for c, v in medians.items()},
+            "best_fixed": best,
+            "adaptive_over_best_fixed": round(medians["adaptive"] / fixed[best], 3),
+            "meets_target_0_8": medians["adaptive"] >= 0.8 * fixed[best],
+        }
+    return out
+
+
+def plot(rows: list[dict[str, Any]], configs: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, scenario in zip(axes, ("idle", "competitor"), strict=True):
+        for i, c in enumerate(configs):
+            values = [r["tok_s"] for r in rows if r["scenario"] == scenario and r["config"] == c]
+            ax.scatter([i] * len(values), values, alpha=0.6)
+            ax.hlines(statistics.median(values), i - 0.25, i + 0.25, color="black")
+        ax.set_xticks(range(len(configs)), configs)
+        ax.set_title("no competitor" if scenario == "idle" else "one CPU-bound competitor")
+        ax.set_ylabel("decode tok/s")
+        ax.set_ylim(bottom=0)
+    fig.suptitle("Default model, llama.cpp: adaptive thread count vs fixed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--cap-s", type=float, default=15.0)
+    parser.add_argument("--fixed", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
+    result = run(args)
+    report = {
+        "benchmark": "threads_contention",
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "settings": vars(args),
+        "load_average_1m_at_start": load_at_start,
+        "summary": summarize(result["rows"], result["configs"]),
+        "tuner_after": result["tuner_after"],
+        "rows": result["rows"],
+    }
+    path = save("threads_contention", report)
+    try:
+        plot(result["rows"], result["configs"], OUT / "threads_contention.png")
+    except ImportError:
+        print("matplotlib missing: no PNG (pip install 'edgeserve[bench]')")
+    for scenario, s in report["summary"].items():
+        print(scenario, s)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
