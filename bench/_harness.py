@@ -67,6 +67,34 @@ def workload_rows(source: str = "oasst1") -> list[dict[str, str]]:
         return [r for r in csv.DictReader(f) if r["prompt"].strip()]
 
 
+#: max_tokens of every request whose answer ends by a stop sequence: above every answer here (the
+#: longest oasst1 answer is 154 tokens at scale 1/16) and every prediction (at most ~770), so it
+#: tells the scheduler nothing. A cap equal to each answer's own length would: the engine bounds a
+#: request's predicted length by its max_tokens, which would make any policy that reads it an oracle.
+UNIFORM_MAX_TOKENS = 1024
+
+
+def unique_suffix(text: str) -> str:
+    """The shortest tail of ``text`` found nowhere earlier in it: as a stop sequence it ends the same
+    greedy answer exactly where ``text`` ends ("" for an empty text)."""
+    for k in range(1, len(text) + 1):
+        if text.find(text[-k:]) == len(text) - k:
+            return text[-k:]
+    return text
+
+
+def ended_by_stop(outcomes: Sequence[Outcome], cap: int = UNIFORM_MAX_TOKENS) -> dict[str, dict[str, Any]]:
+    """Request fields that end each answer where a greedy, seeded run with ``max_tokens`` = its
+    length ended it (``outcomes``), without telling the server that length: a stop sequence and one
+    uniform cap. An answer with no text to stop on keeps its own max_tokens (counted by the caller)."""
+    fields: dict[str, dict[str, Any]] = {}
+    for o in outcomes:
+        # A character cut by max_tokens shows as U+FFFD; the stop run would never see it complete.
+        stop = unique_suffix(o.text.rstrip("\ufffd"))
+        fields[o.job_id] = {"max_tokens": cap, "stop": [stop]} if stop else {"max_tokens": o.gen_tokens}
+    return fields
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,11 +142,39 @@ def process(args: Sequence[str], health: str, env: dict[str, str] | None = None)
 @contextlib.contextmanager
 def upstream(threads: int, n_ctx: int = 2048) -> Iterator[str]:
     """The serial backend: edgeserve's own server, first come first served, on the default model."""
+    with serve("fcfs", threads, n_ctx=n_ctx) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve(policy: str, threads: int, *, n_ctx: int = 2048, extra: Sequence[str] = ()) -> Iterator[str]:
+    """``edgeserve serve --policy POLICY`` on the default model (llama.cpp, ``threads`` pinned);
+    ``extra``: more flags (``--no-predict-lengths``, ``--aging-s``)."""
     port = free_port()
-    args = ["serve", "--port", str(port), "--policy", "fcfs", "--backend", "llama", "--n-ctx", str(n_ctx)]
-    args += ["--threads", str(threads), "--max-queue", "1024", "--log-level", "warning"]
+    args = ["serve", "--port", str(port), "--policy", policy, "--backend", "llama", "--n-ctx", str(n_ctx)]
+    args += ["--threads", str(threads), "--max-queue", "1024", "--log-level", "warning", *extra]
     with process(args, f"http://127.0.0.1:{port}/health"):
         yield f"http://127.0.0.1:{port}"
+
+
+def warm(base: str) -> None:
+    """One short request, so the server has measured its prefill and decode rates (as a live server
+    has) and the first request of a run pays no first-use cost."""
+    body = {"model": "default", "prompt": "Warm-up: " + "the quick brown fox jumps over the lazy dog. " * 4}
+    body.update(max_tokens=8, ignore_eos=True, temperature=0)
+    httpx.post(f"{base}/v1/completions", json=body, timeout=120).raise_for_status()
+
+
+def scrape(base: str, prefix: str = "edgeserve_") -> dict[str, float]:
+    """The server's Prometheus counters and gauges, each summed over its labels (no histograms)."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if not line.startswith(prefix) or "_bucket" in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        key = name.split("{", 1)[0]
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
 
 
 @contextlib.contextmanager
@@ -166,6 +222,10 @@ class Outcome:
     tokens_seen: int
     queue_wait_ms: float | None
     prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str = ""
+    #: The answer's text (kept out of ``rows``: the JSON carries no model output).
+    text: str = ""
 
     @property
     def ttft_s(self) -> float:
@@ -194,7 +254,9 @@ async def send(
     sent = time.monotonic()
     first = None
     seen = 0
-    prompt_tokens = 0
+    prompt_tokens = completion_tokens = 0
+    finish = ""
+    pieces: list[str] = []
     async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         wait = response.headers.get("x-queue-wait-ms")
@@ -204,10 +266,13 @@ async def send(
             event = json.loads(line[6:])
             if event.get("usage"):
                 prompt_tokens = event["usage"]["prompt_tokens"]
+                completion_tokens = event["usage"]["completion_tokens"]
             if not event.get("choices"):
                 continue
+            finish = event["choices"][0].get("finish_reason") or finish
             delta = event["choices"][0]["delta"].get("content")
             if delta:
+                pieces.append(delta)
                 seen += 1
                 if first is None:
                     first = time.monotonic()
@@ -223,22 +288,31 @@ async def send(
         seen,
         float(wait) if wait is not None else None,
         prompt_tokens,
+        completion_tokens,
+        finish,
+        "".join(pieces),
     )
 
 
 async def run_load(
-    base: str, jobs: Sequence[Job], arrivals: Sequence[float], extra: dict[str, Any] | None = None
+    base: str,
+    jobs: Sequence[Job],
+    arrivals: Sequence[float],
+    extra: dict[str, Any] | None = None,
+    per_job: Sequence[dict[str, Any]] | None = None,
 ) -> list[Outcome]:
-    """Send ``jobs[i]`` at ``arrivals[i]`` seconds after the start, all concurrently."""
+    """Send ``jobs[i]`` at ``arrivals[i]`` seconds after the start, all concurrently; ``per_job[i]``
+    adds fields to ``jobs[i]``'s body (after ``extra``)."""
     limits = httpx.Limits(max_connections=len(jobs) + 4, max_keepalive_connections=len(jobs) + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         t0 = time.monotonic()
 
-        async def at(job: Job, when: float) -> Outcome:
+        async def at(job: Job, when: float, own: dict[str, Any]) -> Outcome:
             await asyncio.sleep(max(0.0, when - (time.monotonic() - t0)))
-            return await send(client, base, job, t0, extra)
+            return await send(client, base, job, t0, {**(extra or {}), **own})
 
-        return list(await asyncio.gather(*(at(j, a) for j, a in zip(jobs, arrivals, strict=True))))
+        owns = per_job or [{} for _ in jobs]
+        return list(await asyncio.gather(*(at(j, a, o) for j, a, o in zip(jobs, arrivals, owns, strict=True))))
 
 
 def pct(values: Sequence[float], q: float) -> float | None:
@@ -268,7 +342,7 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 
 
 def rows(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
-    return [asdict(o) for o in outcomes]
+    return [{k: v for k, v in asdict(o).items() if k != "text"} for o in outcomes]
 
 
 def save(name: str, report: dict[str, Any]) -> Path:
