@@ -189,7 +189,7 @@ def models(as_json: bool, clean: bool, **values: Any) -> None:
 
         removed, freed = clean_conversions(settings.cache_dir)
         where = conversions_dir(settings.cache_dir)
-        click.echo(f"removed {removed} converted folders ({format_size(freed)}) from {where}")
+        click.echo(f"removed {_count(removed, 'converted folder')} ({format_size(freed)}) from {where}")
         return
     entries = list_models(settings.cache_dir)
     if as_json:
@@ -206,8 +206,12 @@ def models(as_json: bool, clean: bool, **values: Any) -> None:
     Console().print(table)
     converted = [e.size_bytes or 0 for e in entries if e.source == "converted"]
     if converted:
-        total = format_size(sum(converted))
-        click.echo(f"conversion cache: {len(converted)} folders, {total} ('edgeserve models --clean' deletes them)")
+        size = f"{_count(len(converted), 'folder')}, {format_size(sum(converted))}"
+        click.echo(f"conversion cache: {size} ('edgeserve models --clean' deletes it)")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @main.command()
