@@ -1,0 +1,131 @@
+"""The memory-bandwidth roofline of batch-1 decode: every generated token reads every weight the
+step touches and the KV cache once, so a device that streams ``B`` bytes a second cannot decode
+faster than ``B / (weight bytes + KV bytes)`` tokens a second, whatever the kernels do.
+
+Bandwidth is measured here, with NumPy on the CPU: a read-only reduction (``max``) over a buffer
+far larger than any CPU cache, split over 1..N threads (NumPy releases the GIL in reductions),
+best of a few repeats. Device memory (CUDA, Metal) is not measured by this build: it would need a
+GPU library the base install does not carry, and a CPU figure would be the wrong ceiling there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Large against every CPU cache (tens of MiB), and about the size of the default model's weights.
+BUFFER_BYTES = 256 << 20
+#: Files that hold weights in a converted folder (MLX/HF safetensors, ONNX and its external data).
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".bin", ".npz", ".gguf")
+GPU_BANDWIDTH_NOTE = "not measured by this build (device memory needs a GPU library the base install lacks)"
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Read and copy bandwidth in GB/s (10^9 bytes) by thread count."""
+
+    read_gbs: dict[int, float]
+    copy_gbs: dict[int, float]
+    buffer_bytes: int
+    repeats: int
+
+    def ceiling(self, threads: int) -> float:
+        """The best read bandwidth measured with at most ``threads`` threads: what decode with that
+        many threads could stream."""
+        usable = [gbs for n, gbs in self.read_gbs.items() if n <= threads] or list(self.read_gbs.values())
+        return max(usable)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "method": "numpy max() (read) and copyto() (read+write, both counted) over a buffer split "
+            "across threads, best of repeats",
+            "buffer_bytes": self.buffer_bytes,
+            "repeats": self.repeats,
+            "read_gbs": {str(n): round(v, 2) for n, v in self.read_gbs.items()},
+            "copy_gbs": {str(n): round(v, 2) for n, v in self.copy_gbs.items()},
+        }
+
+
+def measure_bandwidth(thread_counts: Sequence[int], *, buffer_bytes: int = BUFFER_BYTES, repeats: int = 7) -> Bandwidth:
+    import numpy as np
+
+    src = np.ones(buffer_bytes // 4, dtype=np.float32)  # ones, not empty: every page really mapped
+    dst = np.empty_like(src)
+    read: dict[int, float] = {}
+    copy: dict[int, float] = {}
+    for n in sorted(set(thread_counts)):
+        parts = list(zip(np.array_split(src, n), np.array_split(dst, n), strict=True))
+        with ThreadPoolExecutor(n) as pool:
+
+            def reads(pool: ThreadPoolExecutor = pool, parts: list[Any] = parts) -> None:
+                list(pool.map(lambda p: p[0].max(), parts))
+
+            def copies(pool: ThreadPoolExecutor = pool, parts: list[Any] = parts) -> None:
+                list(pool.map(lambda p: np.copyto(p[1], p[0]), parts))
+
+            read[n] = src.nbytes / _best(reads, repeats) / 1e9
+            copy[n] = 2 * src.nbytes / _best(copies, repeats) / 1e9
+    return Bandwidth(read, copy, int(src.nbytes), repeats)
+
+
+def _best(fn: Callable[[], None], repeats: int) -> float:
+    fn()  # warm: threads started, pages touched
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weight bytes one decode step reads, and how that figure was obtained."""
+
+    read_per_token: int
+    file_bytes: int
+    #: Bytes of the output projection (the lm_head), when known: its share of each step.
+    output_bytes: int | None
+    source: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "bytes_read_per_token": self.read_per_token,
+            "file_bytes": self.file_bytes,
+            "output_layer_bytes": self.output_bytes,
+            "source": self.source,
+        }
+
+
+def gguf_weights(path: Path) -> Weights:
+    """Tensor data of a GGUF file. A tied embedding (no ``output.weight``, as in Gemma) is read
+    whole by the output projection every step; an untied input embedding gives one row a step."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    sizes = {str(t.name): int(t.n_bytes) for t in reader.tensors}
+    rows = {str(t.name): int(t.shape[-1]) for t in reader.tensors}
+    total = sum(sizes.values())
+    embd = sizes.get("token_embd.weight", 0)
+    if "output.weight" in sizes:
+        read = total - embd + embd // max(rows.get("token_embd.weight", 1), 1)
+        return Weights(read, path.stat().st_size, sizes["output.weight"], "gguf tensors (untied output layer)")
+    return Weights(total, path.stat().st_size, embd or None, "gguf tensors (output layer tied to the embedding)")
+
+
+def folder_weights(folder: Path) -> Weights:
+    """Weight files of a converted folder: an upper bound on the bytes a step reads (an input
+    embedding stored apart from the output layer is counted whole, though a step reads one row)."""
+    files = [p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    total = sum(p.stat().st_size for p in files)
+    return Weights(total, total, None, f"weight files in {folder.name} (upper bound)")
+
+
+def roofline_tok_s(bandwidth_gbs: float | None, bytes_per_token: int) -> float | None:
+    if bandwidth_gbs is None or bytes_per_token <= 0:
+        return None
+    return bandwidth_gbs * 1e9 / bytes_per_token
