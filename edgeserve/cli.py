@@ -270,6 +270,9 @@ def _register() -> None:
 
     for command in (serve, proxy, convert, predict_command, predictor):
         main.add_command(command)
+    from edgeserve.devicebench.cli import bench
+
+    main.add_command(bench)
 
 
 _register()
