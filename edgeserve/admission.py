@@ -2,6 +2,13 @@
 rest wait in policy order. The proxy uses it to gate requests to an upstream server; the waiting
 side is a future per request, so a client that disconnects (its task is cancelled) leaves the
 queue at once, and one that disconnects after being admitted gives its slot straight back.
+
+A refused request is told when to retry (``Retry-After``): the time the queue now needs to drain,
+which is the wait it would have had if it had been queued. That is the estimated service time of
+every waiting request plus what the holders still need, shared among the ``max_inflight`` slots.
+Service times are measured here, from grant to release: a request's estimate is its predicted cost
+(``cost_s``, from the service model) scaled by how far measured holds have run from such
+estimates, or, without a cost, the measured mean hold.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from dataclasses import dataclass
 
 from edgeserve.scheduler import Entry, QueueView, Scheduler
 
+#: Weight of the newest measured hold in the running estimates.
+ALPHA = 0.2
+
 
 @dataclass(frozen=True)
 class Ticket:
@@ -24,6 +34,32 @@ class Ticket:
     #: Rank in the queue's order when the request arrived (0: admitted at once, 1: next to run).
     position: int
     waited_s: float
+    #: Clock reading when the slot was granted.
+    granted: float = 0.0
+    #: Predicted service seconds, if the caller gave them.
+    cost_s: float | None = None
+
+
+@dataclass
+class HoldTimes:
+    """Measured holds (grant to release): their running mean, and their running ratio to the
+    predicted cost (the service model's error on this upstream, e.g. its per-request overhead)."""
+
+    mean_s: float
+    ratio: float = 1.0
+    _seen_mean: bool = False
+    _seen_ratio: bool = False
+
+    def observe(self, held_s: float, cost_s: float | None) -> None:
+        self.mean_s = held_s if not self._seen_mean else (1 - ALPHA) * self.mean_s + ALPHA * held_s
+        self._seen_mean = True
+        if cost_s is not None and cost_s > 0:
+            r = held_s / cost_s
+            self.ratio = r if not self._seen_ratio else (1 - ALPHA) * self.ratio + ALPHA * r
+            self._seen_ratio = True
+
+    def estimate_s(self, cost_s: float | None) -> float:
+        return self.mean_s if cost_s is None else cost_s * self.ratio
 
 
 class Admission:
@@ -35,11 +71,16 @@ class Admission:
         capacity: int = 64,
         aging_s: float = math.inf,
         clock: Callable[[], float] = time.monotonic,
+        prior_service_s: float = 1.0,
     ) -> None:
         self._scheduler: Scheduler[asyncio.Future[None]] = Scheduler(policy, capacity, aging_s)
         self._max_inflight = max_inflight
-        self._inflight = 0
         self._clock = clock
+        self.holds = HoldTimes(prior_service_s)
+        #: Holders and waiters by request id (for the drain estimate).
+        self._holders: dict[str, Ticket] = {}
+        self._waiting_cost: dict[str, float | None] = {}
+        self._inflight = 0
 
     @property
     def inflight(self) -> int:
@@ -58,35 +99,62 @@ class Admission:
 
     @asynccontextmanager
     async def slot(
-        self, request_id: str, *, priority: int = 0, predicted_tokens: float | None = None
+        self, request_id: str, *, priority: int = 0, predicted_tokens: float | None = None, cost_s: float | None = None
     ) -> AsyncIterator[Ticket]:
         """Hold one upstream slot for the body of the ``async with``. Raises ``QueueFullError``."""
-        ticket = await self.acquire(request_id, priority=priority, predicted_tokens=predicted_tokens)
+        ticket = await self.acquire(request_id, priority=priority, predicted_tokens=predicted_tokens, cost_s=cost_s)
         try:
             yield ticket
         finally:
-            self.release()
+            self.release(ticket)
 
-    async def acquire(self, request_id: str, *, priority: int = 0, predicted_tokens: float | None = None) -> Ticket:
+    async def acquire(
+        self, request_id: str, *, priority: int = 0, predicted_tokens: float | None = None, cost_s: float | None = None
+    ) -> Ticket:
         """Wait for a slot; every successful call must be paired with one ``release``. Cancelling the
-        waiting task removes the request from the queue (or returns a slot granted meanwhile)."""
+        waiting task removes the request from the queue (or returns a slot granted meanwhile).
+        ``cost_s`` orders sjf and priority by service time instead of answer tokens."""
         arrived = self._clock()
         if self._inflight < self._max_inflight and not len(self._scheduler):
-            self._inflight += 1
-            return Ticket(request_id, 0, 0.0)
+            return self._grant(Ticket(request_id, 0, 0.0, arrived, cost_s))
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._scheduler.add(Entry(request_id, arrived, future, priority, predicted_tokens))
+        if len(self._scheduler) >= self._scheduler.capacity:
+            self._scheduler.retry_after_s = self.drain_s(arrived)
+        self._scheduler.add(Entry(request_id, arrived, future, priority, predicted_tokens, cost_s))
+        self._waiting_cost[request_id] = cost_s
         # Rank in the policy's order at arrival (1: next to run), not the queue's length.
         position = 1 + next(v.position for v in self._scheduler.snapshot(arrived) if v.request_id == request_id)
         try:
             await future
         except asyncio.CancelledError:
+            self._waiting_cost.pop(request_id, None)
             if self._scheduler.cancel(request_id) is None and future.done() and not future.cancelled():
-                self.release()  # the slot was granted in the same instant the client left
+                self._free()  # the slot was granted in the same instant the client left
             raise
-        return Ticket(request_id, position, self._clock() - arrived)
+        now = self._clock()
+        return self._grant(Ticket(request_id, position, now - arrived, now, cost_s), counted=True)
 
-    def release(self) -> None:
+    def _grant(self, ticket: Ticket, *, counted: bool = False) -> Ticket:
+        if not counted:
+            self._inflight += 1
+        self._holders[ticket.request_id] = ticket
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        """Give the slot back; its hold time is measured."""
+        if self._holders.pop(ticket.request_id, None) is not None:
+            self.holds.observe(self._clock() - ticket.granted, ticket.cost_s)
+        self._free()
+
+    def drain_s(self, now: float) -> float:
+        """Seconds until every request waiting now has been admitted: the work ahead of a newcomer,
+        which is what a refused one is told to wait (at least 1 s, Retry-After's unit)."""
+        work = sum(self.holds.estimate_s(c) for c in self._waiting_cost.values())
+        for t in self._holders.values():
+            work += max(self.holds.estimate_s(t.cost_s) - (now - t.granted), 0.0)
+        return max(1.0, work / self._max_inflight)
+
+    def _free(self) -> None:
         self._inflight -= 1
         self._pump()
 
@@ -97,6 +165,7 @@ class Admission:
             entry = self._scheduler.next(self._clock())
             if entry is None:
                 return
+            self._waiting_cost.pop(entry.request_id, None)
             if entry.item.done():  # its task was cancelled before it could be woken
                 continue
             self._inflight += 1

@@ -14,6 +14,8 @@ by class (``http_status``), never by reading the message.
     ├── QueueFullError                  admission refused: the queue is at capacity      (429)
     ├── RequestCancelledError           the caller cancelled or went away                (499)
     ├── EngineClosedError               the engine was shut down                         (503)
+    ├── UpstreamError                   the proxy's upstream unreachable, reset or malformed (502)
+    │   └── UpstreamTimeout             no connection, first byte or next chunk in time  (504)
     └── BackendError                    the backend failed while running                 (500)
         └── KVStateError                a KV state blob that does not fit this model     (400)
 """
@@ -77,6 +79,18 @@ class RequestCancelledError(EdgeserveError):
 class EngineClosedError(EdgeserveError):
     http_status = 503
     error_type = "server_error"
+
+
+class UpstreamError(EdgeserveError):
+    """The proxy's upstream server could not be reached, broke off, or sent what is not a response.
+    Mapped from the HTTP client's own exceptions once, in ``edgeserve.proxy.upstream``."""
+
+    http_status = 502
+    error_type = "server_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    http_status = 504
 
 
 class BackendError(EdgeserveError):

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Aging threshold in units of a short request's service time. Chosen in the simulator on real answer
@@ -131,7 +131,10 @@ class ServerSettings(_Settings):
 class ProxySettings(_Settings):
     """The sidecar proxy: SJF admission in front of another server (env ``EDGESERVE_PROXY_*``)."""
 
-    model_config = SettingsConfigDict(env_prefix="EDGESERVE_PROXY_", extra="forbid", validate_default=True)
+    # hide_input_in_errors: the upstream URL may carry a password, and errors would quote it.
+    model_config = SettingsConfigDict(
+        env_prefix="EDGESERVE_PROXY_", extra="forbid", validate_default=True, hide_input_in_errors=True
+    )
 
     upstream: str = Field(
         "http://127.0.0.1:11434",
@@ -150,9 +153,22 @@ class ProxySettings(_Settings):
     )
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' from clients (not /health).")
     upstream_api_key: str | None = Field(
-        None, description="Bearer key sent upstream (default: the client's Authorization passes through)."
+        None,
+        description="Bearer key sent upstream instead of the client's Authorization (credentials in the "
+        "--upstream URL go as Basic auth the same way; with neither, the client's passes through).",
     )
-    timeout_s: float = Field(600.0, gt=0, description="Longest silence tolerated from the upstream, in seconds.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Longest wait to connect to the upstream, in seconds.")
+    first_byte_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest wait for an answer's first byte: a stream's prefill, a non-streamed answer whole.",
+    )
+    chunk_timeout_s: float = Field(
+        30.0, gt=0, description="Longest silence between two chunks of a streamed answer, in seconds."
+    )
+    upstream_keepalive_s: float = Field(
+        4.0, gt=0, description="Reuse an idle upstream connection for at most this long (below the upstream's own)."
+    )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Largest generation request body in bytes (other routes pass through)."
     )
@@ -165,8 +181,15 @@ class ProxySettings(_Settings):
     @classmethod
     def _http_url(cls, value: str) -> str:
         if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
-            raise ValueError(f"must be an http:// or https:// URL such as http://127.0.0.1:11434, not {value!r}")
+            # The value is not echoed: it may carry credentials.
+            raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:11434")
         return value
+
+    @model_validator(mode="after")
+    def _one_upstream_credential(self) -> ProxySettings:
+        if self.upstream_api_key and "@" in self.upstream.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("give the upstream's credentials once: in --upstream's URL or as --upstream-api-key")
+        return self
 
     predictor: Path | None = Field(
         None, description="Length predictor artefact (default: the shipped one; e.g. the output of adapt)."

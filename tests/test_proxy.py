@@ -287,7 +287,8 @@ def test_dead_upstream_gives_502_and_the_proxy_stays_up(predictor: LengthPredict
             assert response.status_code == 502
             assert "unreachable" in json.dumps(response.json())
         assert httpx.get(f"{url}/v1/models").status_code == 502  # pass-through too
-        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        health = httpx.get(f"{url}/health", timeout=20)  # up itself, and saying its upstream is not
+        assert health.status_code == 503 and "unreachable" in health.json()["reason"]
         assert queue_state(url)["inflight"] == 0
 
 
@@ -332,7 +333,7 @@ def test_silent_upstream_gives_504(predictor: LengthPredictor) -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         upstream = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        settings = ProxySettings(upstream=upstream, timeout_s=0.5)
+        settings = ProxySettings(upstream=upstream, first_byte_timeout_s=0.5)
         with live_server(create_proxy_app(settings, predictor=predictor), lifespan="on") as url:
             body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
             response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)

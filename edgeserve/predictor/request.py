@@ -6,6 +6,7 @@ the caller sent. Validation happens here, once: an empty request is an ``Invalid
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
@@ -18,6 +19,15 @@ PredictorInput: TypeAlias = str | Sequence[Mapping[str, Any]]
 _USER_ROLES = frozenset({"user", "human"})
 _SYSTEM_ROLES = frozenset({"system", "developer"})
 _ASSISTANT_ROLES = frozenset({"assistant", "gpt", "model"})
+#: UTF-16 surrogate code points: never text, yet a Python str can hold one (JSON's "\ud800" decodes
+#: to it). Features encode text as UTF-8, which refuses them.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _text(s: str) -> str:
+    """``s`` with each lone surrogate replaced by U+FFFD, as a UTF-8 decoder shows broken text, so
+    that the predictor accepts any string and every feature sees well-formed text."""
+    return s if s.isascii() or not _SURROGATES.search(s) else _SURROGATES.sub("\ufffd", s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +57,7 @@ def to_request(prompt: PredictorInput) -> Request:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise InvalidParameterError("prompt is empty", param="prompt")
-        return Request(prompt, "", 1, 0, 0, 0, 0, 0)
+        return Request(_text(prompt), "", 1, 0, 0, 0, 0, 0)
     if isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray):
         return _from_messages(cast(Sequence[Mapping[str, Any]], prompt))
     raise InvalidParameterError("prompt must be a string or a list of messages", param="prompt")
@@ -96,7 +106,7 @@ def _content_text(content: Any, index: int) -> tuple[str, int]:
     if content is None:
         return "", 0
     if isinstance(content, str):
-        return content, 0
+        return _text(content), 0
     if isinstance(content, Sequence) and not isinstance(content, bytes | bytearray):
         texts: list[str] = []
         media = 0
@@ -109,7 +119,7 @@ def _content_text(content: Any, index: int) -> tuple[str, int]:
                 media += 1
             else:
                 raise InvalidParameterError(f"messages[{index}].content parts must be objects", param="messages")
-        return "\n".join(texts), media
+        return _text("\n".join(texts)), media
     raise InvalidParameterError(
         f"messages[{index}].content must be a string, a list of parts or null", param="messages"
     )

@@ -26,7 +26,8 @@ def make_counter(name: str) -> TokenCounter:
 
 
 def approx_tokens(text: str) -> int:
-    return math.ceil(len(text.encode("utf-8")) / 4)
+    # surrogatepass: any str has a length here, a lone surrogate (not text) included.
+    return math.ceil(len(text.encode("utf-8", "surrogatepass")) / 4)
 
 
 def _gemma3_counter() -> TokenCounter:

@@ -31,9 +31,11 @@ def proxy(**values: Any) -> None:
 
     from edgeserve.predictor import AdaptationLog, LengthPredictor
     from edgeserve.proxy.app import create_proxy_app
+    from edgeserve.proxy.headers import UpstreamTarget
 
     predictor = LengthPredictor.load(settings.predictor)
     recorder = AdaptationLog(settings.adapt_log, predictor.spec) if settings.adapt_log else None
     app = create_proxy_app(settings, predictor=predictor, recorder=recorder)
-    log.info("proxying %s with %s admission, %d in flight", settings.upstream, settings.policy, settings.max_inflight)
+    upstream = UpstreamTarget.parse(settings.upstream).redacted  # never log the URL's password
+    log.info("proxying %s with %s admission, %d in flight", upstream, settings.policy, settings.max_inflight)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=10)

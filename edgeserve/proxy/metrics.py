@@ -48,6 +48,11 @@ class ProxyMetrics:
             buckets=ERROR_BUCKETS,
             registry=r,
         )
+        self.upstream_retries = Counter(
+            "edgeserve_proxy_upstream_retries",
+            "Requests sent upstream a second time, on a new connection, after failing before any byte.",
+            registry=r,
+        )
         Gauge("edgeserve_proxy_queue_depth", "Requests waiting for a slot.", registry=r).set_function(waiting)
         Gauge("edgeserve_proxy_inflight", "Requests upstream now.", registry=r).set_function(inflight)
 
