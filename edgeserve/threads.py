@@ -15,10 +15,10 @@ the count, e.g. ``llama_set_n_threads``), so tests script the step times.
   climbs from 1 (never catastrophic) while each rung is faster by more than ``tolerance``; among
   counts within ``tolerance`` of the fastest the fewest threads win (they leave cores to the rest
   of the machine at no cost to decode).
-- **Abort.** A probe step slower than ``abort_factor`` x the best median so far ends that count at
-  once, and the climb: more threads only add contention. Under a competitor this caps a wrong
-  probe at one step (~1 s here). The margin is wide (4x; the failure it guards against is 50x) so
-  that a noisy step on a shared machine does not end a good count.
+- **Abort.** A rung may spend at most ``abort_factor`` x what the fastest rung so far took for a
+  whole probe (warm-up and measured steps); past that it ends at once, and so does the climb: more
+  threads only add contention. Under a competitor a wrong probe costs one step (~1 s here), and a
+  single noisy step on a shared machine does not end a good rung.
 - **Contention.** In steady state a step slower than ``spike_factor`` x the recent median, or three
   in a row above ``jump_factor`` x, start a probe: the rung below, then the current count again (a
   burst of another process's work passes; real contention stays, and the abort rule ends the
@@ -27,10 +27,11 @@ the count, e.g. ``llama_set_n_threads``), so tests script the step times.
   at a lower count. Every ``reprobe_s`` seconds of decode the neighbours are probed again; an
   unchanged answer doubles the interval (to ``max_reprobe_s``), a change resets it.
 
-Only measured step times decide. A reading of idle cores looked like a way to skip hopeless upward
-probes, but on this machine, oversubscribed by other processes, 2 threads decoded 27 tok/s beside
-a competitor where 1 thread got 10 (the scheduler shares time per thread): no idle core, and yet
-more threads won. The cost of not guessing is one slow step per re-probe, backed off.
+Only measured step times decide. The winner changes with the load, and not as a rule of thumb
+says: on this shared 2-core machine, beside a competitor and other work, one run measured 2 threads
+at 27 tok/s against 10 for 1 thread (time is shared per thread), another 0.5-0.8 against 11. A
+reading of idle cores (tried first) would have vetoed the 2 threads of the first run. The cost of
+not guessing is one slow step per re-probe, backed off.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class TunerConfig:
     window: int = 8
     jump_factor: float = 1.5
     spike_factor: float = 5.0
-    abort_factor: float = 4.0
+    abort_factor: float = 2.0
     #: Counts within this fraction of the fastest are equal (the fewest threads win).
     tolerance: float = 0.03
     #: Seconds of decode between re-probes, after a change; doubled while nothing changes.
@@ -74,6 +75,8 @@ class _Probe:
     climb: bool
     scores: dict[int, float] = field(default_factory=dict)
     seen: int = 0
+    #: Seconds spent on the rung being measured (its warm-up included).
+    spent: float = 0.0
     steps: list[float] = field(default_factory=list)
 
 
@@ -151,11 +154,12 @@ class ThreadTuner:
     def _observe_probe(self, probe: _Probe, step_s: float) -> int | None:
         cfg = self.config
         probe.seen += 1
+        probe.spent += step_s
         best = min(probe.scores.values()) if probe.scores else None
-        # A warm-up step may be slower (new threads start): it gets twice the margin.
-        limit = cfg.abort_factor * (2 if probe.seen <= cfg.warmup_steps else 1)
-        if best is not None and step_s > limit * best:
-            probe.scores[self.threads] = step_s  # far slower: no more steps, and no higher rung
+        budget = None if best is None else cfg.abort_factor * best * (cfg.warmup_steps + cfg.probe_steps)
+        if budget is not None and probe.spent > budget:
+            # Far slower: no more steps, and no higher rung. Its mean so far is a lower bound.
+            probe.scores[self.threads] = probe.spent / probe.seen
             probe.todo = [r for r in probe.todo if r < self.threads]
             probe.climb = False
             return self._next_rung(probe)
@@ -178,7 +182,7 @@ class ThreadTuner:
             rung = probe.todo.pop(0)
             if rung in probe.scores:
                 continue
-            probe.seen, probe.steps = 0, []
+            probe.seen, probe.spent, probe.steps = 0, 0.0, []
             return self._set(rung)
         return self._finish(probe)
 
