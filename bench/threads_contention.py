@@ -13,10 +13,12 @@ would take minutes for 128 tokens), and its decode rate is tokens after the firs
 since the first. The competitor is ``python -c 'while True: pass'``, started before its scenario's
 first request and killed after its last.
 
-    python bench/threads_contention.py [--reps 3] [--tokens 128] [--cap-s 15] [--fixed 1 2]
+    python bench/threads_contention.py [--reps 5] [--tokens 128] [--cap-s 15] [--fixed 1 2] [--raw]
 
-Writes bench/results/threads_contention.json and .png: per scenario, the median tok/s of each
-configuration and the ratio adaptive / best fixed.
+``--raw`` runs llama-cpp-python's own loop with the ThreadTuner applied through
+``llama_set_n_threads`` (the controller alone, on real decode steps); without it, the engine and
+its backend's wiring. Writes bench/results/threads_contention[_raw].json and .png: per scenario,
+the median tok/s of each configuration and the ratio adaptive / best fixed.
 """
 
 from __future__ import annotations
@@ -37,42 +39,85 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import save
 
 from edgeserve import Engine, ModelSettings, TokenEvent
+from edgeserve.threads import ThreadTuner
 
 OUT = Path(__file__).resolve().parent / "results"
 PROMPT = "Write a long story about a lighthouse keeper who finds a map in a bottle. Once upon a time"
 
 
-def decode_rate(engine: Engine, tokens: int, cap_s: float) -> dict[str, float]:
-    """One greedy request: (tokens after the first) / (seconds since the first token)."""
-    start = time.perf_counter()
-    first = last = None
-    count = 0
-    for event in engine.stream(PROMPT, max_tokens=tokens, temperature=0, ignore_eos=True):
-        if not isinstance(event, TokenEvent):
-            continue
-        now = time.perf_counter()
-        count += len(event.token_ids)
-        if first is None:
-            first = now
-        last = now
-        if now - first > cap_s:
-            break  # leaving the loop cancels the request
-    assert first is not None and last is not None and count > 1
+def _rate(start: float, stamps: list[float]) -> dict[str, float]:
+    """(tokens after the first) / (seconds since the first token), from each token's arrival."""
+    assert len(stamps) > 1
     return {
-        "tokens": count,
-        "decode_s": last - first,
-        "tok_s": (count - 1) / (last - first),
-        "ttft_s": first - start,
+        "tokens": len(stamps),
+        "decode_s": stamps[-1] - stamps[0],
+        "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+        "ttft_s": stamps[0] - start,
     }
+
+
+class EngineRunner:
+    """The real thing: edgeserve's Engine, its backend choosing (or pinning) the thread count."""
+
+    def __init__(self, settings: ModelSettings, stack: ExitStack) -> None:
+        self.engine = stack.enter_context(Engine.from_settings(settings))
+
+    def request(self, tokens: int, cap_s: float) -> dict[str, float]:
+        start = time.perf_counter()
+        stamps: list[float] = []
+        for event in self.engine.stream(PROMPT, max_tokens=tokens, temperature=0, ignore_eos=True):
+            if isinstance(event, TokenEvent):
+                stamps.extend([time.perf_counter()] * len(event.token_ids))
+                if stamps[-1] - stamps[0] > cap_s:
+                    break  # leaving the loop cancels the request
+        return _rate(start, stamps)
+
+    def tuner(self) -> ThreadTuner | None:
+        backend = self.engine.backend
+        found = getattr(backend, "tuner", None) or getattr(backend, "_tuner", None)
+        return found if isinstance(found, ThreadTuner) else None
+
+
+class RawRunner:
+    """``--raw``: llama-cpp-python's own generate loop, a ThreadTuner fed each step's time and
+    applied with ``llama_set_n_threads`` (the controller on real steps, without the engine)."""
+
+    def __init__(self, settings: ModelSettings, stack: ExitStack) -> None:
+        import llama_cpp
+
+        from edgeserve.models import default_model_path
+
+        self._llama_cpp = llama_cpp
+        self._tuner = None if settings.threads_pinned else ThreadTuner(settings.threads)
+        n = settings.threads if self._tuner is None else self._tuner.threads
+        path = str(default_model_path(settings.cache_dir))
+        self.llm = llama_cpp.Llama(path, n_ctx=settings.n_ctx, n_threads=n, n_threads_batch=n, verbose=False)
+        stack.callback(self.llm.close)
+        self.prompt = self.llm.tokenize(PROMPT.encode())
+
+    def request(self, tokens: int, cap_s: float) -> dict[str, float]:
+        start = time.perf_counter()
+        stamps: list[float] = []
+        self.llm.reset()
+        for _ in self.llm.generate(self.prompt, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if self._tuner is not None and len(stamps) > 1:
+                n = self._tuner.observe(stamps[-1] - stamps[-2])
+                if n is not None:
+                    self._llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
+            if len(stamps) >= tokens or stamps[-1] - stamps[0] > cap_s:
+                break
+        return _rate(start, stamps)
+
+    def tuner(self) -> ThreadTuner | None:
+        return self._tuner
 
 
 def competitor() -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def tuner_state(engine: Engine) -> dict[str, Any] | None:
-    """What the adaptive engine's tuner settled on, where the backend shows it."""
-    tuner = getattr(engine.backend, "tuner", None) or getattr(engine.backend, "_tuner", None)
+def tuner_state(tuner: ThreadTuner | None) -> dict[str, Any] | None:
     if tuner is None:
         return None
     return {"threads": tuner.threads, "probes": tuner.probes, "last_scores": tuner.last_scores}
@@ -83,25 +128,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "adaptive": ModelSettings(backend="llama", n_ctx=1024),
         **{f"fixed {n}": ModelSettings(backend="llama", n_ctx=1024, threads=n) for n in args.fixed},
     }
+    runner_class = RawRunner if args.raw else EngineRunner
     rows: list[dict[str, Any]] = []
     tuner_after: dict[str, Any] = {}
     with ExitStack() as stack:
-        engines = {name: stack.enter_context(Engine.from_settings(s)) for name, s in configs.items()}
-        for engine in engines.values():  # load, warm up (and let the adaptive one make its first probe)
-            decode_rate(engine, 16, args.cap_s)
+        runners = {name: runner_class(s, stack) for name, s in configs.items()}
+        for runner in runners.values():  # warm up (and let the adaptive one make its first probe)
+            runner.request(16, args.cap_s)
         for scenario in ("idle", "competitor"):
             rival = competitor() if scenario == "competitor" else None
             try:
                 time.sleep(0.5 if rival else 0)
-                names = list(engines)
+                names = list(runners)
                 for rep in range(args.reps):
                     shift = rep % len(names)
                     for name in names[shift:] + names[:shift]:
                         row = {"scenario": scenario, "config": name, "rep": rep}
-                        row.update(decode_rate(engines[name], args.tokens, args.cap_s))
+                        row.update(runners[name].request(args.tokens, args.cap_s))
                         rows.append(row)
                         print(f"{scenario:10} {name:9} rep {rep}: {row['tok_s']:6.1f} tok/s", flush=True)
-                tuner_after[scenario] = tuner_state(engines["adaptive"])
+                tuner_after[scenario] = tuner_state(runners["adaptive"].tuner())
             finally:
                 if rival:
                     rival.kill()
@@ -150,10 +196,11 @@ def plot(rows: list[dict[str, Any]], configs: list[str], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--cap-s", type=float, default=15.0)
     parser.add_argument("--fixed", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--raw", action="store_true", help="llama-cpp-python's loop with the tuner, not the engine")
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]
     result = run(args)
@@ -166,9 +213,10 @@ def main() -> None:
         "tuner_after": result["tuner_after"],
         "rows": result["rows"],
     }
-    path = save("threads_contention", report)
+    name = "threads_contention" + ("_raw" if args.raw else "")
+    path = save(name, report)
     try:
-        plot(result["rows"], result["configs"], OUT / "threads_contention.png")
+        plot(result["rows"], result["configs"], OUT / f"{name}.png")
     except ImportError:
         print("matplotlib missing: no PNG (pip install 'edgeserve[bench]')")
     for scenario, s in report["summary"].items():

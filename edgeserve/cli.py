@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
@@ -16,8 +16,6 @@ from edgeserve._startup import configure_logging
 from edgeserve.errors import EdgeserveError, InvalidParameterError, UserError
 from edgeserve.settings import EngineSettings, ModelSettings
 from edgeserve.types import FinalEvent, GenerationResult, Message, SamplingParams
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Group(click.Group):
