@@ -76,3 +76,61 @@ def test_full_queue_raises_and_max_inflight_allows_parallel_holders() -> None:
         assert sorted(log) == ["r0", "r1", "r2"] and adm.inflight == 0
 
     asyncio.run(main())
+
+
+def test_sjf_orders_by_predicted_service_time_when_costs_are_given() -> None:
+    """Issue 12: a short answer behind a long prompt is not a short job; cost_s (prefill plus decode
+    seconds) orders the queue, not the answer tokens alone."""
+
+    async def main() -> list[str]:
+        adm = Admission("sjf", max_inflight=1)
+        log: list[str] = []
+        gates = {rid: asyncio.Event() for rid in ("first", "long-prompt", "short-prompt")}
+
+        async def hold_cost(rid: str, tokens: float, cost_s: float | None) -> None:
+            async with adm.slot(rid, predicted_tokens=tokens, cost_s=cost_s):
+                log.append(rid)
+                await gates[rid].wait()
+
+        tasks = [asyncio.create_task(hold_cost("first", 500, None))]
+        await asyncio.sleep(0)
+        # Fewer answer tokens, but a history that takes 6 s to prefill.
+        tasks.append(asyncio.create_task(hold_cost("long-prompt", 20, 6.0)))
+        tasks.append(asyncio.create_task(hold_cost("short-prompt", 60, 1.0)))
+        await asyncio.sleep(0)
+        for rid in ("first", "short-prompt", "long-prompt"):
+            gates[rid].set()
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        return log
+
+    assert asyncio.run(main()) == ["first", "short-prompt", "long-prompt"]
+
+
+def test_retry_after_is_the_queue_drain_time_at_measured_service_times() -> None:
+    """Issue 19, defect 8: Retry-After is the work ahead (waiting requests plus what the holder still
+    needs) at the measured hold times, not a constant 1."""
+
+    async def main() -> None:
+        now = [0.0]
+        adm = Admission("fcfs", max_inflight=1, capacity=2, clock=lambda: now[0], prior_service_s=1.0)
+        ticket = await adm.acquire("warmup")
+        now[0] = 3.0
+        adm.release(ticket)  # one measured hold of 3 s replaces the prior
+        assert adm.holds.mean_s == 3.0
+        holder = await adm.acquire("holder")
+        waiters = [asyncio.create_task(adm.acquire(f"w{i}")) for i in range(2)]
+        await asyncio.sleep(0)
+        now[0] = 4.0  # the holder has held 1 s of its expected 3
+        with pytest.raises(QueueFullError) as full:
+            await adm.acquire("refused")
+        assert full.value.retry_after_s == pytest.approx(3 + 3 + 2)
+        # With predicted costs, each is scaled by how measured holds ran against predictions.
+        adm.holds.observe(4.0, 2.0)  # this upstream takes twice the predicted time
+        assert adm.holds.estimate_s(1.5) == pytest.approx(1.5 * adm.holds.ratio) and adm.holds.ratio == 2.0
+        adm.release(holder)
+        for w in waiters:
+            adm.release(await w)
+        assert adm.inflight == 0 and adm.drain_s(now[0]) == 1.0  # nothing ahead: Retry-After's floor
+
+    asyncio.run(main())

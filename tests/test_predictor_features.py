@@ -180,3 +180,30 @@ def test_lexical_prior_sums_the_weights_of_the_terms_training_used(shipped: Leng
         expected = spec.prior_intercept + sum(spec.prior.get(t, 0.0) for t in terms)
         row = shipped.features(prompt)
         assert float(row[DENSE_NAMES.index("lexical_prior")]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_any_string_is_predicted_lone_surrogates_included(shipped: LengthPredictor) -> None:
+    """Issue 19, defect 3: the predictor takes any str, as JSON can deliver it ("\\ud800" decodes to a
+    lone surrogate, which UTF-8 refuses); such text reads as U+FFFD, as a UTF-8 decoder shows it."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from edgeserve.predictor.tokens import approx_tokens
+
+    # Every code point, surrogates included (hypothesis leaves those out of text() by default).
+    any_text = st.text(st.characters(codec=None, exclude_categories=()), min_size=1, max_size=200)
+
+    @settings(max_examples=300, deadline=None)
+    @given(any_text, st.sampled_from(["string", "chat", "parts"]))
+    def check(text: str, shape: str) -> None:
+        prompt: Any = {
+            "string": "x " + text,
+            "chat": [{"role": "system", "content": text}, {"role": "user", "content": "x " + text}],
+            "parts": [{"role": "user", "content": [{"type": "text", "text": "x " + text}]}],
+        }[shape]
+        assert shipped.predict(prompt).expected_tokens > 0
+        assert approx_tokens(text) >= 1
+
+    check()
+    lone = shipped.features("a\ud800 b\udfff")
+    np.testing.assert_array_equal(lone, shipped.features("a\ufffd b\ufffd"))

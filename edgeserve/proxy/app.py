@@ -219,7 +219,7 @@ class PassThrough:
         try:
             upstream = await open_upstream(self.state, scope, body)
         except UpstreamError as exc:
-            await edgeserve_error_response(path, upstream_failed(self.state, path, exc))(scope, receive, send)
+            await edgeserve_error_response(path, upstream_failed(self.state, exc))(scope, receive, send)
             return
         try:
             relay = Relay(upstream, send, path=path)

@@ -79,14 +79,14 @@ async def open_upstream(state: ProxyState, scope: Scope, body: bytes) -> Upstrea
     try:
         response = await state.upstream.open(scope["method"], target, headers, body)
     except UpstreamError as exc:
-        state.health.failed(str(exc), time.monotonic())
+        state.health.failed(str(upstream_failed(state, exc)), time.monotonic())
         raise
     if response.retried:
         state.metrics.upstream_retries.inc()
     return response
 
 
-def upstream_failed(state: ProxyState, path: str, exc: UpstreamError) -> EdgeserveError:
+def upstream_failed(state: ProxyState, exc: UpstreamError) -> EdgeserveError:
     """The client's view of an upstream failure: the status by class, the upstream's URL redacted."""
     what = "did not answer in time" if exc.http_status == 504 else "is unreachable or failed"
     return type(exc)(f"the upstream {state.upstream.redacted} {what} ({exc})")
@@ -163,7 +163,8 @@ class Call:
                 self.outcome = "ok" if upstream.status < 400 else f"http_{upstream.status}"
                 self.state.health.ok(time.monotonic())
             elif self.relay.failure is not None:
-                self.state.health.failed(self.relay.failure, time.monotonic())
+                reason = f"the upstream {self.state.upstream.redacted} failed mid-answer: {self.relay.failure}"
+                self.state.health.failed(reason, time.monotonic())
         finally:
             # On a disconnect this closes the upstream request at once; after a complete response it
             # returns the connection to the pool.
@@ -171,11 +172,10 @@ class Call:
 
     async def _failed(self, path: str, exc: UpstreamError) -> None:
         self.outcome = "upstream_timeout" if exc.http_status == 504 else "upstream_error"
-        self.state.health.failed(str(exc), time.monotonic())
+        error = upstream_failed(self.state, exc)
+        self.state.health.failed(str(error), time.monotonic())
         log.warning("upstream failed for %s: %s", self.request_id, exc)
-        await edgeserve_error_response(path, upstream_failed(self.state, path, exc))(
-            self.scope, self.receive, self.send
-        )
+        await edgeserve_error_response(path, error)(self.scope, self.receive, self.send)
         self.responded = True
 
     def _predict(self) -> None:
