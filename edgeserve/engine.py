@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import ctypes
+import ctypes.util
 import itertools
 import logging
 import queue
@@ -128,6 +131,7 @@ class Engine:
         from edgeserve.backend import load_backend
         from edgeserve.hardware import choose_backend
         from edgeserve.models import resolve
+        from edgeserve.progress import loading
 
         model = model or ModelSettings()
         engine = engine or EngineSettings()
@@ -140,7 +144,8 @@ class Engine:
             predictor = LengthPredictor.load(engine.predictor)
             if engine.adapt_log:
                 recorder = AdaptationLog(engine.adapt_log, predictor.spec)
-        backend = load_backend(backend_name, resolved, model, progress)
+        with loading(progress, resolved.name, resolved.path):
+            backend = load_backend(backend_name, resolved, model, progress)
         instance = cls(backend, engine, predictor=predictor, recorder=recorder)
         instance.model = resolved
         return instance
@@ -372,6 +377,7 @@ class Engine:
             self._cond.notify_all()
         self._thread.join()
         self.backend.close()
+        _return_freed_memory()
 
     def __enter__(self) -> Engine:
         return self
@@ -448,24 +454,22 @@ class Engine:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
             answer = UNKNOWN_TOKENS if predicted_tokens is None else predicted_tokens
-            cost_s = self._service.estimate_s(len(request.prompt_tokens), min(answer, request.max_tokens))
+            cost = self._service.decode_equivalents(len(request.prompt_tokens), min(answer, request.max_tokens))
             if len(self._scheduler) >= self._scheduler.capacity:
                 self._scheduler.retry_after_s = self._drain_estimate_s()
-            self._scheduler.add(
-                Entry(request.request_id, request.submitted, request, priority, predicted_tokens, cost_s)
-            )
+            self._scheduler.add(Entry(request.request_id, request.submitted, request, priority, predicted_tokens, cost))
             self._cond.notify()
 
     def _drain_estimate_s(self) -> float:
-        """Seconds until the queue has room again: the work waiting ahead, at the measured rates,
-        divided among nothing (one device). Called with ``_cond`` held, only when the queue is full."""
+        """Seconds a refused client should wait: from the work queued and running, at the measured
+        decode rate. Called with ``_cond`` held, only when the queue is full."""
         backlog = self._scheduler.backlog_cost()
         current = self._current
         if current is not None and current.run is not None:
-            backlog += current.run.remaining_s(self._service)
+            backlog += current.run.remaining_cost(self._service)
         # A slot frees when the request at the head ends, but a retry that finds the queue refilled
         # fails again; half the backlog is the honest middle between the two.
-        return max(1.0, backlog / 2)
+        return max(1.0, backlog / self._service.decode_tok_s / 2)
 
     def _cancel(self, request: Request) -> None:
         with self._cond:
@@ -482,12 +486,18 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while (work := self._next_work()) is not None:
-            if isinstance(work, Request):
-                self._advance(work)
-            else:
-                work()
-        self._shut_down()
+        try:
+            while (work := self._next_work()) is not None:
+                if isinstance(work, Request):
+                    self._advance(work)
+                else:
+                    work()
+        except BaseException:  # a bug in the loop itself: refuse new work and answer everyone
+            log.critical("the engine loop failed; the engine is closed", exc_info=True)
+            with self._cond:
+                self._closed = True
+        finally:
+            self._shut_down()
 
     def _next_work(self) -> Request | Callable[[], None] | None:
         """What the loop does next: a control job, dropped requests to free, or one unit of a
@@ -525,9 +535,10 @@ class Engine:
             current,
             current.priority,
             current.predicted_tokens,
-            run.remaining_s(self._service),
+            run.remaining_cost(self._service),
         )
-        if self._scheduler.preempts(remaining, now, switch_s=self._switch_s) is None:
+        switch_cost = self._switch_s * self._service.decode_tok_s
+        if self._scheduler.preempts(remaining, now, switch_cost=switch_cost) is None:
             return
         self._scheduler.add(remaining, readmit=True)
         entry = self._scheduler.next(now)
@@ -710,6 +721,17 @@ class Engine:
                 self._recorder.record(request.predictor_input, n_out)
             except (OSError, EdgeserveError) as exc:  # losing a log line must never fail serving
                 log.warning("could not record answer length: %s", exc)
+
+
+def _return_freed_memory() -> None:
+    """Hand the model's freed heap back to the OS (glibc keeps freed arenas mapped otherwise: RSS
+    after close stayed ~65 MB above the baseline for Gemma 3 270M), so an app that closes one
+    engine and opens another does not grow. A no-op where there is no glibc."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        ctypes.CDLL(libc_name).malloc_trim(0)
 
 
 def _is_messages(source: object) -> bool:

@@ -109,8 +109,9 @@ class Running:
         left = predicted - n if n < predicted else float(n)
         return min(left, request.max_tokens - n)
 
-    def remaining_s(self, service: ServiceModel) -> float:
-        return service.estimate_s(self.prompt_left, self.remaining_tokens())
+    def remaining_cost(self, service: ServiceModel) -> float:
+        """What is left of it, in decode-token equivalents (the engine's scheduling unit)."""
+        return service.decode_equivalents(self.prompt_left, self.remaining_tokens())
 
     def accept(self, token: int, detokenize: Callable[[Sequence[int]], bytes]) -> None:
         """Take one sampled token: end on end-of-generation, else emit its text and check the

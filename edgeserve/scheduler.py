@@ -11,9 +11,9 @@ A policy is an ordering, picked by name from ``POLICIES``:
   the running one (shortest remaining predicted time first; the engine parks the one it displaces).
 - ``priority``: the client's priority first (lower runs earlier, as in vLLM), SJF within a level.
 
-A request's cost is ``Entry.cost_s``, the predicted seconds it will hold the device (prefill plus
-decode, ``edgeserve.service``), or, when the caller has no rate model, its predicted answer tokens.
-A caller gives costs for every entry or for none: the two units do not compare.
+A request's cost is ``Entry.cost``, the predicted service it still needs (prefill plus decode,
+``edgeserve.service``) in a unit its owner keeps for all its entries, or, when the owner has no rate
+model, its predicted answer tokens. An owner gives costs for every entry or for none.
 
 Aging is shared by every policy: once the oldest waiting request has waited ``aging_s`` it runs
 next, whatever the ordering says. So a request waits at most ``aging_s`` plus the service time of
@@ -24,6 +24,7 @@ running when it aged adds at most a quantum.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import heapq
 import itertools
@@ -51,16 +52,17 @@ class Entry(Generic[T]):
     item: T
     priority: int = 0
     predicted_tokens: float | None = None
-    #: Predicted seconds of service still needed; None: order by predicted tokens instead.
-    cost_s: float | None = None
+    #: Predicted service still needed, in the owner's unit (the engine: decode-token equivalents,
+    #: the proxy: seconds); None: order by predicted answer tokens instead.
+    cost: float | None = None
 
     @property
     def expected(self) -> float:
         return UNKNOWN_TOKENS if self.predicted_tokens is None else self.predicted_tokens
 
     @property
-    def cost(self) -> float:
-        return self.expected if self.cost_s is None else self.cost_s
+    def effective_cost(self) -> float:
+        return self.expected if self.cost is None else self.cost
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,9 @@ SortKey = tuple[float, ...]
 
 POLICIES: dict[str, Callable[[Entry[object]], SortKey]] = {
     "fcfs": lambda e: (e.arrival,),
-    "sjf": lambda e: (e.cost, e.arrival),
-    "srpt": lambda e: (e.cost, e.arrival),
-    "priority": lambda e: (e.priority, e.cost, e.arrival),
+    "sjf": lambda e: (e.effective_cost, e.arrival),
+    "srpt": lambda e: (e.effective_cost, e.arrival),
+    "priority": lambda e: (e.priority, e.effective_cost, e.arrival),
 }
 #: Policies under which a waiting request may displace a running one.
 PREEMPTIVE = frozenset({"srpt"})
@@ -146,7 +148,12 @@ class Scheduler(Generic[T]):
             raise InvalidParameterError(f"request id {entry.request_id!r} is already queued", param="request_id")
         self._live[entry.request_id] = entry
         heapq.heappush(self._heap, (self._key(entry), next(self._seq), entry))  # type: ignore[arg-type]
-        self._arrivals.append(entry)
+        if self._arrivals and entry.arrival < self._arrivals[-1].arrival:
+            # Out of order only when a preempted entry comes back: aging must still see it first.
+            at = bisect.bisect_right([e.arrival for e in self._arrivals], entry.arrival)
+            self._arrivals.insert(at, entry)
+        else:
+            self._arrivals.append(entry)
 
     def next(self, now: float) -> Entry[T] | None:
         """Take the entry to run now, or None if nothing waits."""
@@ -168,13 +175,13 @@ class Scheduler(Generic[T]):
     def aged(self, entry: Entry[T], now: float) -> bool:
         return now - entry.arrival >= self.aging_s
 
-    def preempts(self, running: Entry[T], now: float, *, switch_s: float = 0.0) -> Entry[T] | None:
+    def preempts(self, running: Entry[T], now: float, *, switch_cost: float = 0.0) -> Entry[T] | None:
         """Under a preemptive policy, the waiting entry that should displace ``running`` now (left in
         place: ``next`` takes it), or None. ``running.cost`` is its remaining cost.
 
         An aged entry displaces a younger running one (arrival order among the aged, so two aged
         requests never take turns); otherwise a challenger must beat the running request by the
-        hysteresis factor, after paying ``switch_s`` (parking one, resuming the other).
+        hysteresis factor, after paying ``switch_cost`` (parking one, resuming the other).
         """
         if not self.preemptive:
             return None
@@ -185,7 +192,8 @@ class Scheduler(Generic[T]):
             return challenger if challenger.arrival < running.arrival else None
         if self.aged(running, now):
             return None
-        return challenger if (challenger.cost + switch_s) * self.hysteresis < running.cost else None
+        worth = (challenger.effective_cost + switch_cost) * self.hysteresis < running.effective_cost
+        return challenger if worth else None
 
     def cancel(self, request_id: str, item: T | None = None) -> Entry[T] | None:
         """Remove a waiting entry; returns it, or None if it was not waiting (running or gone).
@@ -197,7 +205,7 @@ class Scheduler(Generic[T]):
 
     def backlog_cost(self) -> float:
         """The summed cost of every waiting entry (the work ahead of a new arrival, at worst)."""
-        return sum(e.cost for e in self._live.values())
+        return sum(e.effective_cost for e in self._live.values())
 
     def snapshot(self, now: float) -> list[QueueView]:
         """Live entries in the order ``next`` would take them if nothing else arrived."""

@@ -61,6 +61,13 @@ class ServiceModel:
         """Seconds to evaluate ``prompt_tokens`` and then generate ``answer_tokens``."""
         return max(prompt_tokens, 0.0) / self.prefill_tok_s + max(answer_tokens, 0.0) / self.decode_tok_s
 
+    def decode_equivalents(self, prompt_tokens: float, answer_tokens: float) -> float:
+        """The same work in decode-token equivalents (seconds times the decode rate). A cost in
+        this unit stays comparable with one computed earlier: it moves with the ratio of the two
+        rates, which is steady, not with the rates themselves, which jump from the prior to the
+        first measurement and drift with the machine's load."""
+        return max(prompt_tokens, 0.0) * self.decode_tok_s / self.prefill_tok_s + max(answer_tokens, 0.0)
+
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         # Tiny prefills (a cached prompt's last token) say more about overhead than throughput.
         if tokens >= 16 and seconds > 0:

@@ -164,3 +164,51 @@ def test_cancel_with_an_item_removes_only_that_entry() -> None:
     s.add(Entry("x", 0.0, item="new"))
     assert s.cancel("x", "old") is None  # a stale handle of an earlier request with the same id
     assert s.cancel("x", "new") is not None
+
+
+# ---- service cost and preemption ------------------------------------------------------------
+
+
+def test_sjf_orders_by_cost_when_given_not_answer_length() -> None:
+    s: Scheduler[str] = Scheduler("sjf")
+    # A short answer behind a long prompt costs more than a longer answer to a short prompt.
+    s.add(Entry("long-history", 0.0, "a", predicted_tokens=20, cost=220.0))
+    s.add(Entry("short-prompt", 1.0, "b", predicted_tokens=60, cost=65.0))
+    assert s.next(2.0).request_id == "short-prompt"  # type: ignore[union-attr]
+
+
+def test_srpt_preempts_only_past_the_hysteresis_and_the_switch_cost() -> None:
+    s: Scheduler[str] = Scheduler("srpt", aging_s=100.0, hysteresis=2.0)
+    running = Entry("running", 0.0, "r", cost=100.0)
+    s.add(Entry("challenger", 1.0, "c", cost=45.0))
+    assert s.preempts(running, 2.0) is not None  # 2 x 45 < 100
+    assert s.preempts(running, 2.0, switch_cost=10.0) is None  # 2 x (45 + 10) > 100
+    assert s.preempts(Entry("running", 0.0, "r", cost=80.0), 2.0) is None  # 90 > 80: keep running
+    assert len(s) == 1  # preempts only looks
+
+
+def test_srpt_aged_requests_preempt_younger_ones_but_never_take_turns() -> None:
+    s: Scheduler[str] = Scheduler("srpt", aging_s=10.0)
+    s.add(Entry("old-long", 0.0, "o", cost=1000.0))
+    young_short = Entry("young", 5.0, "y", cost=1.0)
+    assert s.preempts(young_short, 9.0) is None  # not aged yet, and far costlier
+    assert s.preempts(young_short, 10.0) is not None  # aged: it goes next, whatever the costs
+    older_running = Entry("older", -5.0, "x", cost=5000.0)
+    assert s.preempts(older_running, 10.0) is None  # arrival order among the aged
+
+
+def test_non_preemptive_policies_never_preempt() -> None:
+    for policy in ("fcfs", "sjf", "priority"):
+        s: Scheduler[str] = Scheduler(policy)
+        s.add(Entry("tiny", 1.0, "t", cost=1.0))
+        assert s.preempts(Entry("huge", 0.0, "h", cost=1e9), 2.0) is None
+
+
+def test_a_readmitted_entry_ignores_capacity_and_keeps_its_arrival() -> None:
+    s: Scheduler[str] = Scheduler("srpt", capacity=1, aging_s=10.0)
+    s.add(Entry("waiting", 5.0, "w", cost=50.0))
+    with pytest.raises(QueueFullError, match="1 request waiting"):
+        s.add(Entry("new", 6.0, "n"))
+    s.add(Entry("preempted", 0.0, "p", cost=80.0), readmit=True)
+    assert len(s) == 2
+    assert s.next(10.0).request_id == "preempted"  # type: ignore[union-attr]  # aged from its first arrival

@@ -1,0 +1,230 @@
+"""The engine's own logic on the scripted backend (no model, seconds in all): preemption order and
+exact resumption, parking limits, the aging bound under srpt, cancel races, close during prefill,
+and a backend failure that leaves the loop alive."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from edgeserve import Engine, EngineSettings, FinishReason, GenerationResult, RequestHandle, SamplingParams, TokenEvent
+from edgeserve.engine import outcome
+from edgeserve.errors import BackendError, EngineClosedError
+from edgeserve.scripted import ScriptedBackend
+from edgeserve.types import StreamEvent
+
+LONG = SamplingParams(max_tokens=200, temperature=0.9, seed=1, ignore_eos=True)
+SHORT = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+
+def _engine(backend: ScriptedBackend, **settings: object) -> Engine:
+    defaults: dict[str, object] = {"policy": "srpt", "preempt_quantum_s": 0.0, "aging_s": 1000.0}
+    return Engine(backend, EngineSettings(**{**defaults, **settings}))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def backend() -> ScriptedBackend:
+    return ScriptedBackend(step_s=0.003)
+
+
+@pytest.fixture
+def engine(backend: ScriptedBackend) -> Iterator[Engine]:
+    with _engine(backend) as eng:
+        yield eng
+
+
+def _started(handle: RequestHandle) -> Iterator[StreamEvent]:
+    """Block until the first token of a request arrives; returns its stream, which the caller keeps
+    (dropping a stream unfinished cancels its request)."""
+    events = iter(handle)
+    for event in events:
+        if isinstance(event, TokenEvent):
+            return events
+    raise AssertionError("the request ended before its first token")
+
+
+def _result(events: Iterator[StreamEvent]) -> GenerationResult:
+    for event in events:
+        if (result := outcome(event)) is not None:
+            return result
+    raise AssertionError("no final event")
+
+
+def test_a_short_request_displaces_a_long_one_which_resumes_exactly(engine: Engine, backend: ScriptedBackend) -> None:
+    solo = engine.generate("a long one", LONG)
+    events = _started(engine.submit("a long one", LONG, predicted_tokens=500))
+    short = engine.submit("short", SHORT, predicted_tokens=4).result()
+    result = _result(events)
+    assert result.text == solo.text  # parked, resumed, the same seeded text
+    assert result.preemptions == 1 and result.parked_bytes > 0
+    assert short.total_s < result.total_s and short.preemptions == 0
+    parks = [c for c in backend.calls if c[0] in ("park", "restore")]
+    assert parks == [("park", parks[0][1]), ("restore", parks[0][1])]
+
+
+def test_fcfs_and_sjf_never_preempt(backend: ScriptedBackend) -> None:
+    for policy in ("fcfs", "sjf"):
+        with _engine(backend, policy=policy) as engine:
+            long = _started(engine.submit("a long one", LONG, predicted_tokens=500))
+            engine.submit("short", SHORT, predicted_tokens=4).result()
+            assert _result(long).preemptions == 0
+    assert not any(c[0] == "park" for c in backend.calls)
+
+
+def test_the_quantum_holds_off_preemption(backend: ScriptedBackend) -> None:
+    with _engine(backend, preempt_quantum_s=60.0) as engine:
+        long = _started(engine.submit("a long one", LONG, predicted_tokens=500))
+        engine.submit("short", SHORT, predicted_tokens=4)
+        assert _result(long).preemptions == 0
+
+
+def test_hysteresis_keeps_a_nearly_done_request_running(engine: Engine) -> None:
+    # 60 tokens predicted and running vs a challenger of 40: not twice as short, so no switch.
+    long = _started(engine.submit("first", SamplingParams(max_tokens=60, ignore_eos=True), predicted_tokens=60))
+    engine.submit("second", SamplingParams(max_tokens=40, ignore_eos=True), predicted_tokens=40)
+    assert _result(long).preemptions == 0
+
+
+def test_a_request_that_outlives_its_prediction_yields(engine: Engine) -> None:
+    """Predicted short (5 tokens) but really 300: past its prediction its estimate doubles with
+    what it has served, so a fresh request predicted at 20 displaces it."""
+    events = _started(engine.submit("looks short", SamplingParams(max_tokens=300, ignore_eos=True), predicted_tokens=5))
+    for _ in range(45):  # 45 tokens served: remaining estimate 45, far above 2 x 20
+        next(events)
+    fresh = engine.submit("fresh", SamplingParams(max_tokens=20, ignore_eos=True), predicted_tokens=20).result()
+    final = _result(events)
+    assert final.preemptions == 1 and fresh.total_s < final.total_s
+
+
+def test_open_sequences_are_kept_while_the_backend_has_room() -> None:
+    backend = ScriptedBackend(step_s=0.003, max_sequences=2)
+    with _engine(backend) as engine:
+        long = _started(engine.submit("a long one", LONG, predicted_tokens=500))
+        engine.submit("short", SHORT, predicted_tokens=4).result()
+        assert _result(long).preemptions == 1
+    assert not any(c[0] in ("park", "restore") for c in backend.calls)  # switched, never parked
+
+
+def test_the_parking_limit_stops_preemption(backend: ScriptedBackend) -> None:
+    with _engine(backend, max_parked=0) as engine:
+        long = _started(engine.submit("a long one", LONG, predicted_tokens=500))
+        engine.submit("short", SHORT, predicted_tokens=4).result()
+        assert _result(long).preemptions == 0
+    assert not any(c[0] == "park" for c in backend.calls)
+
+
+def test_nested_preemptions_resume_in_shortest_remaining_order(engine: Engine) -> None:
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def done(name: str) -> object:
+        def on_event(event: object) -> None:
+            if not isinstance(event, TokenEvent):
+                with lock:
+                    order.append(name)
+
+        return on_event
+
+    a = _started(engine.submit("aaa", SamplingParams(max_tokens=400, ignore_eos=True), predicted_tokens=800))
+    engine.submit("bbb", SamplingParams(max_tokens=40, ignore_eos=True), predicted_tokens=300, on_event=done("b"))
+    time.sleep(0.03)
+    engine.submit("ccc", SamplingParams(max_tokens=5, ignore_eos=True), predicted_tokens=5, on_event=done("c"))
+    _result(a)
+    order.append("a")
+    assert order == ["c", "b", "a"]
+
+
+def test_aging_bounds_the_wait_of_a_long_request_under_srpt() -> None:
+    """A stream of short requests would starve a long one forever; once it has waited aging_s it
+    runs, even displacing a younger short one at its next token boundary."""
+    backend = ScriptedBackend(step_s=0.002)
+    with _engine(backend, aging_s=0.3) as engine:
+        shorts = [engine.submit(f"s{i}", SHORT, predicted_tokens=4) for i in range(3)]
+        long = engine.submit("long", SamplingParams(max_tokens=10, ignore_eos=True), predicted_tokens=900)
+        stop = time.monotonic() + 3.0
+        while time.monotonic() < stop and long.request_id in {v.request_id for v in engine.snapshot()}:
+            shorts.append(engine.submit("again", SHORT, predicted_tokens=4))
+            time.sleep(0.004)
+        result = _result(long)
+        for h in shorts:
+            h.cancel()
+    assert result.finish_reason is FinishReason.LENGTH
+    assert result.queue_wait_s < 0.3 + 0.2  # aging_s plus a short job, not the whole stream
+
+
+def test_cancelling_a_parked_request_frees_its_state(engine: Engine, backend: ScriptedBackend) -> None:
+    handle = engine.submit("a long one", LONG, predicted_tokens=500)
+    long = _started(handle)
+    blocker = engine.submit("short", SamplingParams(max_tokens=30, ignore_eos=True), predicted_tokens=30)
+    while not any(c[0] == "park" for c in backend.calls):
+        time.sleep(0.001)
+    handle.cancel()
+    result = _result(long)
+    assert result.finish_reason is FinishReason.CANCELLED and result.preemptions == 1
+    blocker.result()
+    assert not any(c[0] == "restore" for c in backend.calls)  # never brought back to be dropped
+    assert backend.open_sequences == []
+
+
+def test_cancel_races_leave_the_engine_consistent(engine: Engine, backend: ScriptedBackend) -> None:
+    """Cancel at random moments (waiting, prefilling, decoding, parked): every request ends with
+    exactly one final event, no sequence stays open, and the engine keeps serving."""
+    handles = [engine.submit(f"request {i}", LONG, predicted_tokens=float(10 * (i % 7 + 1))) for i in range(20)]
+    for i, h in enumerate(handles):
+        time.sleep(0.001 * (i % 4))
+        if i % 3:
+            h.cancel()
+    finals = [h.result() for h in handles]
+    assert len(finals) == 20
+    assert all(r.finish_reason in (FinishReason.CANCELLED, FinishReason.LENGTH) for r in finals)
+    assert engine.generate("after", SHORT).completion_tokens == 4
+    assert backend.open_sequences == [] and not engine.busy and engine.queue_depth == 0
+
+
+def test_close_during_a_long_prefill_ends_everything() -> None:
+    backend = ScriptedBackend(prefill_s=0.002)
+    engine = _engine(backend, policy="fcfs", prefill_chunk=64)
+    running = engine.submit("x" * 800, SHORT)  # 800 tokens at 2 ms each: 1.6 s of prefill
+    waiting = engine.submit("waiting", SHORT)
+    while not any(c[0] == "prefill" for c in backend.calls):
+        time.sleep(0.001)
+    started = time.monotonic()
+    engine.close()
+    assert time.monotonic() - started < 1.0  # within a chunk, not the whole prompt
+    assert running.result().finish_reason is FinishReason.CANCELLED
+    with pytest.raises(EngineClosedError):
+        waiting.result()
+    assert backend.closed and backend.open_sequences == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("edgeserve")]
+
+
+def test_a_backend_failure_is_an_error_event_and_the_loop_lives_on() -> None:
+    backend = ScriptedBackend(fail_on=("decode", 2))
+    with _engine(backend) as engine:
+        with pytest.raises(BackendError, match="scripted failure"):
+            engine.generate("boom", SHORT)
+        assert engine.generate("fine", SHORT).completion_tokens == 4
+        assert backend.open_sequences == []
+
+
+def test_callback_consumers_get_every_event_in_order(engine: Engine) -> None:
+    events: list[object] = []
+    finished = threading.Event()
+
+    def on_event(event: object) -> None:
+        events.append(event)
+        if not isinstance(event, TokenEvent):
+            finished.set()
+
+    handle = engine.submit("hello", SHORT, on_event=on_event)
+    assert finished.wait(5)
+    text = "".join(e.text for e in events if isinstance(e, TokenEvent))
+    assert text == events[-1].result.text and handle.request_id == events[-1].result.request_id  # type: ignore[attr-defined]
+
+
+def test_submit_takes_sampling_keywords_like_generate(engine: Engine) -> None:
+    result = engine.submit("hello", max_tokens=3, temperature=0, ignore_eos=True).result()
+    assert result.completion_tokens == 3
