@@ -362,6 +362,15 @@ def test_sjf_orders_by_service_time_so_a_long_prompt_waits(up: FaultUpstream) ->
         assert order == ["holder", "short-prompt", "long-prompt"]
 
 
+def test_the_service_model_learns_the_upstreams_own_timings(up: FaultUpstream) -> None:
+    """The rates that order sjf are the upstream's: Ollama reports its prefill and decode durations."""
+    app = create_proxy_app(fault_settings(up.url))
+    with live_server(app, lifespan="on") as proxy:
+        assert ollama_whole(proxy) == "Paris is the capital."
+    service = app.app.state.proxy.service
+    assert service.prefill_tok_s == pytest.approx(300) and service.decode_tok_s == pytest.approx(100)
+
+
 def test_upstream_errors_are_in_the_one_error_tree() -> None:
     assert issubclass(UpstreamTimeout, UpstreamError) and issubclass(UpstreamError, EdgeserveError)
     assert (UpstreamError("x").http_status, UpstreamTimeout("x").http_status) == (502, 504)

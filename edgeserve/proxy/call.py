@@ -229,13 +229,21 @@ class Call:
                 log.warning("could not record answer length: %s", exc)
 
     def _observe_service(self, now: float, answer_tokens: int | None) -> None:
-        """Feed the service model what this request showed of the upstream's rates: the answer's
-        decode is the upstream time less the prompt's prefill at the current estimate (a stream's
-        first byte is no prefill measure: servers send the head, even a role chunk, before it)."""
+        """Feed the service model what this request showed of the upstream's rates: its own timings
+        where it reports them (Ollama, llama.cpp's server); else the answer's decode is the upstream
+        time less the prompt's prefill at the current estimate (a stream's first byte is no prefill
+        measure: servers send the head, even a role chunk, before it)."""
+        assert self.relay is not None
+        service = self.state.service
+        prefill, decode = self.relay.tail.rates()
+        if prefill is not None:
+            service.observe_prefill(int(prefill[0]), prefill[1])
+        if decode is not None:
+            service.observe_decode(int(decode[0]), decode[1])
+            return
         if answer_tokens is None or answer_tokens < 1:
             return
-        service = self.state.service
-        prompt = self.relay.tail.prompt_tokens() if self.relay is not None else None
+        prompt = self.relay.tail.prompt_tokens()
         prompt = prompt if prompt is not None else self.admitted.prompt_tokens()
         upstream_s = now - self.sent_at
         decode_s = upstream_s - service.estimate_s(prompt, 0)

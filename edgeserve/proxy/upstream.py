@@ -45,6 +45,21 @@ TAIL_BYTES = 16 * 1024
 _TOKENS = re.compile(rb'"(?:completion_tokens|eval_count)"\s*:\s*(\d+)')
 _PROMPT_TOKENS = re.compile(rb'"(?:prompt_tokens|prompt_eval_count)"\s*:\s*(\d+)')
 _FINISH = re.compile(rb'"(?:finish_reason|done_reason)"\s*:\s*"([a-z_]+)"')
+# The upstream's own timings, where it reports them: Ollama's durations (nanoseconds) and
+# llama.cpp server's "timings" (milliseconds).
+_TIMINGS = {
+    name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*([0-9.]+)')
+    for name in (
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+        "prompt_n",
+        "prompt_ms",
+        "predicted_n",
+        "predicted_ms",
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -225,6 +240,23 @@ class UsageTail:
     def prompt_tokens(self) -> int | None:
         found = _PROMPT_TOKENS.findall(self.tail)
         return int(found[-1]) if found else None
+
+    def _last(self, name: str) -> float | None:
+        found = _TIMINGS[name].findall(self.tail)
+        return float(found[-1]) if found else None
+
+    def rates(self) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+        """(prompt tokens, prefill seconds) and (answer tokens, decode seconds), as the upstream
+        measured them itself, where it says (Ollama, llama.cpp's server); None where it does not."""
+        out: list[tuple[float, float] | None] = []
+        for ollama, llama in (("prompt_eval", "prompt"), ("eval", "predicted")):
+            n, ns = self._last(f"{ollama}_count"), self._last(f"{ollama}_duration")
+            if n is not None and ns is not None:
+                out.append((n, ns / 1e9))
+                continue
+            n, ms = self._last(f"{llama}_n"), self._last(f"{llama}_ms")
+            out.append((n, ms / 1e3) if n is not None and ms is not None else None)
+        return out[0], out[1]
 
     def finish_reason(self) -> str | None:
         found = _FINISH.findall(self.tail)
