@@ -3,15 +3,15 @@
 Only what edgeserve serves is declared; unknown request fields are ignored (clients send many), and
 fields that would change the answer in a way edgeserve cannot honour (``n > 1``, ``logprobs``,
 ``tools``) are declared so that the route can refuse them with a clear 400 instead of ignoring them.
-
-Every request model is strict, as OpenAI's API is: ``temperature: true``, ``max_tokens: "5"`` or
-``stream: "yes"`` are 400s, not coerced (an integer field takes no ``5.0`` either; a float field takes
-integers). Text must be Unicode: a lone UTF-16 surrogate (``"a\\ud800"``, valid JSON escape, no
-character) anywhere in a request is a 400 naming where it is, never replaced silently (OpenAI's
-parser refuses it too; the prompt the client meant is unknown).
 For those, validation accepts the field's usual shape and the route says what is wrong, while the
 documented schema (``Documented``) states only what is served: a request that fits the schema is
 served. ``ignore_eos``, ``priority``, ``top_k``, ``min_p`` and ``repetition_penalty`` are extensions.
+
+Every request model is strict, as OpenAI's API is: ``temperature: true``, ``max_tokens: "5"`` or
+``stream: "yes"`` are 400s, not coerced (a float field takes integers, and ``5.0`` is the integer 5,
+as in JSON Schema). Text must be Unicode: a lone UTF-16 surrogate (``"a\\ud800"``, valid JSON escape, no
+character) anywhere in a request is a 400 naming where it is, never replaced silently (OpenAI's
+parser refuses it too; the prompt the client meant is unknown).
 """
 
 from __future__ import annotations
@@ -38,23 +38,33 @@ NULL = {"type": "null"}
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def lone_surrogate(data: Any) -> tuple[str, ...] | None:
-    """The path to the first string (value or key) in decoded JSON that holds a lone surrogate.
-    Iterative: JSON nests as deep as the parser allowed, deeper than Python's recursion limit."""
+def settle_json(data: Any) -> tuple[str, ...] | None:
+    """One walk over decoded JSON, in place: a float with no fraction becomes an int (JSON Schema's
+    ``integer`` is any number without one, and strict int fields take no float), and the path to the
+    first string (value or key) holding a lone surrogate is returned, if any. Iterative: JSON nests
+    as deep as the parser allowed, deeper than Python's recursion limit."""
     todo: list[tuple[tuple[str, ...], Any]] = [((), data)]
     while todo:
         path, value = todo.pop()
         if isinstance(value, str):
             if SURROGATE.search(value):
                 return path
-        elif isinstance(value, dict):
-            for key, item in value.items():
+            continue
+        if isinstance(value, dict):
+            items: list[tuple[Any, Any]] = list(value.items())
+            for key, _ in items:
                 if isinstance(key, str) and SURROGATE.search(key):
                     # Shown escaped: the message must itself be writable as UTF-8.
                     return (*path, key.encode("utf-8", "backslashreplace").decode())
-                todo.append(((*path, str(key)), item))
         elif isinstance(value, list):
-            todo.extend(((*path, str(i)), item) for i, item in enumerate(value))
+            items = list(enumerate(value))
+        else:
+            continue
+        for key, item in items:
+            if isinstance(item, float) and item.is_integer():
+                value[key] = int(item)
+            elif isinstance(item, (str, dict, list)):
+                todo.append(((*path, str(key)), item))
     return None
 
 
@@ -69,8 +79,8 @@ class WireRequest(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _unicode_text(cls, data: Any) -> Any:
-        path = lone_surrogate(data)
+    def _settled(cls, data: Any) -> Any:
+        path = settle_json(data)
         if path is not None:
             where = ".".join(path) or "body"
             raise PydanticCustomError(
