@@ -140,10 +140,14 @@ class Admission:
         self._holders[ticket.request_id] = ticket
         return ticket
 
-    def release(self, ticket: Ticket) -> None:
-        """Give the slot back; its hold time is measured."""
-        if self._holders.pop(ticket.request_id, None) is not None:
-            self.holds.observe(self._clock() - ticket.granted, ticket.cost_s)
+    def release(self, ticket: Ticket, *, cost_s: float | None = None, measured: bool = True) -> None:
+        """Give the slot back; its hold time is measured, against ``cost_s`` (the request's cost as
+        the caller's service model puts it now, which keeps the ratio and a model that learns from
+        the same requests from both correcting one error) or else the cost it was admitted with.
+        ``measured=False``: a hold cut short (the client left, the upstream failed) says nothing of
+        how long service takes."""
+        if self._holders.pop(ticket.request_id, None) is not None and measured:
+            self.holds.observe(self._clock() - ticket.granted, cost_s if cost_s is not None else ticket.cost_s)
         self._free()
 
     def drain_s(self, now: float) -> float:

@@ -133,7 +133,10 @@ class Call:
         try:
             await self._forward(path)
         finally:
-            admission.release(self.ticket)
+            # The response is out: predicting now costs no client any time (see app's docstring).
+            self._predict()
+            complete = self.relay is not None and self.relay.complete
+            admission.release(self.ticket, cost_s=self.cost_s(), measured=complete)
 
     def cost_s(self) -> float:
         """Predicted service seconds: the prompt's prefill plus the predicted answer's decode, at the
