@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from edgeserve import Engine, EngineSettings, FinishReason, ModelSettings, SamplingParams
+from edgeserve import Engine, EngineSettings, FinalEvent, FinishReason, ModelSettings, SamplingParams, TokenEvent
 
 SHORT = "What is 2+2? Answer with one number."
 LONG = "Write a detailed 2000-word essay on the history of the Roman Empire, with sections and examples."
@@ -25,15 +26,20 @@ def recorded(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path)
 def test_short_request_overtakes_a_long_one_queued_before_it(engine: Engine) -> None:
     assert engine.settings.policy == "sjf"
     blocker = engine.submit("Go on:", SamplingParams(max_tokens=40, ignore_eos=True))
-    long = engine.submit(messages=[{"role": "user", "content": LONG}], params=SamplingParams(max_tokens=4))
-    short = engine.submit(messages=[{"role": "user", "content": SHORT}], params=SamplingParams(max_tokens=4))
+    while not engine.busy:  # the blocker holds the engine, so the next two wait
+        time.sleep(0.001)
+    # The same max_tokens for both: only the predicted lengths tell them apart (a cap below the
+    # prediction would bound the cost by itself).
+    params = SamplingParams(max_tokens=300)
+    long = engine.submit(messages=[{"role": "user", "content": LONG}], params=params)
+    short = engine.submit(messages=[{"role": "user", "content": SHORT}], params=params)
     views = {v.request_id: v for v in engine.snapshot()}
     assert views[short.request_id].position < views[long.request_id].position
-    r_long, r_short = long.result(), short.result()
+    assert short.predicted_tokens is not None and long.predicted_tokens is not None
+    assert short.predicted_tokens < long.predicted_tokens
+    long.cancel()
+    short.cancel()
     blocker.result()
-    assert r_short.predicted_tokens is not None and r_long.predicted_tokens is not None
-    assert r_short.predicted_tokens < r_long.predicted_tokens
-    assert r_short.queue_wait_s < r_long.queue_wait_s  # ran first although it arrived later
 
 
 def test_token_prompts_wait_as_unknown_length(engine: Engine) -> None:
@@ -72,3 +78,21 @@ def test_a_missing_predictor_artefact_is_a_clear_error_before_loading_the_model(
     settings = EngineSettings(predictor=tmp_path / "adapted")
     with pytest.raises(ModelNotFoundError, match="no length predictor"):
         Engine.from_settings(ModelSettings(model="default", backend="llama"), settings)
+
+
+def test_srpt_preempts_a_long_request_on_the_real_model_and_resumes_it_exactly(default_model_path: Path) -> None:
+    """llama.cpp holds one sequence: the long request's KV state is parked to host memory while
+    the short one runs, restored after, and its seeded text is the text it gives alone."""
+    settings = EngineSettings(policy="srpt", preempt_quantum_s=0.0, aging_s=600.0, max_queue=8)
+    model = ModelSettings(model="default", backend="llama", n_ctx=1024, threads=1)
+    params = SamplingParams(max_tokens=48, temperature=0.9, seed=5, ignore_eos=True)
+    with Engine.from_settings(model, settings) as engine:
+        solo = engine.generate("Once upon a time", params)
+        handle = engine.submit("Once upon a time", params, predicted_tokens=1000)
+        events = iter(handle)
+        next(e for e in events if isinstance(e, TokenEvent))
+        short = engine.generate("The capital of France is", max_tokens=4, temperature=0, predicted_tokens=4)
+        final = next(e for e in events if isinstance(e, FinalEvent)).result
+    assert final.text == solo.text
+    assert final.preemptions == 1 and final.parked_bytes > 0 and final.resume_s > 0
+    assert short.total_s < final.total_s and short.completion_tokens == 4
