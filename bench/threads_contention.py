@@ -173,7 +173,7 @@ def summarize(rows: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], configs: list[str], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], configs: list[str], path: Path, note: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,10 +186,10 @@ def plot(rows: list[dict[str, Any]], configs: list[str], path: Path) -> None:
             ax.scatter([i] * len(values), values, alpha=0.6)
             ax.hlines(statistics.median(values), i - 0.25, i + 0.25, color="black")
         ax.set_xticks(range(len(configs)), configs)
-        ax.set_title("no competitor" if scenario == "idle" else "one CPU-bound competitor")
+        ax.set_title("no competitor of ours" if scenario == "idle" else "one CPU-bound competitor")
         ax.set_ylabel("decode tok/s")
         ax.set_ylim(bottom=0)
-    fig.suptitle("Default model, llama.cpp: adaptive thread count vs fixed", fontsize=9)
+    fig.suptitle(f"Default model, llama.cpp: adaptive thread count vs fixed ({note})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -216,7 +216,8 @@ def main() -> None:
     name = "threads_contention" + ("_raw" if args.raw else "")
     path = save(name, report)
     try:
-        plot(result["rows"], result["configs"], OUT / f"{name}.png")
+        load = f"load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+        plot(result["rows"], result["configs"], OUT / f"{name}.png", ("raw loop; " if args.raw else "engine; ") + load)
     except ImportError:
         print("matplotlib missing: no PNG (pip install 'edgeserve[bench]')")
     for scenario, s in report["summary"].items():
