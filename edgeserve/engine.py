@@ -401,11 +401,13 @@ class Engine:
             raise InvalidParameterError("give exactly one of prompt or messages", param="prompt")
         if messages is not None:
             rendered = chat.render(messages, self.capabilities)
+            _check_unicode(rendered.prompt, "messages")
             tokens = self._tokenize_rendered(rendered)
             template = rendered.template
         elif isinstance(prompt, str):
             if not prompt:
                 raise InvalidParameterError("prompt must not be empty", param="prompt")
+            _check_unicode(prompt, "prompt")
             tokens = self.backend.tokenize(prompt, add_bos=True)
         else:
             tokens = list(prompt)  # type: ignore[arg-type]
@@ -732,6 +734,19 @@ def _return_freed_memory() -> None:
         return
     with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         ctypes.CDLL(libc_name).malloc_trim(0)
+
+
+def _check_unicode(text: str, param: str) -> None:
+    """Text must be encodable: a lone surrogate (``"\\ud800"``, which JSON can carry) has no UTF-8
+    form, and no tokenizer can read it. Refused here, before any work, like any bad value."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = f"U+{ord(text[exc.start]):04X}"
+        raise InvalidParameterError(
+            f"{param} holds a lone surrogate ({bad} at character {exc.start}), which is not valid Unicode text",
+            param=param,
+        ) from None
 
 
 def _is_messages(source: object) -> bool:

@@ -175,11 +175,6 @@ def test_user_text_tokenizes_as_plain_text_and_round_trips(engine: Engine, text:
     assert backend.detokenize(tokens) == text.encode("utf-8")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 19: Engine.submit lets UnicodeEncodeError out of the backend's tokenize for a lone "
-    "surrogate; it should raise InvalidParameterError (the server refuses such text at the wire first)",
-)
 @given(prompt=ANY_TEXT.filter(lambda s: SURROGATES.search(s) is not None and s.strip() != ""))
 @settings(max_examples=20, deadline=None)
 def test_the_engine_refuses_text_that_is_not_unicode(engine: Engine, prompt: str) -> None:
