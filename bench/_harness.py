@@ -142,19 +142,33 @@ def process(args: Sequence[str], health: str, env: dict[str, str] | None = None)
 @contextlib.contextmanager
 def upstream(threads: int, n_ctx: int = 2048) -> Iterator[str]:
     """The serial backend: edgeserve's own server, first come first served, on the default model."""
-    with serve("fcfs", threads, n_ctx=n_ctx) as url:
-        yield url
+    with serve("fcfs", threads, n_ctx=n_ctx) as server:
+        yield server.url
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    pid: int
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (all its threads): unlike wall time, not
+        stretched by other processes on a shared machine."""
+        import psutil
+
+        times = psutil.Process(self.pid).cpu_times()
+        return float(times.user + times.system)
 
 
 @contextlib.contextmanager
-def serve(policy: str, threads: int, *, n_ctx: int = 2048, extra: Sequence[str] = ()) -> Iterator[str]:
+def serve(policy: str, threads: int, *, n_ctx: int = 2048, extra: Sequence[str] = ()) -> Iterator[Served]:
     """``edgeserve serve --policy POLICY`` on the default model (llama.cpp, ``threads`` pinned);
     ``extra``: more flags (``--no-predict-lengths``, ``--aging-s``)."""
     port = free_port()
     args = ["serve", "--port", str(port), "--policy", policy, "--backend", "llama", "--n-ctx", str(n_ctx)]
     args += ["--threads", str(threads), "--max-queue", "1024", "--log-level", "warning", *extra]
-    with process(args, f"http://127.0.0.1:{port}/health"):
-        yield f"http://127.0.0.1:{port}"
+    with process(args, f"http://127.0.0.1:{port}/health") as proc:
+        yield Served(f"http://127.0.0.1:{port}", proc.pid)
 
 
 def warm(base: str) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import statistics
 import sys
@@ -50,6 +51,8 @@ CONFIGS = (
     ("srpt-no-predictor", "srpt", ("--no-predict-lengths",)),
 )
 COUNTERS = ("preemptions", "parked_bytes", "park_seconds", "resume_seconds")
+#: Per run, besides the counters: the server's CPU seconds for the burst (makespan in work, not wall time).
+CPU = "server_cpu_seconds"
 TARGETS = {
     "srpt": {"short_latency_p50": 0.15, "long_latency_p50": 1.10, "makespan": 1.03},
     "srpt-no-predictor": {"short_latency_p50": 0.5},
@@ -83,18 +86,30 @@ def ratios(summary: dict[str, Any], fcfs: dict[str, Any], span: float, fcfs_span
     }
     out["long_latency_p99"] = summary["long"]["latency_p99_s"] / fcfs["long"]["latency_p99_s"]
     out["makespan"] = span / fcfs_span
+    # Each run's latencies as fractions of its own makespan: another process taking CPU during a run
+    # stretches all its times alike, and this cancels that (it also hides a real makespan cost).
+    for cls in ("short", "long"):
+        if cls in summary and cls in fcfs:
+            out[f"{cls}_latency_p50_over_makespan"] = out[f"{cls}_latency_p50"] / out["makespan"]
     return out
+
+
+def cpu_ratio(config: dict[str, Any], fcfs: dict[str, Any]) -> dict[str, float]:
+    """The burst's server CPU seconds against FCFS's (runs before this counter have none)."""
+    ours, theirs = config["server_counters"].get(CPU), fcfs["server_counters"].get(CPU)
+    return {"server_cpu": ours / theirs} if ours and theirs else {}
 
 
 def run_config(
     name: str, policy: str, flags: tuple[str, ...], jobs: list[h.Job], args: argparse.Namespace, fields: Any
 ) -> tuple[list[h.Outcome], dict[str, float]]:
-    with h.serve(policy, args.threads, n_ctx=args.n_ctx, extra=flags) as base:
-        h.warm(base)
-        before = h.scrape(base)
-        outcomes = asyncio.run(h.run_load(base, jobs, [0.0] * len(jobs), SEED, fields))
-        after = h.scrape(base)
+    with h.serve(policy, args.threads, n_ctx=args.n_ctx, extra=flags) as server:
+        h.warm(server.url)
+        before, cpu = h.scrape(server.url), server.cpu_s()
+        outcomes = asyncio.run(h.run_load(server.url, jobs, [0.0] * len(jobs), SEED, fields))
+        after, cpu = h.scrape(server.url), server.cpu_s() - cpu
     counters = {c: after.get(f"edgeserve_{c}_total", 0.0) - before.get(f"edgeserve_{c}_total", 0.0) for c in COUNTERS}
+    counters["server_cpu_seconds"] = cpu
     return outcomes, counters
 
 
@@ -124,15 +139,20 @@ def run_burst(jobs: list[h.Job], args: argparse.Namespace) -> dict[str, Any]:
             stops = h.ended_by_stop(outcomes)
             fields = [stops[j.job_id] for j in jobs]
             burst["answers_ended_by_max_tokens"] = sum("stop" not in f for f in fields)
-    fcfs = burst["configs"]["fcfs"]
     bound = oracle(results["fcfs"])
     burst["oracle"] = {"summary": h.summarize(bound), "makespan_s": makespan(bound)}
-    burst["ratios_vs_fcfs"] = {
+    burst["load_average_1m"] = os.getloadavg()[0]
+    return burst
+
+
+def burst_ratios(burst: dict[str, Any]) -> dict[str, dict[str, float]]:
+    fcfs = burst["configs"]["fcfs"]
+    return {
         name: ratios(data["summary"], fcfs["summary"], data["makespan_s"], fcfs["makespan_s"])
+        | (cpu_ratio(data, fcfs) if name != "oracle" else {})
         for name, data in [*burst["configs"].items(), ("oracle", burst["oracle"])]
         if name != "fcfs"
     }
-    return burst
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -149,7 +169,15 @@ def over_bursts(bursts: list[dict[str, Any]]) -> dict[str, Any]:
         }
         if name in bursts[0]["configs"]:
             out[name]["server_counters"] = {
-                c: spread([b["configs"][name]["server_counters"][c] for b in bursts]) for c in COUNTERS
+                c: spread(
+                    [
+                        b["configs"][name]["server_counters"][c]
+                        for b in bursts
+                        if c in b["configs"][name]["server_counters"]
+                    ]
+                )
+                for c in (*COUNTERS, CPU)
+                if any(c in b["configs"][name]["server_counters"] for b in bursts)
             }
     return out
 
@@ -173,7 +201,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bursts", type=int, default=5, help="bursts of different prompts (seeds seed, seed+1, ...)")
     ap.add_argument("--name", default="srpt_burst")
+    ap.add_argument("--from", dest="source", type=Path, help="recompute the ratios of a saved run, run nothing")
     args = ap.parse_args()
+    if args.source:
+        report = json.loads(args.source.read_text())
+        finish(report, args.source.stem)
+        return
 
     report: dict[str, Any] = {
         "benchmark": "srpt_burst",
@@ -193,13 +226,21 @@ def main() -> None:
     for seed in range(args.seed, args.seed + args.bursts):
         burst = run_burst(h.workload(args.n, args.scale, seed), args)
         burst["seed"] = seed
+        burst["ratios_vs_fcfs"] = burst_ratios(burst)
         report["bursts"].append(burst)
         print(seed, {k: {m: round(x, 3) for m, x in v.items()} for k, v in burst["ratios_vs_fcfs"].items()}, flush=True)
+    finish(report, args.name)
+
+
+def finish(report: dict[str, Any], name: str) -> None:
+    """Ratios per burst, their medians and ranges over bursts, the verdicts; save and plot."""
+    for burst in report["bursts"]:
+        burst["ratios_vs_fcfs"] = burst_ratios(burst)
     report["ratios_vs_fcfs_over_bursts"] = over_bursts(report["bursts"])
     report["targets"] = verdicts(report["ratios_vs_fcfs_over_bursts"])
-    path = h.save(args.name, report)
+    path = h.save(name, report)
     plot(report, path.with_suffix(".png"))
-    print("median over bursts:", report["targets"])
+    print("median over bursts:", json.dumps(report["targets"], indent=1))
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
