@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from edgeserve.backend import SeqId, Step
 from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
 from edgeserve.sampling import PENALTY_LAST_N, fresh_seed
 from edgeserve.settings import ModelSettings
+from edgeserve.threads import ThreadTuner
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 
 if TYPE_CHECKING:
@@ -92,6 +94,13 @@ class LlamaBackend:
         self._ctx = llm._ctx
         self._n_vocab = llm.n_vocab()
         self._piece = ctypes.create_string_buffer(256)
+        # Threads: a fixed --threads pins the count; otherwise it is the most the tuner may use, and
+        # the tuner follows the measured decode step time (edgeserve.threads: contention on a busy
+        # machine made 2 threads 50x slower than 1 here).
+        self._threads = settings.threads
+        self._tuner = None if settings.threads_pinned else ThreadTuner(settings.threads)
+        if self._tuner is not None:
+            self._set_threads(self._tuner.threads)
         #: The sequence whose KV state the context holds (one at a time); None: free, and what the
         #: context holds (``input_ids[:n_tokens]``) is a prefix cache for the next ``open``.
         self._open: SeqId | None = None
@@ -155,7 +164,10 @@ class LlamaBackend:
         out = []
         for step in steps:  # one context holds one sequence: steps run one after another
             self._check_open(step.seq)
+            started = time.perf_counter()
             self._llm.eval([step.token])
+            if self._tuner is not None and (threads := self._tuner.observe(time.perf_counter() - started)):
+                self._set_threads(threads)
             out.append(int(step.sampler.sample(self._ctx, -1)))  # type: ignore[attr-defined]
         return out
 
@@ -194,6 +206,17 @@ class LlamaBackend:
     def close(self) -> None:
         self._open = None
         self._llm.close()
+
+    @property
+    def threads(self) -> int:
+        """The thread count in use now."""
+        return self._threads
+
+    def _set_threads(self, threads: int) -> None:
+        # Prompt batches too: under contention their barriers stall the same way.
+        self._lib.llama_set_n_threads(self._ctx.ctx, threads, threads)
+        self._threads = threads
+        log.debug("llama.cpp threads: %d", threads)
 
     def _check_free(self, seq: SeqId) -> None:
         if self._open is not None:

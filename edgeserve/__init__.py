@@ -6,6 +6,8 @@ with Engine.from_settings() as engine:           # the embedded default model on
         ...
 """
 
+import logging
+
 from edgeserve.engine import AsyncRequestHandle, Engine, Handle, RequestHandle
 from edgeserve.errors import (
     BackendError,
@@ -31,6 +33,11 @@ from edgeserve.types import (
     SamplingParams,
     TokenEvent,
 )
+
+# A library prints nothing of its own accord: without this, Python's last-resort handler wrote every
+# warning (llama.cpp's load narration among them) to an embedding app's stderr. Apps and the CLI
+# configure logging as they like; records still propagate to their handlers.
+logging.getLogger("edgeserve").addHandler(logging.NullHandler())
 
 __all__ = [
     "AsyncRequestHandle",

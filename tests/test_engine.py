@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -247,3 +249,30 @@ def test_a_finished_handle_never_cancels_a_request_that_reuses_its_id(engine: En
     result = second.result()
     assert result.finish_reason is FinishReason.LENGTH and result.completion_tokens == 2
     blocker.result()
+
+
+def test_library_use_prints_nothing_to_stderr() -> None:
+    """llama.cpp narrates every load; in an app that has not configured logging none of it may
+    reach the app's stderr (issue 13)."""
+    code = (
+        "from edgeserve import Engine, ModelSettings\n"
+        "with Engine.from_settings(ModelSettings(threads=1, n_ctx=256)) as e:\n"
+        "    print(e.generate('Hello', max_tokens=2, temperature=0).completion_tokens)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() in ("0", "1", "2")
+    assert done.stderr == ""
+
+
+def test_threads_are_tuned_unless_pinned() -> None:
+    """Unpinned (the default), the tuner starts at 1 thread and measures its way up; a given count
+    stays put whatever the step times say."""
+    from edgeserve.settings import ModelSettings, physical_cores
+
+    if physical_cores() < 2:
+        pytest.skip("one core: there is nothing to tune")
+    with Engine.from_settings(ModelSettings(model="default", backend="llama", n_ctx=256)) as tuned:
+        assert tuned.backend.threads == 1  # type: ignore[attr-defined]  # the first probe rung
+    with Engine.from_settings(ModelSettings(model="default", backend="llama", n_ctx=256, threads=2)) as pinned:
+        pinned.generate("Hello", max_tokens=4, temperature=0, ignore_eos=True)
+        assert pinned.backend.threads == 2  # type: ignore[attr-defined]
