@@ -121,9 +121,19 @@ class BackendSpec:
     requires: str
     extra: str
     description: str
+    #: The module's function listing the execution providers it can run, best first ("" if none).
+    providers_function: str = ""
 
     def installed(self) -> bool:
         return importlib.util.find_spec(self.requires) is not None
+
+    def providers(self) -> list[str]:
+        """Execution providers compiled into this backend's runtime, best first; empty when it has
+        none to choose from or is not installed. Imports the backend module only when asked."""
+        if not self.providers_function or not self.installed():
+            return []
+        listed: list[str] = getattr(importlib.import_module(self.module), self.providers_function)()
+        return listed
 
 
 #: Backends by the name used on the command line. The module is imported only when chosen.
@@ -132,7 +142,9 @@ REGISTRY: dict[str, BackendSpec] = {
     for spec in (
         BackendSpec("llama", "edgeserve.backends.llama", "llama_cpp", "llama", "llama.cpp (llama-cpp-python)"),
         BackendSpec("mlx", "edgeserve.backends.mlx", "mlx_lm", "mlx", "MLX (mlx-lm)"),
-        BackendSpec("onnx", "edgeserve.backends.onnx", "onnxruntime_genai", "onnx", "ONNX Runtime GenAI"),
+        BackendSpec(
+            "onnx", "edgeserve.backends.onnx", "onnxruntime_genai", "onnx", "ONNX Runtime GenAI", "execution_providers"
+        ),
     )
 }
 

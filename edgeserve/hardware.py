@@ -1,4 +1,5 @@
-"""What this machine has, and which backend suits it. Read-only probes; nothing here loads a model."""
+"""What this machine has, and which backend suits it. Read-only probes; nothing here loads a model,
+and no backend is imported by name: what a backend knows about itself comes through the registry."""
 
 from __future__ import annotations
 
@@ -57,12 +58,7 @@ def installed_backends() -> dict[str, bool]:
 def onnx_execution_providers() -> list[str]:
     """Execution providers compiled into this ONNX Runtime GenAI install, best first (empty when the
     onnx backend is absent). Compiled in is not present: pair with ``probe()`` to pick one."""
-    if not REGISTRY["onnx"].installed():
-        return []
-    from edgeserve.backends.onnx import execution_providers
-
-    providers: list[str] = execution_providers()
-    return providers
+    return REGISTRY["onnx"].providers()
 
 
 def onnx_provider(hw: Hardware, compiled: list[str]) -> str | None:

@@ -41,3 +41,25 @@ def test_llama_for_an_architecture_mlx_cannot_take(mlx_installed: None, tmp_path
 def test_llama_when_mlx_is_missing(monkeypatch: pytest.MonkeyPatch, default_model_path: Path) -> None:
     monkeypatch.setattr(hardware, "installed_backends", lambda: {"llama": True, "mlx": False, "onnx": False})
     assert choose_backend(MAC, default_model_path) == "llama"
+
+
+def test_the_core_names_no_concrete_backend() -> None:
+    """hardware.py asks the registry; importing a backend module by name would tie the core to it."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(hardware))
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [m for m in imported if m.startswith("edgeserve.backends")]
+
+
+def test_onnx_providers_come_through_the_registry() -> None:
+    from edgeserve.backend import get_spec
+
+    providers = hardware.onnx_execution_providers()
+    if get_spec("onnx").installed():
+        assert providers and providers[-1] == "cpu"
+    else:
+        assert providers == []
+    assert get_spec("llama").providers() == []
