@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import sys
 import time
@@ -92,7 +93,7 @@ def retry_after_truth(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def burst_service_s(results: list[dict[str, Any]]) -> float | None:
     admitted = sorted(r["sent_s"] + float(r["wait_ms"]) / 1000 for r in results if r["status"] == 200)
-    gaps = [b - a for a, b in zip(admitted, admitted[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(admitted)]
     return round(statistics.median(gaps), 3) if gaps else None
 
 

@@ -133,7 +133,9 @@ class Call:
         try:
             await self._forward(path)
         finally:
-            # The response is out: predicting now costs no client any time (see app's docstring).
+            # The response is out: predicting now costs no client any time (see app's docstring). The
+            # cost is the service model's now that it has learned from this very request, so the hold
+            # measures only what the model does not explain (per-request overhead).
             self._predict()
             complete = self.relay is not None and self.relay.complete
             admission.release(self.ticket, cost_s=self.cost_s(), measured=complete)
@@ -164,7 +166,10 @@ class Call:
             self.responded = True
             if self.relay.complete:
                 self.outcome = "ok" if upstream.status < 400 else f"http_{upstream.status}"
-                self.state.health.ok(time.monotonic())
+                now = time.monotonic()
+                self.state.health.ok(now)
+                if self.outcome == "ok":  # before the slot's release measures the hold against it
+                    self._observe_service(now, self.relay.tail.completion_tokens())
             elif self.relay.failure is not None:
                 reason = f"the upstream {self.state.upstream.redacted} failed mid-answer: {self.relay.failure}"
                 self.state.health.failed(reason, time.monotonic())
@@ -219,7 +224,6 @@ class Call:
             predicted=self.prediction.expected_tokens if self.prediction is not None else None,
             actual=actual,
         )
-        self._observe_service(now, actual)
         if actual is None or self.relay.tail.finish_reason() != "stop":
             return  # a length cut short by max_tokens says nothing about the natural length
         service_s = now - self.arrived - self.ticket.waited_s
