@@ -42,7 +42,12 @@ class ModelSettings(_Settings):
         description="Backend: llama (llama.cpp), mlx, onnx, or auto (best installed for this machine).",
     )
     n_ctx: int = Field(4096, ge=64, le=1 << 20, description="Context length in tokens.")
-    threads: int = Field(default_factory=physical_cores, ge=1, description="CPU threads (default: physical cores).")
+    threads: int = Field(
+        default_factory=physical_cores,
+        ge=1,
+        description="CPU threads. Given, it is fixed; unset, the backend adapts the count to the measured decode "
+        "step time, up to the physical cores (a busy machine gets fewer).",
+    )
     n_batch: int = Field(512, ge=1, description="Prompt tokens evaluated per batch.")
     gpu_layers: int = Field(-1, description="Layers offloaded to a GPU when one is present (-1: all).")
     flash_attn: bool = Field(False, description="Use flash attention where the backend supports it.")
