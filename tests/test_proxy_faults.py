@@ -377,3 +377,26 @@ def test_upstream_errors_are_in_the_one_error_tree() -> None:
     from edgeserve import errors
 
     assert re.search(r"UpstreamError .*\(502\)", errors.__doc__ or "")
+
+
+def test_stream_check_relays_whole_events_only_and_knows_a_finished_stream() -> None:
+    from edgeserve.proxy.relay import BadStream, Framing, StreamCheck, error_event
+
+    sse = StreamCheck(Framing.SSE)
+    assert sse.feed(b'data: {"a": 1}\n\ndata: {"b"') == b'data: {"a": 1}\n\n'  # the partial event waits
+    assert sse.feed(b": 2}\r\n\r\n: keep-alive\r\n\r\n") == b'data: {"b": 2}\r\n\r\n: keep-alive\r\n\r\n'
+    assert sse.unfinished() is not None and "[DONE]" in (sse.unfinished() or "")
+    sse.feed(b"data: [DONE]\n\n")
+    assert sse.unfinished() is None
+    with pytest.raises(BadStream):
+        StreamCheck(Framing.SSE).feed(b"garbage line\n\n")
+    with pytest.raises(BadStream):
+        StreamCheck(Framing.NDJSON).feed(b"[1, 2]\n")
+    nd = StreamCheck(Framing.NDJSON)
+    nd.feed(b'{"done": false}\n{"done": tr')
+    assert nd.unfinished() == "the stream broke off inside an event"
+    nd.feed(b"ue}\n")
+    assert nd.unfinished() is None
+    assert json.loads(error_event("/api/chat", Framing.NDJSON, "boom")) == {"error": "boom"}
+    event = error_event("/v1/completions", Framing.SSE, "boom")
+    assert event.startswith(b"data: ") and json.loads(event[6:])["error"]["message"] == "boom"
