@@ -1,13 +1,10 @@
-"""The engine: one loop thread owns the backend; callers get a per-request stream of events.
+"""The engine: the caller's side of edgeserve. Requests come in from any thread; events go out
+through a per-request stream.
 
-Work that needs no model (validation, tokenizing, chat rendering, length prediction) happens in the
-caller's thread before queueing, so bad input fails before any wait and the loop only runs the
-model. The loop works in small units, a prefill chunk or one decode step, and decides between two
-units what runs next (``edgeserve.scheduler``): under ``srpt`` a shorter request displaces the
-running one at a token boundary, and the displaced one's sequence stays open while the backend has
-room, or is parked to host memory until it runs again. A request's running state
-(``edgeserve.running.Running``) belongs to the loop, not to the backend, so it resumes with the
-same text it would have produced without the pause.
+Work that needs no model (validation, tokenizing, chat rendering, length prediction) happens here,
+in the caller's thread, before queueing, so bad input fails before any wait; the device side
+(``edgeserve.loop.EngineLoop``: one thread that owns the backend, the queue, preemption and parking)
+only ever runs the model.
 
 Errors travel as values (``ErrorEvent``) from the loop to the caller; the convenience methods
 (``generate``, ``stream``, their async twins) raise them at the caller's side.
@@ -16,40 +13,34 @@ Errors travel as values (``ErrorEvent``) from the loop to the caller; the conven
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ctypes
 import ctypes.util
-import itertools
 import logging
 import queue
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from edgeserve import chat
-from edgeserve.backend import Backend, SeqId, Step
+from edgeserve.backend import Backend
 from edgeserve.errors import (
-    BackendError,
     ContextLengthError,
     EdgeserveError,
-    EngineClosedError,
     InvalidParameterError,
 )
 from edgeserve.handles import AsyncRequestHandle, Handle, RequestHandle, outcome
-from edgeserve.running import Request, Running, Sink, Where, empty_result, final
-from edgeserve.scheduler import INITIAL_AGING_S, UNKNOWN_TOKENS, AgingTracker, Entry, QueueView, Scheduler
+from edgeserve.loop import EngineLoop
+from edgeserve.running import Request, Sink
+from edgeserve.scheduler import INITIAL_AGING_S, AgingTracker, QueueView
 from edgeserve.service import LengthEstimator, LengthRecorder, PredictorInput, ServiceModel
 from edgeserve.settings import EngineSettings, ModelSettings
-from edgeserve.textstream import TextStream
 from edgeserve.types import (
     Capabilities,
     ErrorEvent,
     FinalEvent,
-    FinishReason,
     GenerationResult,
     Message,
     ResolvedModel,
@@ -69,7 +60,7 @@ PromptArg = str | Sequence[int] | None
 
 
 class Engine:
-    """Runs requests on one backend in the order of its policy, one unit of work at a time.
+    """Runs requests on one backend in the order of its policy (see ``edgeserve.loop``).
 
     Thread-safe: any thread may submit, cancel or read state. Use as a context manager, or call
     ``close()``, to stop the loop and release the model.
@@ -95,28 +86,17 @@ class Engine:
         self._clock = clock
         predicts = self.settings.policy != "fcfs" and self.settings.predict_lengths
         self._predictor = predictor if predicts else None
+        self._closed = False
         self._predict_lock = threading.Lock()  # predictors reuse one feature buffer
         self._recorder = recorder
         self._aging = AgingTracker(self.settings.aging_factor) if self.settings.aging_s is None else None
-        self._scheduler: Scheduler[Request] = Scheduler(
-            self.settings.policy, self.settings.max_queue, aging_s=self.settings.aging_s or INITIAL_AGING_S
+        self._loop = EngineLoop(
+            backend,
+            self.settings,
+            aging_s=self.settings.aging_s or INITIAL_AGING_S,
+            clock=clock,
+            on_natural_end=self._learn,
         )
-        self._service = ServiceModel()
-        #: Seconds one park plus one restore cost (measured); a preemption must be worth it.
-        self._switch_s = 0.0
-        self._seq_ids = itertools.count()
-        self._cond = threading.Condition()
-        # Guarded by _cond:
-        self._control: collections.deque[Callable[[], None]] = collections.deque()
-        self._current: Request | None = None
-        #: Started requests cancelled while they waited to resume: the loop frees their KV state.
-        self._dropped: list[Request] = []
-        self._closed = False
-        # Loop thread only: open sequences in least-recently-run order, and the parked count.
-        self._open: collections.OrderedDict[SeqId, Request] = collections.OrderedDict()
-        self._n_parked = 0
-        self._thread = threading.Thread(target=self._loop, name="edgeserve-engine", daemon=True)
-        self._thread.start()
 
     @classmethod
     def from_settings(
@@ -203,11 +183,11 @@ class Engine:
         if on_event is not None:
             request = self._prepare(prompt, messages, params, request_id, on_event)
             self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
-            return Handle(request, self._cancel)
+            return Handle(request, self._loop.cancel)
         events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         request = self._prepare(prompt, messages, params, request_id, events.put)
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
-        return RequestHandle(request, self._cancel, events)
+        return RequestHandle(request, self._loop.cancel, events)
 
     def submit_async(
         self,
@@ -234,7 +214,7 @@ class Engine:
         request = self._prepare(prompt, messages, _params(params, sampling), request_id, sink)
         holder.append(request)
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
-        return AsyncRequestHandle(request, self._cancel, events)
+        return AsyncRequestHandle(request, self._loop.cancel, events)
 
     # ---- convenience ------------------------------------------------------------------------
 
@@ -295,21 +275,7 @@ class Engine:
     def call(self, fn: Callable[[Backend], R]) -> R:
         """Run ``fn(backend)`` on the loop thread while no request is running (warm-up, KV moves).
         ``fn`` must leave no sequence open."""
-        future: Future[R] = Future()
-
-        def job() -> None:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(self.backend))
-                except BaseException as exc:
-                    future.set_exception(exc)
-
-        with self._cond:
-            if self._closed:
-                raise EngineClosedError("the engine is closed")
-            self._control.append(job)
-            self._cond.notify()
-        return future.result()
+        return self._loop.call(fn)
 
     def export_state(self, prompt: str | Sequence[int]) -> bytes:
         """Prefill ``prompt`` and return its KV state as a blob another engine on the same model
@@ -317,7 +283,7 @@ class Engine:
         tokens = self.backend.tokenize(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
 
         def export(backend: Backend) -> bytes:
-            seq = next(self._seq_ids)
+            seq = self._loop.new_seq()
             cached = backend.open(seq, tokens, reuse=True)
             try:
                 backend.prefill(seq, tokens[cached:])
@@ -333,7 +299,7 @@ class Engine:
         starts with its tokens evaluates only the rest (the last token at least). Returns them."""
 
         def restore(backend: Backend) -> list[int]:
-            seq = next(self._seq_ids)
+            seq = self._loop.new_seq()
             tokens = backend.restore(seq, blob)
             backend.release(seq)
             return tokens
@@ -342,40 +308,32 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        with self._cond:
-            return len(self._scheduler)
+        return self._loop.queue_depth
 
     @property
     def aging_s(self) -> float:
         """The aging threshold in force (set, or derived from measured short requests)."""
-        with self._cond:
-            return self._scheduler.aging_s
+        return self._loop.aging_s
 
     @property
     def busy(self) -> bool:
-        with self._cond:
-            return self._current is not None
+        return self._loop.busy
 
     @property
     def service(self) -> ServiceModel:
         """The measured prefill and decode rates the scheduler's costs come from."""
-        return self._service
+        return self._loop.service
 
     def snapshot(self) -> list[QueueView]:
-        with self._cond:
-            return self._scheduler.snapshot(self._clock())
+        return self._loop.snapshot()
 
     def close(self) -> None:
         """Stop taking requests, fail the waiting ones, cancel the running one, join the loop
         thread and release the model."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            if self._current is not None:
-                self._current.cancelled.set()
-            self._cond.notify_all()
-        self._thread.join()
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.close()
         self.backend.close()
         _return_freed_memory()
 
@@ -452,272 +410,14 @@ class Engine:
         request.priority = priority
         if self._recorder is not None:
             request.predictor_input = readable
-        with self._cond:
-            if self._closed:
-                raise EngineClosedError("the engine is closed")
-            answer = UNKNOWN_TOKENS if predicted_tokens is None else predicted_tokens
-            cost = self._service.decode_equivalents(len(request.prompt_tokens), min(answer, request.max_tokens))
-            if len(self._scheduler) >= self._scheduler.capacity:
-                self._scheduler.retry_after_s = self._drain_estimate_s()
-            self._scheduler.add(Entry(request.request_id, request.submitted, request, priority, predicted_tokens, cost))
-            self._cond.notify()
-
-    def _drain_estimate_s(self) -> float:
-        """Seconds a refused client should wait: from the work queued and running, at the measured
-        decode rate. Called with ``_cond`` held, only when the queue is full."""
-        backlog = self._scheduler.backlog_cost()
-        current = self._current
-        if current is not None and current.run is not None:
-            backlog += current.run.remaining_cost(self._service)
-        # A slot frees when the request at the head ends, but a retry that finds the queue refilled
-        # fails again; half the backlog is the honest middle between the two.
-        return max(1.0, backlog / self._service.decode_tok_s / 2)
-
-    def _cancel(self, request: Request) -> None:
-        with self._cond:
-            request.cancelled.set()
-            # By identity: another request may have reused this id once this one ended.
-            waiting = self._scheduler.cancel(request.request_id, request) is not None
-            if waiting and request.run is not None:  # preempted: its KV state is the loop's to free
-                self._dropped.append(request)
-                self._cond.notify()
-                return
-        if waiting:  # never started: answer it here; a running request is answered by the loop
-            request.sink(FinalEvent(empty_result(request, self._clock(), FinishReason.CANCELLED)))
-
-    # ---- the loop ---------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        try:
-            while (work := self._next_work()) is not None:
-                if isinstance(work, Request):
-                    self._advance(work)
-                else:
-                    work()
-        except BaseException:  # a bug in the loop itself: refuse new work and answer everyone
-            log.critical("the engine loop failed; the engine is closed", exc_info=True)
-            with self._cond:
-                self._closed = True
-        finally:
-            self._shut_down()
-
-    def _next_work(self) -> Request | Callable[[], None] | None:
-        """What the loop does next: a control job, dropped requests to free, or one unit of a
-        request (the current one, or one that displaces it). None once the engine is closed."""
-        with self._cond:
-            while True:
-                if self._closed:
-                    return None
-                if self._dropped:
-                    dropped, self._dropped = self._dropped, []
-                    return lambda: self._free_dropped(dropped)
-                if self._current is None and self._control:
-                    return self._control.popleft()
-                now = self._clock()
-                if self._current is not None:
-                    if self._scheduler.preemptive:
-                        self._maybe_preempt(self._current, now)
-                    return self._current
-                entry = self._scheduler.next(now)
-                if entry is not None:
-                    self._switch_to(entry.item, now)
-                    return entry.item
-                self._cond.wait()
-
-    def _maybe_preempt(self, current: Request, now: float) -> None:
-        """Displace ``current`` by a shorter waiting request, if the policy says so (``_cond`` held)."""
-        run = current.run
-        if run is None or run.finish is not None or now - run.slice_started < self.settings.preempt_quantum_s:
-            return
-        if len(self._open) >= self.capabilities.max_sequences and self._n_parked >= self.settings.max_parked:
-            return  # displacing it would mean parking one more than allowed
-        remaining = Entry(
-            current.request_id,
-            current.submitted,
-            current,
-            current.priority,
-            current.predicted_tokens,
-            run.remaining_cost(self._service),
-        )
-        switch_cost = self._switch_s * self._service.decode_tok_s
-        if self._scheduler.preempts(remaining, now, switch_cost=switch_cost) is None:
-            return
-        self._scheduler.add(remaining, readmit=True)
-        entry = self._scheduler.next(now)
-        assert entry is not None and entry.item is not current
-        run.preemptions += 1
-        self._switch_to(entry.item, now)
-
-    def _switch_to(self, request: Request, now: float) -> None:
-        self._current = request
-        if request.run is not None:
-            request.run.slice_started = now
-
-    def _advance(self, request: Request) -> None:
-        """One unit of work on ``request``: open or restore it, then one prefill chunk or one decode step."""
-        try:
-            run = request.run or self._start(request)
-            if request.cancelled.is_set():
-                run.finish = FinishReason.CANCELLED
-            else:
-                self._make_open(run)
-                self._work(run)
-        except Exception as exc:
-            self._fail(request, exc)
-            return
-        if run.finish is not None:
-            self._end(run)
-
-    def _start(self, request: Request) -> Running:
-        params = request.params
-        now = self._clock()
-        run = Running(
-            request=request,
-            seq=next(self._seq_ids),
-            sampler=self.backend.sampler(params),
-            text=TextStream(params.stop),
-            eog=frozenset() if params.ignore_eos else self.capabilities.eog_token_ids,
-            started=now,
-            pending=request.prompt_tokens[-1],
-            slice_started=now,
-        )
-        request.run = run
-        return run
-
-    def _make_open(self, run: Running) -> None:
-        """Give ``run`` an open sequence: parking the least recently run other one if all slots are taken."""
-        if run.where is Where.OPEN:
-            self._open.move_to_end(run.seq)
-            return
-        while len(self._open) >= self.capabilities.max_sequences:
-            victim = next(iter(self._open.values())).run
-            assert victim is not None and victim is not run
-            self._park(victim)
-        request = run.request
-        if run.where is Where.NEW:
-            # A seed promises reproducible text, which only an identical evaluation path gives.
-            run.cached = run.prefilled = self.backend.open(
-                run.seq, request.prompt_tokens, reuse=request.params.seed is None
-            )
-        else:
-            assert run.parked is not None
-            t0 = self._clock()
-            self.backend.restore(run.seq, run.parked)
-            run.resume_s += self._clock() - t0
-            run.parked = None
-            self._n_parked -= 1
-        run.where = Where.OPEN
-        self._open[run.seq] = request
-
-    def _park(self, run: Running) -> None:
-        t0 = self._clock()
-        blob = self.backend.park(run.seq)
-        took = self._clock() - t0
-        del self._open[run.seq]
-        run.where, run.parked = Where.PARKED, blob
-        run.parked_bytes += len(blob)
-        run.park_s += took
-        self._n_parked += 1
-        # A restore costs about what a park does here (a copy each way) until one is measured.
-        restore_s = run.resume_s / run.preemptions if run.preemptions and run.resume_s else took
-        self._switch_s = 0.8 * self._switch_s + 0.2 * (took + restore_s) if self._switch_s else took + restore_s
-
-    def _work(self, run: Running) -> None:
-        request = run.request
-        prompt = request.prompt_tokens
-        t0 = self._clock()
-        if run.prefilled < len(prompt) - 1:
-            chunk = prompt[run.prefilled : min(run.prefilled + self.settings.prefill_chunk, len(prompt) - 1)]
-            self.backend.prefill(run.seq, chunk)
-            run.prefilled += len(chunk)
-            self._service.observe_prefill(len(chunk), self._clock() - t0)
-            return
-        assert run.pending is not None
-        (token,) = self.backend.decode([Step(run.seq, run.pending, run.sampler)])
-        now = self._clock()
-        first = run.first_at is None
-        if first:
-            run.first_at = now
-            run.prefilled = len(prompt)
-        run.accept(token, self.backend.detokenize)
-        counted = token not in run.eog
-        if not first and counted:  # the decode span: an end-of-generation step is not output
-            run.decode_s += now - t0
-            self._service.observe_decode(1, now - t0)
-
-    def _end(self, run: Running) -> None:
-        """Send the final event, free the sequence, and let the next request run."""
-        request = run.request
-        run.flush()
-        self._free(run)
-        now = self._clock()
-        request.sink(FinalEvent(run.result(now)))
-        with self._cond:
-            if self._current is request:
-                self._current = None
-        if run.finish is FinishReason.STOP:  # a natural end: the answer's real length is known
-            self._learn(request, len(run.generated), now - run.started)
-
-    def _fail(self, request: Request, exc: Exception) -> None:
-        if not isinstance(exc, EdgeserveError):  # a backend library failed: map it here, once
-            log.exception("backend failed on request %s", request.request_id)
-            exc = BackendError(f"{type(exc).__name__}: {exc}")
-        if request.run is not None:
-            try:
-                self._free(request.run)
-            except Exception:  # the backend is already failing; the sequence goes with it
-                log.debug("could not release sequence %s", request.run.seq, exc_info=True)
-                self._open.pop(request.run.seq, None)
-        request.sink(ErrorEvent(exc))
-        with self._cond:
-            if self._current is request:
-                self._current = None
-
-    def _free(self, run: Running) -> None:
-        if run.where is Where.OPEN:
-            del self._open[run.seq]
-            self.backend.release(run.seq)
-        elif run.where is Where.PARKED:
-            run.parked = None
-            self._n_parked -= 1
-        run.where = Where.RELEASED
-
-    def _free_dropped(self, dropped: list[Request]) -> None:
-        for request in dropped:
-            assert request.run is not None
-            request.run.finish = FinishReason.CANCELLED
-            self._free(request.run)
-            request.sink(final(request, self._clock()))
-
-    def _shut_down(self) -> None:
-        """Closing: answer everything still here, free every sequence, resolve control jobs."""
-        with self._cond:
-            current, self._current = self._current, None
-            dropped, self._dropped = self._dropped, []
-            waiting = []
-            while (entry := self._scheduler.next(self._clock())) is not None:
-                waiting.append(entry.item)
-            control, self._control = list(self._control), collections.deque()
-        if current is not None and current.run is not None:
-            current.run.finish = FinishReason.CANCELLED
-            current.run.flush()
-            self._free(current.run)
-            current.sink(final(current, self._clock()))
-        self._free_dropped(dropped)
-        for request in waiting:
-            if request.run is not None:
-                self._free(request.run)
-            request.sink(ErrorEvent(EngineClosedError("the engine was closed before this request ended")))
-        for job in control:
-            job()  # each job resolves its own future; closing must not strand a caller of call()
+        self._loop.add(request)
 
     def _learn(self, request: Request, n_out: int, service_s: float) -> None:
         """Feed a finished request back: its service time into derived aging, its real length into
         the recorder. Runs on the loop thread after the caller already has its result."""
         aging_s = self._aging.observe(n_out, service_s) if self._aging is not None else None
         if aging_s is not None:
-            with self._cond:
-                self._scheduler.set_aging(aging_s)
+            self._loop.set_aging(aging_s)
         if self._recorder is not None and request.predictor_input is not None:
             try:
                 self._recorder.record(request.predictor_input, n_out)

@@ -95,6 +95,12 @@ class EngineSettings(_Settings):
     preempt_quantum_s: float = Field(
         0.1, ge=0, description="srpt: seconds a request keeps the device before anything may displace it."
     )
+    preempt_hysteresis: float = Field(
+        2.0,
+        ge=1.0,
+        description="srpt: a waiting request displaces the running one only when this many times shorter "
+        "(its cost plus the park/restore cost against the running one's remaining cost).",
+    )
     max_parked: int = Field(16, ge=0, description="srpt: requests whose KV state may be parked in host memory at once.")
     prefill_chunk: int = Field(256, ge=1, description="Prompt tokens evaluated between two scheduling decisions.")
 

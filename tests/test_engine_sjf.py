@@ -66,7 +66,7 @@ def test_aging_is_derived_from_measured_short_requests(recorded: tuple[Engine, P
     assert all(r.finish_reason is FinishReason.STOP for r in results)
     # aging = factor x the running estimate of short requests' service time (AgingTracker, unit-tested
     # in test_scheduler), which this engine has now measured.
-    tracker = engine._aging
+    tracker = engine._aging  # the engine's derived-aging state (not part of the API)
     assert tracker is not None and tracker.estimate_s is not None and tracker.estimate_s > 0
     assert engine.aging_s != INITIAL_AGING_S
     assert engine.aging_s == pytest.approx(engine.settings.aging_factor * tracker.estimate_s)
