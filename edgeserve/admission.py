@@ -6,9 +6,9 @@ queue at once, and one that disconnects after being admitted gives its slot stra
 A refused request is told when to retry (``Retry-After``): the time the queue now needs to drain,
 which is the wait it would have had if it had been queued. That is the estimated service time of
 every waiting request plus what the holders still need, shared among the ``max_inflight`` slots.
-Service times are measured here, from grant to release: a request's estimate is its predicted cost
-(``cost_s``, from the service model) scaled by how far measured holds have run from such
-estimates, or, without a cost, the measured mean hold.
+Service times are measured here, from grant to release (``HoldTimes``): a request's estimate is
+a per-request overhead plus a scale times its predicted cost (``cost_s``, from the service model),
+both fitted to measured holds; without a cost, the measured mean hold.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from edgeserve.scheduler import Entry, QueueView, Scheduler
 
-#: Weight of the newest measured hold in the running estimates.
-ALPHA = 0.2
+#: How much each older hold's weight shrinks per newer one (about the last 20 holds count).
+DECAY = 0.95
 
 
 @dataclass(frozen=True)
@@ -42,24 +42,56 @@ class Ticket:
 
 @dataclass
 class HoldTimes:
-    """Measured holds (grant to release): their running mean, and their running ratio to the
-    predicted cost (the service model's error on this upstream, e.g. its per-request overhead)."""
+    """Measured holds (grant to release) against the caller's predicted costs, fitted online as
+    ``hold = overhead + scale * cost`` (least squares, older holds weighted down by ``DECAY`` each).
 
-    mean_s: float
-    ratio: float = 1.0
-    _seen_mean: bool = False
-    _seen_ratio: bool = False
+    The cost is what a service model predicts from token counts and rates; a hold also carries what
+    no token rate explains (the upstream's per-request work, HTTP, a loaded machine), which on a small
+    model can be most of it. With too few holds, or costs too alike to separate the two terms, a
+    request is estimated at the mean hold; before any hold, at its cost (or the prior).
+    """
+
+    prior_s: float
+    _w: float = 0.0
+    _x: float = 0.0
+    _y: float = 0.0
+    _xx: float = 0.0
+    _xy: float = 0.0
 
     def observe(self, held_s: float, cost_s: float | None) -> None:
-        self.mean_s = held_s if not self._seen_mean else (1 - ALPHA) * self.mean_s + ALPHA * held_s
-        self._seen_mean = True
-        if cost_s is not None and cost_s > 0:
-            r = held_s / cost_s
-            self.ratio = r if not self._seen_ratio else (1 - ALPHA) * self.ratio + ALPHA * r
-            self._seen_ratio = True
+        x = self.mean_cost_s() if cost_s is None else cost_s
+        d = DECAY
+        self._w, self._x, self._y = d * self._w + 1, d * self._x + x, d * self._y + held_s
+        self._xx, self._xy = d * self._xx + x * x, d * self._xy + x * held_s
+
+    def mean_cost_s(self) -> float:
+        return self._x / self._w if self._w else 0.0
+
+    @property
+    def mean_s(self) -> float:
+        return self._y / self._w if self._w else self.prior_s
+
+    def fit(self) -> tuple[float, float]:
+        """(overhead seconds, scale): both >= 0."""
+        if self._w < 3:
+            return self.mean_s, 0.0
+        mx, my = self._x / self._w, self._y / self._w
+        var = self._xx / self._w - mx * mx
+        if var <= 1e-6 * max(mx * mx, 1e-9):
+            return my, 0.0  # every cost alike: only the mean is known
+        scale = (self._xy / self._w - mx * my) / var
+        overhead = my - scale * mx
+        if scale < 0:
+            return my, 0.0
+        if overhead < 0:  # through the origin
+            return 0.0, self._xy / self._xx
+        return overhead, scale
 
     def estimate_s(self, cost_s: float | None) -> float:
-        return self.mean_s if cost_s is None else cost_s * self.ratio
+        if not self._w:
+            return self.prior_s if cost_s is None else cost_s
+        overhead, scale = self.fit()
+        return self.mean_s if cost_s is None else overhead + scale * cost_s
 
 
 class Admission:

@@ -134,8 +134,8 @@ class Call:
             await self._forward(path)
         finally:
             # The response is out: predicting now costs no client any time (see app's docstring). The
-            # cost is the service model's now that it has learned from this very request, so the hold
-            # measures only what the model does not explain (per-request overhead).
+            # cost is the service model's after it learned from this very request, so the hold is
+            # fitted against what the model now says.
             self._predict()
             complete = self.relay is not None and self.relay.complete
             admission.release(self.ticket, cost_s=self.cost_s(), measured=complete)
@@ -166,10 +166,9 @@ class Call:
             self.responded = True
             if self.relay.complete:
                 self.outcome = "ok" if upstream.status < 400 else f"http_{upstream.status}"
-                now = time.monotonic()
-                self.state.health.ok(now)
+                self.state.health.ok(time.monotonic())
                 if self.outcome == "ok":  # before the slot's release measures the hold against it
-                    self._observe_service(now, self.relay.tail.completion_tokens())
+                    self._observe_service()
             elif self.relay.failure is not None:
                 reason = f"the upstream {self.state.upstream.redacted} failed mid-answer: {self.relay.failure}"
                 self.state.health.failed(reason, time.monotonic())
@@ -235,24 +234,14 @@ class Call:
             except (OSError, EdgeserveError) as exc:
                 log.warning("could not record answer length: %s", exc)
 
-    def _observe_service(self, now: float, answer_tokens: int | None) -> None:
-        """Feed the service model what this request showed of the upstream's rates: its own timings
-        where it reports them (Ollama, llama.cpp's server); else the answer's decode is the upstream
-        time less the prompt's prefill at the current estimate (a stream's first byte is no prefill
-        measure: servers send the head, even a role chunk, before it)."""
+    def _observe_service(self) -> None:
+        """Feed the service model the upstream's rates where it reports its own timings (Ollama,
+        llama.cpp's server). Nothing else measures them: a request's time is mostly what no token
+        rate explains on a small model (``admission.HoldTimes`` fits that part), and a stream's
+        first byte is no prefill measure (servers send the head, even a role chunk, before it)."""
         assert self.relay is not None
-        service = self.state.service
         prefill, decode = self.relay.tail.rates()
         if prefill is not None:
-            service.observe_prefill(int(prefill[0]), prefill[1])
+            self.state.service.observe_prefill(int(prefill[0]), prefill[1])
         if decode is not None:
-            service.observe_decode(int(decode[0]), decode[1])
-            return
-        if answer_tokens is None or answer_tokens < 1:
-            return
-        prompt = self.relay.tail.prompt_tokens()
-        prompt = prompt if prompt is not None else self.admitted.prompt_tokens()
-        upstream_s = now - self.sent_at
-        decode_s = upstream_s - service.estimate_s(prompt, 0)
-        if decode_s > 0.5 * upstream_s:  # else the split is mostly the estimate's guess
-            service.observe_decode(answer_tokens, decode_s)
+            self.state.service.observe_decode(int(decode[0]), decode[1])
