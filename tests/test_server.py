@@ -454,6 +454,15 @@ def test_full_queue_is_429_with_retry_after(base_url: str, engine: Engine, decod
     assert metric(base_url, "edgeserve_requests_total", endpoint="/v1/completions", outcome="queue_full") >= 1
 
 
+def test_retry_after_is_the_engines_estimate_rounded_up() -> None:
+    from edgeserve.errors import QueueFullError
+    from edgeserve.server.http_errors import edgeserve_error_response
+
+    for estimate, header in ((7.2, "8"), (30.0, "30"), (0.2, "1")):
+        response = edgeserve_error_response("/v1/completions", QueueFullError("full", retry_after_s=estimate))
+        assert response.status_code == 429 and response.headers["retry-after"] == header
+
+
 # ---- backend failure --------------------------------------------------------------------------------
 
 

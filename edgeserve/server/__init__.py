@@ -8,5 +8,8 @@ because ``edgeserve.cli`` registers ``serve`` in the base install, where those m
 
 Layout: ``*_wire.py`` hold the JSON shapes (pydantic, documented in ``/openapi.json``), apart from
 the engine's own types; ``*_routes.py`` translate wire → engine → wire; ``generation.py`` runs one
-request (metrics, disconnects, streaming); ``guard.py`` is the API-key and body-size middleware.
+request (metrics, disconnects, streaming); ``guard.py`` is the API-key, body-size, media-type and
+body-time middleware; ``origins.py`` the Host/Origin guard (DNS rebinding, web pages); ``boundary.py``
+the outermost layer (crashes end in a 500 that keeps the connection, refusals are counted);
+``listen.py`` the uvicorn protocol and options (head timeout, connection cap) that ``serve`` runs.
 """
