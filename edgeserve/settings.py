@@ -163,6 +163,19 @@ class ProxySettings(_Settings):
         AGING_FACTOR, gt=0, description="Derived aging: this many times a short request's time."
     )
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' from clients (not /health).")
+    allowed_hosts: str = Field(
+        "",
+        description="Host names served besides loopback ones and --host, comma-separated ('*': any, which "
+        "turns off the DNS-rebinding guard). IP-address Host headers need no listing.",
+    )
+    allowed_origins: str = Field(
+        "",
+        description="Browser origins allowed besides loopback ones, comma-separated, '*' globs allowed; "
+        "others get 403 (a web page must not drive the upstream through the proxy).",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds a client may take to send a generation request's body (then 408)."
+    )
     upstream_api_key: str | None = Field(
         None,
         description="Bearer key sent upstream instead of the client's Authorization (credentials in the "
@@ -195,6 +208,11 @@ class ProxySettings(_Settings):
             # The value is not echoed: it may carry credentials.
             raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:11434")
         return value
+
+    @field_validator("allowed_hosts", "allowed_origins")
+    @classmethod
+    def _comma_list(cls, value: str) -> str:
+        return ",".join(item.strip().lower() for item in value.split(",") if item.strip())
 
     @model_validator(mode="after")
     def _one_upstream_credential(self) -> ProxySettings:

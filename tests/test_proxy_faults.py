@@ -400,3 +400,27 @@ def test_stream_check_relays_whole_events_only_and_knows_a_finished_stream() -> 
     assert json.loads(error_event("/api/chat", Framing.NDJSON, "boom")) == {"error": "boom"}
     event = error_event("/v1/completions", Framing.SSE, "boom")
     assert event.startswith(b"data: ") and json.loads(event[6:])["error"]["message"] == "boom"
+
+
+def test_the_proxy_refuses_rebound_hosts_foreign_pages_and_non_json_bodies(up: FaultUpstream) -> None:
+    """Issue 19, defect 6, for the proxy too: with no key, a web page must not drive the upstream."""
+    with live_server(create_proxy_app(fault_settings(up.url)), lifespan="on") as proxy:
+        body = {"model": "m", "messages": MESSAGES}
+        rebound = httpx.post(f"{proxy}/v1/chat/completions", json=body, headers={"Host": "attacker.example"})
+        assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "forbidden_origin"
+        assert httpx.get(f"{proxy}/v1/models", headers={"Host": "attacker.example:8081"}).status_code == 403
+        foreign = httpx.post(f"{proxy}/api/chat", json=body, headers={"Origin": "https://evil.example"})
+        assert foreign.status_code == 403 and "error" in foreign.json()
+        plain = httpx.post(
+            f"{proxy}/v1/chat/completions", content=json.dumps(body), headers={"content-type": "text/plain"}
+        )
+        assert plain.status_code == 415
+        assert httpx.post(
+            f"{proxy}/v1/chat/completions", json=body, headers={"Origin": "http://localhost:3000"}
+        ).is_success
+        assert proxy_metric(proxy, "edgeserve_proxy_requests_total", outcome="http_403") == 2
+        assert proxy_metric(proxy, "edgeserve_proxy_requests_total", outcome="http_415") == 1
+    settings = fault_settings(up.url, allowed_hosts="proxy.lan", allowed_origins="https://app.example")
+    with live_server(create_proxy_app(settings), lifespan="on") as proxy:
+        headers = {"Host": "proxy.lan", "Origin": "https://app.example"}
+        assert httpx.post(f"{proxy}/v1/chat/completions", json=body, headers=headers).status_code == 200

@@ -43,6 +43,7 @@ from edgeserve.proxy.upstream import Timeouts, Upstream
 from edgeserve.scheduler import INITIAL_AGING_S, UNKNOWN_TOKENS, AgingTracker
 from edgeserve.server.guard import GuardMiddleware
 from edgeserve.server.http_errors import edgeserve_error_response
+from edgeserve.server.origins import OriginGuard, OriginPolicy
 from edgeserve.service import LengthEstimator, LengthPrediction, LengthRecorder, ServiceModel
 from edgeserve.settings import ProxySettings
 
@@ -119,8 +120,18 @@ def create_proxy_app(
 
     def guarded(app: ASGIApp) -> GuardMiddleware:
         return GuardMiddleware(
-            app, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, limit_paths=wire.ADMITTED_PATHS
+            app,
+            api_key=settings.api_key,
+            max_body_bytes=settings.max_body_bytes,
+            limit_paths=wire.ADMITTED_PATHS,
+            require_json=True,
+            body_timeout_s=settings.body_timeout_s,
         )
+
+    # The DNS-rebinding and foreign-page guard, as serve's (server/origins.py): without a key, a web
+    # page could otherwise drive the upstream through the proxy.
+    hosts = {h for h in settings.allowed_hosts.split(",") if h} | {settings.host.lower().strip("[]")}
+    origins = OriginPolicy(frozenset(hosts), tuple(o for o in settings.allowed_origins.split(",") if o))
 
     route = AdmittedRoute(state)
     routes = [
@@ -133,7 +144,8 @@ def create_proxy_app(
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.proxy = state
     app.add_middleware(guarded)
-    return ProxyApp(CountRejections(state, guarded(route)), app)
+    app.add_middleware(OriginGuard, policy=origins)
+    return ProxyApp(CountRejections(state, OriginGuard(guarded(route), policy=origins)), app)
 
 
 class ProxyApp:
