@@ -17,8 +17,10 @@ the count, e.g. ``llama_set_n_threads``), so tests script the step times.
   of the machine at no cost to decode).
 - **Abort.** A rung may spend at most ``abort_factor`` x what the fastest rung so far took for a
   whole probe (warm-up and measured steps); past that it ends at once, and so does the climb: more
-  threads only add contention. Under a competitor a wrong probe costs one step (~1 s here), and a
-  single noisy step on a shared machine does not end a good rung.
+  threads only add contention. A single noisy step on a shared machine does not end a good rung.
+  Beside a competitor one step at a wrong count can take seconds (7.9 s was seen here), so
+  ``deadline_s`` tells the caller when to cut the step short (3x the fastest step for the first);
+  the caller reports it with ``observe(..., aborted=True)`` and runs the step again.
 - **Contention.** In steady state a step slower than ``spike_factor`` x the recent median, or three
   in a row above ``jump_factor`` x, start a probe: the rung below, then the current count again (a
   burst of another process's work passes; real contention stays, and the abort rule ends the
@@ -50,6 +52,8 @@ class TunerConfig:
     jump_factor: float = 1.5
     spike_factor: float = 5.0
     abort_factor: float = 2.0
+    #: The first step at a count on probe may take this many times the fastest step (``deadline_s``).
+    first_step_factor: float = 3.0
     #: Counts within this fraction of the fastest are equal (the fewest threads win).
     tolerance: float = 0.03
     #: Seconds of decode between re-probes, after a change; doubled while nothing changes.
@@ -104,13 +108,30 @@ class ThreadTuner:
     def probing(self) -> bool:
         return self._probe is not None
 
-    def observe(self, step_s: float) -> int | None:
+    @property
+    def deadline_s(self) -> float | None:
+        """How long the next step may run before the caller should cut it short (llama.cpp:
+        ``llama_set_abort_callback``), or None: no limit. Set only while a count is on probe
+        against a faster one, where a step beside a competitor can take seconds: its first step
+        gets ``first_step_factor`` x the fastest step, later ones what is left of the probe's
+        budget. Cutting it is optional; it bounds what a wrong probe costs."""
+        probe = self._probe
+        if probe is None or not probe.scores or self.threads in probe.scores:
+            return None
+        best = min(probe.scores.values())
+        left = self.config.abort_factor * best * (self.config.warmup_steps + self.config.probe_steps) - probe.spent
+        if probe.seen == 0:
+            left = min(left, self.config.first_step_factor * best)
+        return max(left, 0.0)
+
+    def observe(self, step_s: float, *, aborted: bool = False) -> int | None:
         """One decode step took ``step_s`` seconds at ``threads``; returns the next count if it
-        changes."""
+        changes. ``aborted``: the step was cut at ``deadline_s`` and did not happen; the count
+        always changes then, and the caller runs the step again at the new one."""
         if len(self.rungs) == 1:
             return None
         if self._probe is not None:
-            return self._observe_probe(self._probe, step_s)
+            return self._observe_probe(self._probe, step_s, aborted)
         return self._observe_steady(step_s)
 
     # ---- steady state ------------------------------------------------------------------------
@@ -151,13 +172,13 @@ class ThreadTuner:
 
     # ---- probing -----------------------------------------------------------------------------
 
-    def _observe_probe(self, probe: _Probe, step_s: float) -> int | None:
+    def _observe_probe(self, probe: _Probe, step_s: float, aborted: bool) -> int | None:
         cfg = self.config
         probe.seen += 1
         probe.spent += step_s
         best = min(probe.scores.values()) if probe.scores else None
         budget = None if best is None else cfg.abort_factor * best * (cfg.warmup_steps + cfg.probe_steps)
-        if budget is not None and probe.spent > budget:
+        if (aborted and best is not None) or (budget is not None and probe.spent > budget):
             # Far slower: no more steps, and no higher rung. Its mean so far is a lower bound.
             probe.scores[self.threads] = probe.spent / probe.seen
             probe.todo = [r for r in probe.todo if r < self.threads]

@@ -18,26 +18,42 @@ BUSY = {1: 0.020, 2: 1.0}  # one core taken: the second thread waits at every ba
 
 
 class Machine:
-    """Runs a tuner for ``steps`` steps; ``phase(step)`` says which table applies."""
+    """Runs a tuner for ``steps`` steps; ``table(step)`` gives each count's step time. With
+    ``cut``, a step past the tuner's ``deadline_s`` is cut there (plus 2 ms for the abort to land)
+    and run again at the count the tuner answers, as a backend with an abort callback does."""
 
-    def __init__(self, tuner: ThreadTuner, jitter: float = 0.0, seed: int = 0) -> None:
+    ABORT_LATENCY_S = 0.002
+
+    def __init__(self, tuner: ThreadTuner, jitter: float = 0.0, seed: int = 0, cut: bool = False) -> None:
         self.tuner = tuner
         self.rng = random.Random(seed)
         self.jitter = jitter
+        self.cut = cut
         self.log: list[tuple[int, float]] = []  # (threads, seconds) per step
+        self.cuts: list[tuple[int, int, float]] = []  # (step, threads, seconds) of each cut attempt
         self.changes = 0
 
     def run(self, steps: int, table: Callable[[int], dict[int, float]]) -> None:
         for _ in range(steps):
-            n = self.tuner.threads
-            seconds = table(len(self.log))[n] * (1 + self.rng.uniform(-self.jitter, self.jitter))
+            while True:
+                n = self.tuner.threads
+                seconds = table(len(self.log))[n] * (1 + self.rng.uniform(-self.jitter, self.jitter))
+                deadline = self.tuner.deadline_s if self.cut else None
+                if deadline is not None and seconds > deadline:
+                    spent = deadline + self.ABORT_LATENCY_S
+                    self.cuts.append((len(self.log), n, spent))
+                    assert self.tuner.observe(spent, aborted=True) not in (None, n)
+                    self.changes += 1
+                    continue
+                break
             self.log.append((n, seconds))
             if self.tuner.observe(seconds) is not None:
                 self.changes += 1
             assert self.tuner.threads in self.tuner.rungs
 
     def seconds(self, start: int = 0, stop: int | None = None) -> float:
-        return sum(s for _, s in self.log[start:stop])
+        end = len(self.log) if stop is None else stop
+        return sum(s for _, s in self.log[start:end]) + sum(s for i, _, s in self.cuts if start <= i < end)
 
 
 def fixed_seconds(machine: Machine, table: Callable[[int], dict[int, float]], n: int) -> float:
@@ -193,3 +209,30 @@ def test_threads_pinned_only_when_given() -> None:
 
     assert not ModelSettings().threads_pinned
     assert ModelSettings(threads=1).threads_pinned
+
+
+@pytest.mark.parametrize("steps", [400, 3000])
+def test_cutting_slow_probe_steps_bounds_what_a_wrong_probe_costs(steps: int) -> None:
+    """Beside a competitor, a step at 2 threads took 0.8-7.9 s here. Cut at ``deadline_s`` (3x
+    the 1-thread step), every probe of 2 threads costs ~60 ms instead."""
+    slow = {1: 0.085, 2: 7.9}
+    plain, cut = Machine(ThreadTuner(2)), Machine(ThreadTuner(2), cut=True)
+    plain.run(steps, lambda i: slow)
+    cut.run(steps, lambda i: slow)
+    assert all(n == 1 for n, _ in cut.log)  # no step ever completed at 2 threads
+    assert len(cut.cuts) >= 1 and all(s <= 3 * 0.085 + 0.002 + 1e-9 for _, _, s in cut.cuts)
+    assert best_fixed_ratio(cut, lambda i: slow) > 0.97
+    assert best_fixed_ratio(plain, lambda i: slow) < 0.9  # what the same probes cost uncut
+
+
+def test_no_deadline_outside_probes_or_for_the_first_rung() -> None:
+    tuner = ThreadTuner(2)
+    assert tuner.deadline_s is None  # the first rung has nothing to compare with
+    for _ in range(4):
+        tuner.observe(0.02)
+    assert tuner.threads == 2 and tuner.deadline_s == pytest.approx(3 * 0.02)
+    tuner.observe(0.021)  # the warm-up step: later steps get what is left of the budget
+    assert tuner.deadline_s == pytest.approx(2 * 0.02 * 4 - 0.021)
+    for _ in range(3):
+        tuner.observe(0.014)
+    assert not tuner.probing and tuner.deadline_s is None
