@@ -15,10 +15,12 @@ first request and killed after its last.
 
     python bench/threads_contention.py [--reps 5] [--tokens 128] [--cap-s 15] [--fixed 1 2] [--raw]
 
-``--raw`` runs llama-cpp-python's own loop with the ThreadTuner applied through
-``llama_set_n_threads`` (the controller alone, on real decode steps); without it, the engine and
-its backend's wiring. Writes bench/results/threads_contention[_raw].json and .png: per scenario,
-the median tok/s of each configuration and the ratio adaptive / best fixed.
+``--raw`` runs a decode loop over llama-cpp-python with the ThreadTuner applied through
+``llama_set_n_threads`` (the controller alone, on real decode steps), twice: as is, and
+``adaptive+cut``, where a probe step past the tuner's deadline is cut short with llama.cpp's abort
+callback; without ``--raw``, the engine and its backend's wiring. Writes
+bench/results/threads_contention[_raw].json and .png: per scenario, the median tok/s of each
+configuration and the ratio of each adaptive one to the best fixed count.
 """
 
 from __future__ import annotations
@@ -79,35 +81,73 @@ class EngineRunner:
 
 
 class RawRunner:
-    """``--raw``: llama-cpp-python's own generate loop, a ThreadTuner fed each step's time and
-    applied with ``llama_set_n_threads`` (the controller on real steps, without the engine)."""
+    """``--raw``: a decode loop over llama-cpp-python (greedy, one token per step), a ThreadTuner fed
+    each step's time and applied with ``llama_set_n_threads`` (the controller on real steps, without
+    the engine). With ``cut``, a probe step past the tuner's ``deadline_s`` is cut short through
+    llama.cpp's abort callback and run again at the count the tuner answers."""
 
-    def __init__(self, settings: ModelSettings, stack: ExitStack) -> None:
+    def __init__(self, settings: ModelSettings, stack: ExitStack, cut: bool = False) -> None:
         import llama_cpp
 
         from edgeserve.models import default_model_path
 
-        self._llama_cpp = llama_cpp
+        self._lib = llama_cpp
         self._tuner = None if settings.threads_pinned else ThreadTuner(settings.threads)
         n = settings.threads if self._tuner is None else self._tuner.threads
         path = str(default_model_path(settings.cache_dir))
         self.llm = llama_cpp.Llama(path, n_ctx=settings.n_ctx, n_threads=n, n_threads_batch=n, verbose=False)
         stack.callback(self.llm.close)
         self.prompt = self.llm.tokenize(PROMPT.encode())
+        self._cut = cut
+        self._deadline_at: float | None = None
+        # Called by llama.cpp between graph nodes while set: True ends the step (llama_decode returns 2).
+        self._abort = llama_cpp.ggml_abort_callback(
+            lambda _: self._deadline_at is not None and time.perf_counter() > self._deadline_at
+        )
+        self._no_abort = llama_cpp.ggml_abort_callback()
+        self.cut_steps = 0
 
     def request(self, tokens: int, cap_s: float) -> dict[str, float]:
+        import numpy as np
+
         start = time.perf_counter()
         stamps: list[float] = []
         self.llm.reset()
-        for _ in self.llm.generate(self.prompt, temp=0.0, reset=True):
+        self.llm.eval(self.prompt)
+        n_vocab = self.llm.n_vocab()
+        self.last_tokens: list[int] = []
+        while len(stamps) < tokens and (not stamps or stamps[-1] - stamps[0] <= cap_s):
+            logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(n_vocab,))
+            self.last_tokens.append(int(logits.argmax()))
+            self._step(self.last_tokens[-1])
             stamps.append(time.perf_counter())
-            if self._tuner is not None and len(stamps) > 1:
-                n = self._tuner.observe(stamps[-1] - stamps[-2])
-                if n is not None:
-                    self._llama_cpp.llama_set_n_threads(self.llm.ctx, n, n)
-            if len(stamps) >= tokens or stamps[-1] - stamps[0] > cap_s:
-                break
         return _rate(start, stamps)
+
+    def _step(self, token: int) -> None:
+        ctx = self.llm.ctx
+        while True:
+            deadline = self._tuner.deadline_s if self._tuner is not None and self._cut else None
+            if deadline is not None:
+                self._lib.llama_set_abort_callback(ctx, self._abort, None)
+            started = time.perf_counter()
+            self._deadline_at = None if deadline is None else started + deadline
+            try:
+                self.llm.eval([token])  # starts by dropping any KV a cut step left behind
+                aborted = False
+            except RuntimeError:  # "llama_decode returned 2": cut at the deadline
+                if deadline is None:
+                    raise
+                aborted = True
+                self.cut_steps += 1
+            finally:
+                if deadline is not None:
+                    self._lib.llama_set_abort_callback(ctx, self._no_abort, None)
+            if self._tuner is not None:
+                n = self._tuner.observe(time.perf_counter() - started, aborted=aborted)
+                if n is not None:
+                    self._lib.llama_set_n_threads(ctx, n, n)
+            if not aborted:
+                return
 
     def tuner(self) -> ThreadTuner | None:
         return self._tuner
@@ -124,15 +164,19 @@ def tuner_state(tuner: ThreadTuner | None) -> dict[str, Any] | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    adaptive = ModelSettings(backend="llama", n_ctx=1024)
     configs: dict[str, ModelSettings] = {
-        "adaptive": ModelSettings(backend="llama", n_ctx=1024),
+        "adaptive": adaptive,
+        **({"adaptive+cut": adaptive} if args.raw else {}),
         **{f"fixed {n}": ModelSettings(backend="llama", n_ctx=1024, threads=n) for n in args.fixed},
     }
-    runner_class = RawRunner if args.raw else EngineRunner
     rows: list[dict[str, Any]] = []
     tuner_after: dict[str, Any] = {}
     with ExitStack() as stack:
-        runners = {name: runner_class(s, stack) for name, s in configs.items()}
+        runners: dict[str, EngineRunner | RawRunner] = {
+            name: RawRunner(s, stack, cut=name.endswith("+cut")) if args.raw else EngineRunner(s, stack)
+            for name, s in configs.items()
+        }
         for runner in runners.values():  # warm up (and let the adaptive one make its first probe)
             runner.request(16, args.cap_s)
         for scenario in ("idle", "competitor"):
@@ -147,7 +191,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         row.update(runners[name].request(args.tokens, args.cap_s))
                         rows.append(row)
                         print(f"{scenario:10} {name:9} rep {rep}: {row['tok_s']:6.1f} tok/s", flush=True)
-                tuner_after[scenario] = tuner_state(runners["adaptive"].tuner())
+                tuner_after[scenario] = {n: tuner_state(r.tuner()) for n, r in runners.items() if r.tuner()}
+                for n, r in runners.items():
+                    if isinstance(r, RawRunner) and r.tuner():
+                        tuner_after[scenario][n]["cut_steps_so_far"] = r.cut_steps
             finally:
                 if rival:
                     rival.kill()
@@ -162,14 +209,15 @@ def summarize(rows: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
             c: statistics.median(r["tok_s"] for r in rows if r["scenario"] == scenario and r["config"] == c)
             for c in configs
         }
-        fixed = {c: v for c, v in medians.items() if c != "adaptive"}
+        fixed = {c: v for c, v in medians.items() if c.startswith("fixed")}
         best = max(fixed, key=lambda c: fixed[c])
         out[scenario] = {
             "median_tok_s": {c: round(v, 2) for c, v in medians.items()},
             "best_fixed": best,
-            "adaptive_over_best_fixed": round(medians["adaptive"] / fixed[best], 3),
-            "meets_target_0_8": medians["adaptive"] >= 0.8 * fixed[best],
         }
+        for c in (c for c in configs if c.startswith("adaptive")):
+            out[scenario][f"{c}_over_best_fixed"] = round(medians[c] / fixed[best], 3)
+            out[scenario][f"{c}_meets_target_0_8"] = medians[c] >= 0.8 * fixed[best]
     return out
 
 
