@@ -100,8 +100,8 @@ class GuardMiddleware:
             return
         body = b"".join(chunks)
         if body and b"json" not in headers.get(b"content-type", b""):
-            # Every body this API takes is JSON, and Ollama's documented `curl -d` calls send it as
-            # form data; Ollama and OpenAI read it as JSON whatever the header says, so do the same.
+            # Only without require_json (the proxy): Ollama's documented `curl -d` calls send JSON as
+            # form data, and Ollama and OpenAI read it as JSON whatever the header says.
             scope = {**scope, "headers": [*_without(scope["headers"], b"content-type"), JSON_TYPE]}
         await self.app(scope, _replay(body, receive), send)
 
