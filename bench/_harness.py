@@ -95,6 +95,16 @@ def ended_by_stop(outcomes: Sequence[Outcome], cap: int = UNIFORM_MAX_TOKENS) ->
     return fields
 
 
+def code_version() -> dict[str, Any]:
+    """The commit the servers run and whether the engine's files differ from it: each run starts
+    fresh ``edgeserve serve`` processes, so a change landing mid-run would mix versions (compare
+    the value at the start and at the end)."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "edgeserve", "backends"], capture_output=True, text=True)
+    return {"head": head, "uncommitted_engine_files": [line[3:] for line in dirty.stdout.splitlines()]}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

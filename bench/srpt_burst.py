@@ -13,6 +13,11 @@ sequence that ends the same greedy text at the same token, and every later run s
 sequence and one cap for all (``_harness.UNIFORM_MAX_TOKENS``). Each run checks that every answer
 still has the FCFS run's token count.
 
+Aging: by default each server derives its own (the engine's default, which learns from answers that
+end naturally, as these do); ``--aging short-service`` sets it as ``sjf_burst.py`` does instead.
+The code version (commit, uncommitted engine files) is recorded at the start and the end: every run
+starts fresh servers, so an engine change landing mid-run would mix versions.
+
 Per burst: latency P50 by class and the makespan, as ratios to FCFS; preemptions, parked bytes and
 park/resume seconds from the server's metrics; and the oracle bound: SJF by the answer lengths the
 FCFS run measured (with every request there at once, that is what SRPT with a perfect predictor does).
@@ -119,7 +124,9 @@ def run_burst(jobs: list[h.Job], args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, list[h.Outcome]] = {}
     fields: list[dict[str, Any]] | None = None
     for name, policy, flags in CONFIGS:
-        extra = flags if policy == "fcfs" else (*flags, "--aging-s", f"{burst['aging_s']:.3f}")
+        by_bench = args.aging == "short-service" and policy != "fcfs"
+        aging = ("--aging-s", f"{burst['short_service_aging_s']:.3f}") if by_bench else ()
+        extra = (*flags, *aging)
         outcomes, counters = run_config(name, policy, extra, jobs, args, fields)
         results[name] = outcomes
         entry: dict[str, Any] = {
@@ -134,8 +141,10 @@ def run_burst(jobs: list[h.Job], args: argparse.Namespace) -> dict[str, Any]:
         entry["rows"] = h.rows(outcomes)
         burst["configs"][name] = entry
         if name == "fcfs":
-            # Aging as sjf_burst.py sets it: answers that end by max_tokens teach derived aging nothing.
-            burst["aging_s"] = AGING_FACTOR * short_service_s(outcomes)
+            # --aging short-service: as sjf_burst.py sets it (there answers end by max_tokens, which
+            # teaches the engine's derived aging nothing). Here they end by stop sequences, so by
+            # default the engine derives its own, as a server does out of the box.
+            burst["short_service_aging_s"] = AGING_FACTOR * short_service_s(outcomes)
             stops = h.ended_by_stop(outcomes)
             fields = [stops[j.job_id] for j in jobs]
             burst["answers_ended_by_max_tokens"] = sum("stop" not in f for f in fields)
@@ -201,6 +210,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bursts", type=int, default=5, help="bursts of different prompts (seeds seed, seed+1, ...)")
     ap.add_argument("--name", default="srpt_burst")
+    ap.add_argument(
+        "--aging",
+        choices=("engine", "short-service"),
+        default="engine",
+        help="engine: the server derives aging itself (its default); short-service: --aging-s = "
+        "AGING_FACTOR x the FCFS run's short-request service time, as sjf_burst.py",
+    )
     ap.add_argument("--from", dest="source", type=Path, help="recompute the ratios of a saved run, run nothing")
     args = ap.parse_args()
     if args.source:
@@ -218,9 +234,14 @@ def main() -> None:
         "default model (Gemma 3 270M Q4_K_M), a fresh process per policy and burst, one warm-up request each",
         "answer_ends": "FCFS: max_tokens = the scaled length. The others: a stop sequence taken from the FCFS "
         f"run's text and max_tokens = {h.UNIFORM_MAX_TOKENS} for all (see the module docstring)",
+        "aging": "derived by each server (EngineSettings default: AGING_FACTOR x its measured short-request "
+        "service, 60 s until it has measured one)"
+        if args.aging == "engine"
+        else "--aging-s = AGING_FACTOR x the FCFS run's short-request service (burst['short_service_aging_s'])",
         "threads": args.threads,
         "niceness": os.nice(0),
         "cpus": os.cpu_count(),
+        "code_at_start": h.code_version(),
         "bursts": [],
     }
     for seed in range(args.seed, args.seed + args.bursts):
@@ -229,6 +250,7 @@ def main() -> None:
         burst["ratios_vs_fcfs"] = burst_ratios(burst)
         report["bursts"].append(burst)
         print(seed, {k: {m: round(x, 3) for m, x in v.items()} for k, v in burst["ratios_vs_fcfs"].items()}, flush=True)
+    report["code_at_end"] = h.code_version()
     finish(report, args.name)
 
 

@@ -34,10 +34,11 @@ import _harness as h
 from edgeserve import Engine, FinalEvent, SamplingParams, TokenEvent
 from edgeserve.backend import SeqId, Step
 from edgeserve.scripted import BOS, EOS, N_SPECIAL, ScriptedBackend
-from edgeserve.settings import EngineSettings
+from edgeserve.settings import AGING_FACTOR, EngineSettings
 
-#: Profile defaults: llama.cpp, one thread, this machine (overridden by --profile-from).
-PREFILL_TOK_S, DECODE_TOK_S, OVERHEAD_S = 400.0, 45.0, 0.08
+#: The service profile: medians of the fits to srpt_burst.py's five FCFS runs (llama.cpp, one thread,
+#: a shared machine: prefill 176-343 tok/s, decode 16-39 tok/s, overhead 0-0.22 s).
+PREFILL_TOK_S, DECODE_TOK_S, OVERHEAD_S = 293.0, 25.0, 0.05
 #: llama.cpp park + restore, seconds per token of context (park_resume.py, order of magnitude).
 SWITCH_S_PER_TOKEN = 2e-6
 GREEDY = SamplingParams(temperature=0)
@@ -103,7 +104,12 @@ def run(
     latency P50s, the makespan and the preemptions."""
     clock = Clock()
     backend = TimedBackend(n_ctx=16384, clock=clock, lengths=lengths)
-    settings = EngineSettings(policy=config["policy"], preempt_quantum_s=config.get("quantum", 0.1), aging_s=1e9)
+    settings = EngineSettings(
+        policy=config["policy"],
+        preempt_quantum_s=config.get("quantum", 0.1),
+        preempt_hysteresis=config.get("hysteresis", 2.0),
+        aging_s=config.get("aging_s", 1e9),
+    )
     done = threading.Event()
     ends: dict[int, float] = {}
     preemptions = [0]
@@ -122,7 +128,6 @@ def run(
         return on
 
     with Engine(backend, settings, clock=clock) as engine:
-        engine._scheduler.hysteresis = config.get("hysteresis", 2.0)  # what-if: the knob under study
 
         def submit_all(_: Any) -> None:  # on the loop thread, before it runs anything: all at t=0
             for i, _job in enumerate(jobs):
@@ -140,13 +145,16 @@ def run(
     return out
 
 
+#: ``aging``: True sets aging as srpt_burst.py does (AGING_FACTOR x a short request's service time).
+BENCH = {"scale": 1 / 16, "pred_scale": 1.0}
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "as benchmarked (answers x1/16, predictions in real tokens)": {"scale": 1 / 16, "pred_scale": 1.0},
-    "predictions scaled with the answers (x1/16)": {"scale": 1 / 16, "pred_scale": 1 / 16},
-    "real answer lengths (not scaled)": {"scale": 1.0, "pred_scale": 1.0},
-    "as benchmarked, hysteresis 1.2": {"scale": 1 / 16, "pred_scale": 1.0, "hysteresis": 1.2},
-    "real lengths, hysteresis 1.2": {"scale": 1.0, "pred_scale": 1.0, "hysteresis": 1.2},
-    "as benchmarked, quantum 0.5 s": {"scale": 1 / 16, "pred_scale": 1.0, "quantum": 0.5},
+    "as benchmarked (answers x1/16, predictions in real tokens, aging 128x short service)": {**BENCH, "aging": True},
+    "as benchmarked, no aging": BENCH,
+    "no aging, predictions scaled with the answers (x1/16)": {**BENCH, "pred_scale": 1 / 16},
+    "no aging, hysteresis 1.2": {**BENCH, "hysteresis": 1.2},
+    "no aging, quantum 0.5 s": {**BENCH, "quantum": 0.5},
+    "no aging, real answer lengths (not scaled)": {"scale": 1.0, "pred_scale": 1.0},
+    "no aging, real answer lengths, hysteresis 1.2": {"scale": 1.0, "pred_scale": 1.0, "hysteresis": 1.2},
 }
 POLICIES = (("fcfs", "fcfs", True), ("sjf", "sjf", True), ("srpt", "srpt", True), ("srpt-no-predictor", "srpt", False))
 
@@ -167,6 +175,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "profile": {"prefill_tok_s": PREFILL_TOK_S, "decode_tok_s": DECODE_TOK_S, "overhead_s": OVERHEAD_S},
         "switch_s_per_token": SWITCH_S_PER_TOKEN,
+        "code": h.code_version(),
         "scenarios": {},
     }
     for name in picked:
@@ -178,9 +187,15 @@ def main() -> None:
             prompts = [len(predictor_tokens(j.prompt)) for j in jobs]
             preds = [predictor.predict([{"role": "user", "content": j.prompt}]).expected_tokens for j in jobs]
             results = {}
+            shorts = [
+                OVERHEAD_S + p / PREFILL_TOK_S + g / DECODE_TOK_S
+                for j, p, g in zip(jobs, prompts, lengths, strict=True)
+                if j.cls == "short"
+            ]
+            aging = {"aging_s": AGING_FACTOR * statistics.median(shorts)} if sc.get("aging") and shorts else {}
             for label, policy, predicts in POLICIES:
                 predicted = [p * sc["pred_scale"] for p in preds] if predicts else [None] * len(jobs)
-                results[label] = run(jobs, lengths, prompts, predicted, {"policy": policy, **sc})
+                results[label] = run(jobs, lengths, prompts, predicted, {"policy": policy, **sc, **aging})
             base = results["fcfs"]
             for label in ratios:
                 r = {k: results[label][k] / base[k] for k in base if k != "preemptions"}
