@@ -225,6 +225,28 @@ def test_an_unexpected_error_is_a_500_that_keeps_the_connection(
     assert count in httpx.get(f"{base_url}/metrics").text
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [
+        ("text/plain", json.dumps(TINY), 415),
+        ("application/json", json.dumps({**TINY, "prompt": "x" * (1 << 20)}), 413),  # answered before it is read
+        ("application/json", "{not json", 400),
+        ("application/json", json.dumps({**TINY, "model": "nope"}), 404),
+    ],
+)
+def test_no_refusal_closes_the_connection(base_url: str, content_type: str, body: str, status: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", _port(base_url), timeout=60)
+    try:
+        conn.request("POST", "/v1/completions", body=body, headers={"content-type": content_type})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == status
+        sock = conn.sock
+        assert _post(conn, "/v1/completions", TINY)[0] == 200 and conn.sock is sock
+    finally:
+        conn.close()
+
+
 # ---- slow and half-open clients -------------------------------------------------------------------
 
 HEAD_S = 1.0
