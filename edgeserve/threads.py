@@ -22,9 +22,10 @@ the count, e.g. ``llama_set_n_threads``), so tests script the step times.
   ``deadline_s`` tells the caller when to cut the step short (3x the fastest step for the first);
   the caller reports it with ``observe(..., aborted=True)`` and runs the step again.
 - **Contention.** In steady state a step slower than ``spike_factor`` x the recent median, or three
-  in a row above ``jump_factor`` x, start a probe: the rung below, then the current count again (a
-  burst of another process's work passes; real contention stays, and the abort rule ends the
-  current count after one step), then the rung above.
+  in a row above ``jump_factor`` x, start a probe downwards: the rung below, then the current count
+  again (a burst of another process's work passes; real contention stays, and the budget ends the
+  current count within a step). It never probes upwards and leaves the re-probe backoff alone:
+  on a noisy machine jumps are frequent, and each upward probe of a count without a core costs.
 - **Re-probe.** Conditions also improve (the competitor exits), which a steady step time cannot show
   at a lower count. Every ``reprobe_s`` seconds of decode the neighbours are probed again; an
   unchanged answer doubles the interval (to ``max_reprobe_s``), a change resets it.
@@ -77,6 +78,8 @@ class _Probe:
     todo: list[int]
     #: Climb past the last rung of ``todo`` while each rung keeps improving.
     climb: bool
+    #: A periodic re-probe (its unchanged answer backs the next one off), not a jump's.
+    periodic: bool = True
     scores: dict[int, float] = field(default_factory=dict)
     seen: int = 0
     #: Seconds spent on the rung being measured (its warm-up included).
@@ -143,29 +146,30 @@ class ThreadTuner:
         self._decode_s += step_s
         if reference is not None:
             last = list(self._recent)[-3:]
-            if step_s > cfg.spike_factor * reference:
-                return self._start_probe(current_score=None, interval=cfg.reprobe_s)
-            if len(last) == 3 and min(last) > cfg.jump_factor * reference:
-                return self._start_probe(current_score=None, interval=cfg.reprobe_s)
+            jump = step_s > cfg.spike_factor * reference or (len(last) == 3 and min(last) > cfg.jump_factor * reference)
+            if jump:
+                return self._step_down()
         if self._decode_s >= self._interval and len(self._recent) >= cfg.probe_steps:
-            recent = list(self._recent)[-cfg.probe_steps :]
-            return self._start_probe(current_score=statistics.median(recent), interval=None)
+            return self._reprobe(statistics.median(list(self._recent)[-cfg.probe_steps :]))
         return None
 
-    def _start_probe(self, current_score: float | None, interval: float | None) -> int | None:
-        """Probe the rungs beside the current one. ``current_score``: the current count's recent
-        median, trusted as is (a periodic probe); None: the current count is measured again after
-        the rung below (a jump: it may have been a passing burst, and if not, the abort rule
-        caps the cost at one step). ``interval`` resets the re-probe clock; None keeps its backoff."""
-        if interval is not None:
-            self._interval = interval
+    def _step_down(self) -> int | None:
+        """The step time jumped: measure the rung below, then the current count again (a burst of
+        another process's work passes; real contention stays, and the budget ends the current
+        count within a step). At the lowest rung nothing is lower: the jump becomes the new normal."""
         i = self.rungs.index(self.threads)
-        below, above = self.rungs[max(0, i - 1) : i], self.rungs[i + 1 : i + 2]
-        probe = _Probe(todo=below + above, climb=False)
-        if current_score is None:
-            probe.todo = [*below, self.threads, *above]
-        else:
-            probe.scores[self.threads] = current_score
+        if i == 0:
+            self._recent.clear()
+            return None
+        self._probe = _Probe(todo=[self.rungs[i - 1], self.threads], climb=False, periodic=False)
+        self._previous = self.threads
+        return self._next_rung(self._probe)
+
+    def _reprobe(self, current_score: float) -> int | None:
+        """Periodic: the rungs beside the current one, against its recent median."""
+        i = self.rungs.index(self.threads)
+        probe = _Probe(todo=self.rungs[max(0, i - 1) : i] + self.rungs[i + 1 : i + 2], climb=False, periodic=True)
+        probe.scores[self.threads] = current_score
         self._previous = self.threads
         self._probe = probe
         return self._next_rung(probe)
@@ -214,9 +218,10 @@ class ThreadTuner:
         self._probe = None
         self.probes += 1
         self.last_scores = dict(sorted(probe.scores.items()))
-        if self._previous is not None:
-            changed = choice != self._previous
-            self._interval = cfg.reprobe_s if changed else min(self._interval * 2, cfg.max_reprobe_s)
+        if self._previous is not None and choice != self._previous:
+            self._interval = cfg.reprobe_s
+        elif self._previous is not None and probe.periodic:
+            self._interval = min(self._interval * 2, cfg.max_reprobe_s)
         self._decode_s = 0.0
         self._recent.clear()
         self._recent.extend([probe.scores[choice]] * cfg.probe_steps)

@@ -236,3 +236,19 @@ def test_no_deadline_outside_probes_or_for_the_first_rung() -> None:
     for _ in range(3):
         tuner.observe(0.014)
     assert not tuner.probing and tuner.deadline_s is None
+
+
+def test_jumps_at_one_thread_never_probe_upwards() -> None:
+    """A busy, noisy machine: 1-thread steps jump now and then (others' bursts). Jumps probe
+    downwards only, so 2 threads are tried only by the backed-off periodic re-probes."""
+    rng = random.Random(7)
+    bursts = {i for start in rng.sample(range(3000), 60) for i in range(start, start + 4)}
+
+    def table(i: int) -> dict[int, float]:
+        return {n: s * (3.0 if i in bursts else 1.0) for n, s in BUSY.items()}
+
+    tuner = ThreadTuner(2)
+    machine = Machine(tuner, jitter=0.2, seed=1)
+    machine.run(3000, table)
+    assert sum(1 for n, _ in machine.log if n == 2) <= 5  # first probe + re-probes at 8, 16, 32 s
+    assert best_fixed_ratio(machine, table) >= 0.9
