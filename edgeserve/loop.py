@@ -362,6 +362,11 @@ class EngineLoop:
                 self._current = None
 
     def _free(self, run: Running) -> None:
+        """Release everything a request holds on the device side, once. Its handle may live on in
+        the caller (with its result), so nothing heavy may stay reachable from it: llama.cpp's
+        sampler chain alone keeps a candidates buffer of the whole vocabulary (3 MB for 262k)."""
+        if run.where is Where.RELEASED:
+            return
         if run.where is Where.OPEN:
             del self._open[run.seq]
             self.backend.release(run.seq)
@@ -369,6 +374,7 @@ class EngineLoop:
             run.parked = None
             self._n_parked -= 1
         run.where = Where.RELEASED
+        run.sampler.close()
 
     def _free_dropped(self, dropped: list[Request]) -> None:
         for request in dropped:

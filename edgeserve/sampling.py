@@ -72,7 +72,8 @@ class Sampler:
             n = np.fromiter(counts.values(), dtype=np.float32)
             seen = logits[ids]
             if p.repetition_penalty != 1:
-                seen = np.where(seen <= 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+                with np.errstate(over="ignore", divide="ignore"):  # an extreme penalty: inf is its limit
+                    seen = np.where(seen <= 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
             logits[ids] = seen - n * p.frequency_penalty - p.presence_penalty
         return logits
 
@@ -95,7 +96,9 @@ class Sampler:
         if p.min_p > 0:
             kept = np.flatnonzero(cand >= cand.max() + math.log(p.min_p))
             ids, cand = ids[kept], cand[kept]
-        return ids, _softmax(cand / p.temperature)
+        with np.errstate(over="ignore", divide="ignore"):  # inf is handled by _softmax
+            scaled = cand / p.temperature
+        return ids, _softmax(scaled)
 
     def _draw(self, logits: Logits) -> int:
         ids, probs = self.distribution(logits)
@@ -105,6 +108,13 @@ class Sampler:
 
 
 def _softmax(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    e = np.exp(x - x.max())
+    top = x.max()
+    if not np.isfinite(top):
+        # A tiny temperature or penalty divisor overflowed the logits: the infinite ones share all
+        # the mass (the limit of the softmax), instead of inf - inf = NaN odds.
+        hits: np.ndarray[Any, Any] = (x == top).astype(np.float64)
+        return hits / hits.sum()  # type: ignore[no-any-return]
+    with np.errstate(under="ignore"):
+        e = np.exp(x - top)
     out: np.ndarray[Any, Any] = e / e.sum()
     return out

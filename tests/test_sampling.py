@@ -130,3 +130,21 @@ def test_python_and_native_samplers_draw_from_the_same_distribution(engine: Engi
 
 def _fields(params: SamplingParams) -> dict[str, Any]:
     return {f: getattr(params, f) for f in params.__dataclass_fields__}
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-300, top_k=0, top_p=1.0, seed=1),
+        SamplingParams(temperature=1.0, top_k=0, top_p=0.9, seed=1, repetition_penalty=1e-300),
+    ],
+    ids=["tiny-temperature", "tiny-penalty"],
+)
+def test_extreme_values_still_give_a_distribution(params: SamplingParams) -> None:
+    """Logits that overflow to inf give the softmax's limit (all mass on the largest), not NaN."""
+    sample = Sampler(params)
+    draws = [sample(LOGITS) for _ in range(5)]
+    assert all(0 <= t < len(PROBS) for t in draws)
+    _, probs = sample.distribution(sample.adjusted(LOGITS))
+    assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
