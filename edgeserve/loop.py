@@ -61,6 +61,8 @@ class EngineLoop:
         self.service = ServiceModel()
         #: Seconds one park plus one restore cost (measured); a preemption must be worth it.
         self._switch_s = 0.0
+        #: Device seconds per unit of predicted cost, over ended requests (for Retry-After).
+        self._seconds_per_cost: float | None = None
         self._seq_ids = itertools.count()
         self._cond = threading.Condition()
         # Guarded by _cond:
@@ -83,11 +85,11 @@ class EngineLoop:
             if self._closed:
                 raise EngineClosedError("the engine is closed")
             answer = UNKNOWN_TOKENS if request.predicted_tokens is None else request.predicted_tokens
-            cost = self.service.decode_equivalents(len(request.prompt_tokens), min(answer, request.max_tokens))
+            request.cost = self.service.decode_equivalents(len(request.prompt_tokens), min(answer, request.max_tokens))
             if len(self._scheduler) >= self._scheduler.capacity:
                 self._scheduler.retry_after_s = self._drain_estimate_s()
             entry = Entry(
-                request.request_id, request.submitted, request, request.priority, request.predicted_tokens, cost
+                request.request_id, request.submitted, request, request.priority, request.predicted_tokens, request.cost
             )
             self._scheduler.add(entry)
             self._cond.notify()
@@ -156,9 +158,10 @@ class EngineLoop:
         current = self._current
         if current is not None and current.run is not None:
             backlog += current.run.remaining_cost(self.service)
-        # A slot frees when the request at the head ends, but a retry that finds the queue refilled
-        # fails again; half the backlog is the honest middle between the two.
-        return max(1.0, backlog / self.service.decode_tok_s / 2)
+        # Seconds per unit of predicted cost, as measured on requests that ended (it absorbs the
+        # predictor's bias and per-request overhead); the decode rate until one has.
+        per_unit = self._seconds_per_cost or 1.0 / self.service.decode_tok_s
+        return max(1.0, backlog * per_unit)
 
     def cancel(self, request: Request) -> None:
         """Remove the request if it waits, stop it within a step if it runs (thread-safe)."""
@@ -318,11 +321,14 @@ class EngineLoop:
             chunk = prompt[run.prefilled : min(run.prefilled + self.settings.prefill_chunk, len(prompt) - 1)]
             self.backend.prefill(run.seq, chunk)
             run.prefilled += len(chunk)
-            self.service.observe_prefill(len(chunk), self._clock() - t0)
+            took = self._clock() - t0
+            run.active_s += took
+            self.service.observe_prefill(len(chunk), took)
             return
         assert run.pending is not None
         (token,) = self.backend.decode([Step(run.seq, run.pending, run.sampler)])
         now = self._clock()
+        run.active_s += now - t0
         first = run.first_at is None
         if first:
             run.first_at = now
@@ -343,8 +349,12 @@ class EngineLoop:
         with self._cond:
             if self._current is request:
                 self._current = None
+            if run.finish is not FinishReason.CANCELLED and request.cost > 0 and run.active_s > 0:
+                observed = run.active_s / request.cost
+                old = self._seconds_per_cost
+                self._seconds_per_cost = observed if old is None else 0.8 * old + 0.2 * observed
         if run.finish is FinishReason.STOP:  # a natural end: the answer's real length is known
-            self._on_natural_end(request, len(run.generated), now - run.started)
+            self._on_natural_end(request, len(run.generated), run.active_s)
 
     def _fail(self, request: Request, exc: Exception) -> None:
         if not isinstance(exc, EdgeserveError):  # a backend library failed: map it here, once

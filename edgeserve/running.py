@@ -46,6 +46,8 @@ class Request:
     sink: Sink = field(repr=False)
     predicted_tokens: float | None = None
     priority: int = 0
+    #: Predicted service when it was queued, in decode-token equivalents (the scheduler's unit).
+    cost: float = 0.0
     #: Kept only while a LengthRecorder wants it, and only in memory.
     predictor_input: PredictorInput | None = field(default=None, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -87,6 +89,8 @@ class Running:
     slice_started: float = 0.0
     first_at: float | None = None
     decode_s: float = 0.0
+    #: Seconds it has held the device (prefill chunks and decode steps; pauses excluded).
+    active_s: float = 0.0
     preemptions: int = 0
     parked_bytes: int = 0
     park_s: float = 0.0

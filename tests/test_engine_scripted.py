@@ -12,7 +12,7 @@ import pytest
 
 from edgeserve import Engine, EngineSettings, FinishReason, GenerationResult, RequestHandle, SamplingParams, TokenEvent
 from edgeserve.engine import outcome
-from edgeserve.errors import BackendError, EngineClosedError
+from edgeserve.errors import BackendError, EngineClosedError, QueueFullError
 from edgeserve.scripted import ScriptedBackend
 from edgeserve.types import StreamEvent
 
@@ -228,3 +228,23 @@ def test_callback_consumers_get_every_event_in_order(engine: Engine) -> None:
 def test_submit_takes_sampling_keywords_like_generate(engine: Engine) -> None:
     result = engine.submit("hello", max_tokens=3, temperature=0, ignore_eos=True).result()
     assert result.completion_tokens == 3
+
+
+def test_retry_after_is_within_twice_the_real_drain_time() -> None:
+    """Retry-After comes from the queued work at the device seconds per unit of predicted cost
+    measured on ended requests; the queue then really drains within a factor of two of it."""
+    backend = ScriptedBackend(step_s=0.02)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    with _engine(backend, policy="fcfs", max_queue=4) as engine:
+        for _ in range(2):  # measured: ~0.6 s of device time per request
+            engine.generate("warm", params)
+        handles = [engine.submit("queued", params)]
+        with pytest.raises(QueueFullError) as refused:
+            for _ in range(6):
+                handles.append(engine.submit("queued", params))
+        started = time.monotonic()
+        for h in handles:
+            h.result()
+        drained = time.monotonic() - started
+    promised = refused.value.retry_after_s
+    assert promised / 2 <= drained <= promised * 2, (promised, drained)
