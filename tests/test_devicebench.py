@@ -39,7 +39,7 @@ def test_bench_writes_the_report_the_planner_reads(tmp_path: Path, default_model
     llama = report["backends"]["llama"]
     assert llama["status"] == "ok" and llama["device"] == "cpu"
     _positive(llama, ["load_s", "peak_rss_bytes", "bandwidth_gbs", "kv_bytes_per_token"])
-    assert llama["peak_rss_bytes"] > llama["rss_before_load_bytes"]  # the model was resident meanwhile
+    assert llama["peak_rss_added_bytes"] == llama["peak_rss_bytes"] - llama["rss_before_load_bytes"] > 0
     weights = llama["weights"]
     # Gemma 3 ties its output layer to the embedding: every step reads all tensor data.
     assert 0 < weights["output_layer_bytes"] < weights["bytes_read_per_token"] <= weights["file_bytes"]
@@ -53,6 +53,7 @@ def test_bench_writes_the_report_the_planner_reads(tmp_path: Path, default_model
     assert row["bytes_read_per_token"] == weights["bytes_read_per_token"] + row["kv_bytes"]
     assert row["roofline_tok_s"] == pytest.approx(llama["bandwidth_gbs"] * 1e9 / row["bytes_read_per_token"])
     _positive(llama["default_sampling"], ["decode_tok_s", "greedy_decode_tok_s"])
+    assert llama["kv_bytes_per_token"] == row["kv_bytes_per_token"]  # one context: its average
 
     (step,) = llama["breakdown"]["by_threads"].values()
     _positive(step, ["step_ms", "rest_ms", "sample_greedy_ms", "ceiling_gbs"])
@@ -82,3 +83,25 @@ def test_roofline_uses_the_best_bandwidth_the_thread_count_can_reach() -> None:
     assert bw.ceiling(1) == 10.0 and bw.ceiling(2) == 14.0 and bw.ceiling(8) == 14.0
     assert roofline_tok_s(10.0, 250_000_000) == pytest.approx(40.0)
     assert roofline_tok_s(None, 250_000_000) is None
+
+
+def _safetensors(path: Path, tensors: dict[str, tuple[int, int]]) -> None:
+    """A float32 safetensors file of zeros: name -> (rows, columns)."""
+    header, offset = {}, 0
+    for name, (rows, cols) in tensors.items():
+        header[name] = {"dtype": "F32", "shape": [rows, cols], "data_offsets": [offset, offset + 4 * rows * cols]}
+        offset += 4 * rows * cols
+    head = json.dumps(header).encode()
+    path.write_bytes(len(head).to_bytes(8, "little") + head + bytes(offset))
+
+
+def test_an_untied_embedding_is_read_one_row_a_step(tmp_path: Path) -> None:
+    from edgeserve.devicebench.roofline import folder_weights
+
+    tied, untied = tmp_path / "tied", tmp_path / "untied"
+    tied.mkdir(), untied.mkdir()
+    _safetensors(tied / "model.safetensors", {"model.embed_tokens.weight": (100, 8), "layers.0.w": (8, 8)})
+    _safetensors(untied / "model.safetensors", {"model.embed_tokens.weight": (100, 8), "lm_head.weight": (100, 8)})
+    assert folder_weights(tied).read_per_token == 4 * (800 + 64)  # the output layer reads all of it
+    assert folder_weights(tied).output_bytes == 4 * 800
+    assert folder_weights(untied).read_per_token == 4 * (8 + 800)  # one embedding row + the lm_head

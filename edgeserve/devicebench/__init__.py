@@ -19,16 +19,20 @@ measured (never guessed)::
     backends          {name: backend}
     backend           status "ok" | "skipped" | "failed", reason (when not ok); when ok:
                       device ("cpu", "gpu", "cuda", ...), threads, model_path, load_s,
-                      rss_before_load_bytes, peak_rss_bytes (psutil, sampled; the whole process),
+                      rss_before_load_bytes, peak_rss_bytes (psutil, sampled; the whole process,
+                      so earlier backends' leftovers too), peak_rss_added_bytes (peak - before),
                       weights {bytes_read_per_token, file_bytes, output_layer_bytes, source},
                       bandwidth_gbs (the ceiling used; null off the CPU) and bandwidth_note,
-                      kv_bytes_per_token (null when parking carries tokens, not KV) and kv_note,
-                      contexts [context row], default_sampling {context, decode_tok_s,
-                      greedy_decode_tok_s}, breakdown (llama on a CPU with --breakdown, else absent)
+                      kv_bytes_per_token: KV each further token adds at the longest contexts
+                      (sliding-window layers stop growing; null when parking carries tokens, not
+                      KV) and kv_note, contexts [context row], default_sampling {context, params,
+                      decode_tok_s, greedy_decode_tok_s, sampling_ms_per_token},
+                      breakdown (llama on a CPU with --breakdown, else absent)
     context row       context, reps, prefill_tok_s, ttft_ms, decode_tok_s (median),
                       decode_tok_s_best, park_ms, restore_ms, park_bytes (the blob as shipped),
-                      state_tokens, kv_bytes, kv_bytes_per_token, bytes_read_per_token (weights +
-                      KV), roofline_tok_s (bandwidth / bytes_read_per_token), roofline_pct
+                      state_tokens, kv_bytes (the KV state parked after decoding), kv_bytes_per_token
+                      (its average), bytes_read_per_token (weights + kv_bytes), roofline_tok_s
+                      (bandwidth / bytes_read_per_token), roofline_pct (decode_tok_s / roofline)
     breakdown         context, method, by_threads {threads: {step_ms, lm_head_ms, rest_ms,
                       sample_greedy_ms, lm_head_share, lm_head_bytes, rest_bytes, lm_head_gbs,
                       rest_gbs, ceiling_gbs}}

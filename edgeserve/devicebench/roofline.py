@@ -10,6 +10,7 @@ GPU library the base install does not carry, and a CPU figure would be the wrong
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import time
@@ -162,11 +163,59 @@ def _skip_value(f: BinaryIO, kind: int) -> None:
 
 
 def folder_weights(folder: Path) -> Weights:
-    """Weight files of a converted folder: an upper bound on the bytes a step reads (an input
-    embedding stored apart from the output layer is counted whole, though a step reads one row)."""
-    files = [p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
-    total = sum(p.stat().st_size for p in files)
-    return Weights(total, total, None, f"weight files in {folder.name} (upper bound)")
+    """Weights of a converted folder, tensor by tensor where the format says how a step uses them:
+    safetensors (MLX, HF) and ONNX. An input-embedding table that is only gathered from (stored
+    apart from the output layer) gives one row a step, not all of it."""
+    reads: list[tuple[str, int, int, bool]] = []  # (name, bytes, rows, gathered only)
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    onnx_files = [p for p in files if p.suffix == ".onnx"]
+    for path in files:
+        if path.suffix == ".safetensors":
+            reads += _safetensors_tensors(path)
+    for path in onnx_files:
+        reads += _onnx_initializers(path)
+    file_bytes = sum(p.stat().st_size for p in files)
+    if not reads:
+        return Weights(file_bytes, file_bytes, None, f"weight files in {folder.name} (upper bound)")
+    has_head = any("lm_head" in name for name, *_ in reads)
+    total, output = 0, 0
+    for name, n_bytes, rows, gathered in reads:
+        embedding_only = gathered or (has_head and "embed_tokens" in name)
+        total += n_bytes // max(rows, 1) if embedding_only else n_bytes
+        if "lm_head" in name or (not has_head and "embed_tokens" in name):
+            output += n_bytes
+    return Weights(total, file_bytes, output or None, f"tensors in {folder.name}")
+
+
+def _safetensors_tensors(path: Path) -> list[tuple[str, int, int, bool]]:
+    """(name, bytes, rows, False) from a safetensors header: 8 bytes of length, then JSON."""
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return [
+        (name, int(t["data_offsets"][1]) - int(t["data_offsets"][0]), int((t["shape"] or [1])[0]), False)
+        for name, t in header.items()
+        if name != "__metadata__"
+    ]
+
+
+def _onnx_initializers(path: Path) -> list[tuple[str, int, int, bool]]:
+    """(name, bytes, rows, only gathered from) of an ONNX graph's initializers, external data
+    included, read without loading the data (``onnx`` comes with the onnx extra)."""
+    try:
+        import onnx
+    except ImportError:
+        return []
+    graph = onnx.load(str(path), load_external_data=False).graph
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    others = {i for n in graph.node if n.op_type != "Gather" for i in n.input}
+    out = []
+    for init in graph.initializer:
+        ext = {e.key: e.value for e in init.external_data}
+        n_bytes = int(ext.get("length", 0)) or len(init.raw_data)
+        rows = int(init.dims[0]) if init.dims else 1
+        out.append((init.name, n_bytes, rows, init.name in gathered and init.name not in others))
+    return out
 
 
 def roofline_tok_s(bandwidth_gbs: float | None, bytes_per_token: int) -> float | None:
