@@ -26,6 +26,7 @@ configuration and the ratio of each adaptive one to the best fixed count.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -218,6 +219,12 @@ def summarize(rows: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
         for c in (c for c in configs if c.startswith("adaptive")):
             out[scenario][f"{c}_over_best_fixed"] = round(medians[c] / fixed[best], 3)
             out[scenario][f"{c}_meets_target_0_8"] = medians[c] >= 0.8 * fixed[best]
+            # Paired: each repetition's configurations ran back to back, so their ratio carries
+            # less of the machine's drift than a ratio of medians over the whole run.
+            rate = {(r["config"], r["rep"]): r["tok_s"] for r in rows if r["scenario"] == scenario}
+            reps = sorted({rep for _, rep in rate})
+            paired = [rate[(c, rep)] / rate[(best, rep)] for rep in reps]
+            out[scenario][f"{c}_over_best_fixed_paired_median"] = round(statistics.median(paired), 3)
     return out
 
 
@@ -249,7 +256,14 @@ def main() -> None:
     parser.add_argument("--cap-s", type=float, default=15.0)
     parser.add_argument("--fixed", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--raw", action="store_true", help="llama-cpp-python's loop with the tuner, not the engine")
+    parser.add_argument("--from", dest="saved", type=Path, default=None, help="recompute a saved run's summary")
     args = parser.parse_args()
+    if args.saved:
+        report = json.loads(args.saved.read_text())
+        report["summary"] = summarize(report["rows"], list(dict.fromkeys(r["config"] for r in report["rows"])))
+        args.saved.write_text(json.dumps(report, indent=2))
+        print(json.dumps(report["summary"], indent=1))
+        return
     load_at_start = os.getloadavg()[0]
     result = run(args)
     report = {
