@@ -41,7 +41,7 @@ from edgeserve.settings import AGING_FACTOR, EngineSettings
 PREFILL_TOK_S, DECODE_TOK_S, OVERHEAD_S = 293.0, 25.0, 0.05
 #: llama.cpp park + restore, seconds per token of context (park_resume.py, order of magnitude).
 SWITCH_S_PER_TOKEN = 2e-6
-GREEDY = SamplingParams(temperature=0)
+GREEDY = SamplingParams(temperature=0, max_tokens=None)  # no cap: the scheduler must not learn the length
 
 
 @dataclass
