@@ -98,14 +98,17 @@ def write_png(report: dict[str, Any], path: Path) -> str | None:
         if all(r["roofline_tok_s"] for r in rows):
             roof = [r["roofline_tok_s"] for r in rows]
             decode.plot(x, roof, linestyle="--", color=line.get_color(), label=f"{name} roofline")
-        park.plot(x, [r["park_ms"] for r in rows], marker="o", label=f"{name} park")
-        park.plot(x, [r["restore_ms"] for r in rows], marker="x", linestyle=":", label=f"{name} restore")
-    for ax, label in ((prefill, "prefill tok/s"), (decode, "decode tok/s"), (park, "ms")):
+        color = line.get_color()
+        park.plot(x, [r["park_ms"] for r in rows], marker="o", color=color, label=f"{name} park")
+        park.plot(x, [r["restore_ms"] for r in rows], marker="x", linestyle=":", color=color, label=f"{name} restore")
+    for ax, label in ((prefill, "prefill tok/s"), (decode, "decode tok/s"), (park, "park / restore ms (log)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
+    prefill.set_ylim(bottom=0)
+    decode.set_ylim(bottom=0)
+    park.set_yscale("log")  # a memory copy (ms) and a token replay (s) on one axis
     device = report["device"]
     fig.suptitle(
         f"edgeserve bench on {device['cpu']} ({device['physical_cores']} cores), threads "
