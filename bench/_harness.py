@@ -197,6 +197,8 @@ def scrape(base: str, prefix: str = "edgeserve_") -> dict[str, float]:
             continue
         name, _, value = line.rpartition(" ")
         key = name.split("{", 1)[0]
+        if key.endswith("_created"):  # a counter's creation timestamp, not a count
+            continue
         out[key] = out.get(key, 0.0) + float(value)
     return out
 
