@@ -250,8 +250,8 @@ def main() -> None:
         burst["ratios_vs_fcfs"] = burst_ratios(burst)
         report["bursts"].append(burst)
         print(seed, {k: {m: round(x, 3) for m, x in v.items()} for k, v in burst["ratios_vs_fcfs"].items()}, flush=True)
-    report["code_at_end"] = h.code_version()
-    finish(report, args.name)
+        report["code_at_end"] = h.code_version()
+        finish(report, args.name)  # after every burst: a run cut short keeps what it measured
 
 
 def finish(report: dict[str, Any], name: str) -> None:
