@@ -279,14 +279,19 @@ class Engine:
 
     def export_state(self, prompt: str | Sequence[int]) -> bytes:
         """Prefill ``prompt`` and return its KV state as a blob another engine on the same model
-        (another process, another machine) can ``import_state`` to skip that prefill."""
+        (another process, another machine) can ``import_state`` to skip that prefill. The blob
+        covers every token but the last, which a request always evaluates itself (its first decode
+        step), evaluated from scratch in the loop's own chunks: the importer then continues on the
+        very path a seeded request takes, and gives the same text."""
         tokens = self.backend.tokenize(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+        chunk = self.settings.prefill_chunk
 
         def export(backend: Backend) -> bytes:
             seq = self._loop.new_seq()
-            cached = backend.open(seq, tokens, reuse=True)
+            backend.open(seq, tokens, reuse=False)
             try:
-                backend.prefill(seq, tokens[cached:])
+                for i in range(0, len(tokens) - 1, chunk):
+                    backend.prefill(seq, tokens[i : min(i + chunk, len(tokens) - 1)])
                 return backend.park(seq)
             except BaseException:
                 backend.release(seq)
@@ -296,7 +301,7 @@ class Engine:
 
     def import_state(self, blob: bytes) -> list[int]:
         """Load a blob from ``export_state`` as the prefix cache: the next request whose prompt
-        starts with its tokens evaluates only the rest (the last token at least). Returns them."""
+        starts with its tokens evaluates only the rest. Returns the tokens it covers."""
 
         def restore(backend: Backend) -> list[int]:
             seq = self._loop.new_seq()

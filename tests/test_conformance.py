@@ -295,13 +295,14 @@ def test_two_requests_interleaved_token_by_token_equal_their_solo_runs(engine: E
 
 def test_kv_export_import_reproduces_greedy_output(engine: Engine) -> None:
     prompt = "The three primary colours are"
-    expected = engine.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True).text
+    # Seeded: evaluated from scratch, the path an exported state reproduces exactly.
+    expected = engine.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True, seed=1).text
     tokens = engine.tokenize(prompt)
     blob = engine.export_state(prompt)
     engine.generate("Something else entirely, to overwrite the cache.", max_tokens=2)
-    assert engine.import_state(blob) == tokens
+    assert engine.import_state(blob) == tokens[:-1]  # the last is the first decode step's
     again = engine.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True)
-    assert again.cached_prompt_tokens == len(tokens) - 1  # only the last token is evaluated again
+    assert again.cached_prompt_tokens == len(tokens) - 1  # only the last token is evaluated
     assert again.text == expected
 
 

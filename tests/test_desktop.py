@@ -62,12 +62,15 @@ def app_module() -> ModuleType:
     return module
 
 
-def edgeserve_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("edgeserve")]
+def edgeserve_threads(before: frozenset[threading.Thread] = frozenset()) -> list[str]:
+    """edgeserve's threads started since ``before`` (other tests' engines, and the process-wide MLX
+    thread, may be alive in the same session)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("edgeserve") and t not in before]
 
 
 @pytest.mark.slow
 def test_the_desktop_chat_window(app_module: ModuleType, qtbot: Any, tmp_path: Path) -> None:
+    before = frozenset(threading.enumerate())
     settings = ModelSettings(model="default", backend="llama", threads=1, n_ctx=1024)
     window = app_module.ChatWindow(
         settings, EngineSettings(policy="fcfs"), {"max_tokens": 32, "temperature": 0, "repetition_penalty": 1.1}
@@ -117,10 +120,10 @@ def test_the_desktop_chat_window(app_module: ModuleType, qtbot: Any, tmp_path: P
         Path(copy_to).write_bytes(shot.read_bytes())
 
     # Closing the window closes the engine: its thread and the loader are gone.
-    assert edgeserve_threads() == ["edgeserve-engine"]
+    assert edgeserve_threads(before) == ["edgeserve-engine"]
     window.close()
     assert window.engine is None
-    assert edgeserve_threads() == []
+    assert edgeserve_threads(before) == []
 
 
 @pytest.mark.slow

@@ -174,9 +174,9 @@ def test_kv_state_round_trip_reproduces_greedy_output(engine: Engine) -> None:
     blob = engine.export_state(prompt)
     engine.generate("Something else entirely, to overwrite the cache.", max_tokens=8)
     restored = engine.import_state(blob)
-    assert restored == engine.tokenize(prompt)
+    assert restored == engine.tokenize(prompt)[:-1]
     again = engine.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
-    assert again.cached_prompt_tokens == len(restored) - 1  # only the last token was evaluated again
+    assert again.cached_prompt_tokens == len(restored)  # only the last token was evaluated
     assert again.text == expected
 
 
