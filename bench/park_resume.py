@@ -74,6 +74,7 @@ def measure(backend: Backend, tokens: list[int], other: list[int], generated: in
         restore_s.append(time.perf_counter() - t0)
         (pending,) = backend.decode([Step(seq, pending, sampler)])
     backend.release(seq)
+    sampler.close()
     return {"context_tokens": covered, "park_s": park_s, "restore_s": restore_s, "bytes": sizes}
 
 
