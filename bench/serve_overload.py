@@ -15,12 +15,17 @@ loopback over the default model.
 - **Soak** (``--soak-s``): a mixed workload drawn from the Azure LLM inference trace (conversation
   part: context and generated token counts, scaled down for this CPU): chat and completion, OpenAI
   and Ollama routes, streamed and not, some clients leaving mid-answer, some invalid requests.
-  Reported: errors (any 5xx or transport failure), statuses, latency per minute, and the RSS slope
-  (least squares over the run after its first quarter, MB per minute).
+  Reported: errors (any 5xx or transport failure), statuses, latency per minute and P50/P95 by
+  thirds of the run, and each process's RSS sampled over the run with its slope (least squares over
+  the run after its first quarter, MB per minute).
+- **Soak through the proxy** (``--proxy``): the same soak sent to ``edgeserve proxy`` (SJF, one
+  request upstream at a time) in front of the server; both processes' RSS are sampled. The overload
+  and the storm are skipped then (bench/proxy_overload.py drives those at the proxy).
 
-    python bench/serve_overload.py [--requests 1000] [--storm 100] [--soak-s 0] [--threads 1]
+    python bench/serve_overload.py [--requests 1000] [--storm 100] [--soak-s 0] [--threads 1] [--proxy]
 
-Writes bench/results/serve_overload.json (the soak, when run, also serve_overload_soak.json).
+Writes bench/results/serve_overload.json (the soak, when run, also serve_overload_soak.json); with
+``--proxy`` the default name is proxy_soak.
 ``--tree DIR --name NAME`` serves another source tree (e.g. ``git archive COMMIT | tar -x -C DIR``),
 for an A/B of the same load against an older server.
 """
@@ -33,6 +38,7 @@ import contextlib
 import csv
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -303,7 +309,7 @@ async def _soak_one(client: httpx.AsyncClient, base: str, rng: random.Random, jo
     return "200"
 
 
-async def soak(base: str, seconds: float, concurrency: int, rss: RssSampler, seed: int) -> dict[str, Any]:
+async def soak(base: str, seconds: float, concurrency: int, rss: dict[str, RssSampler], seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     jobs = azure_jobs(5000, seed, scale=1 / 8)
     outcomes: list[tuple[float, float, str]] = []  # (start, latency, outcome)
@@ -319,27 +325,50 @@ async def soak(base: str, seconds: float, concurrency: int, rss: RssSampler, see
                 outcome = f"transport:{type(exc).__name__}"
             outcomes.append((t - start, time.monotonic() - t, outcome))
 
+    async def machine_load() -> None:  # the 2 cores are shared: say how busy they were
+        while time.monotonic() < deadline:
+            loads.append(os.getloadavg()[0])
+            await asyncio.sleep(10)
+
+    loads: list[float] = []
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    samples = [(t - start, mb) for t, mb in rss.samples if t >= start]
-    steady = [(t, mb) for t, mb in samples if t >= seconds / 4]
+        await asyncio.gather(machine_load(), *(worker(client) for _ in range(concurrency)))
     per_minute: dict[int, list[float]] = {}
+    thirds: dict[int, list[float]] = {}
     for t, latency, outcome in outcomes:
         if outcome == "200":
             per_minute.setdefault(int(t // 60), []).append(latency)
+            thirds.setdefault(min(2, int(3 * t // seconds)), []).append(latency)
     statuses = Counter(o for _, _, o in outcomes)
     return {
         "seconds": seconds,
+        "wall_s": time.monotonic() - start,
         "concurrency": concurrency,
         "requests": len(outcomes),
         "outcomes": dict(statuses),
         "errors": sum(n for o, n in statuses.items() if o.startswith(("5", "transport"))),
-        "rss_start_mb": samples[0][1] if samples else None,
-        "rss_end_mb": samples[-1][1] if samples else None,
-        "rss_peak_mb": max((mb for _, mb in samples), default=None),
-        "rss_slope_mb_per_min": _slope(steady) * 60 if len(steady) > 2 else None,
+        "load_average_1m": {"min": min(loads), "mean": statistics.fmean(loads), "max": max(loads)},
+        "rss": {name: _rss_report(sampler, start, seconds) for name, sampler in rss.items()},
+        # Completed (200) requests by the third of the run they started in: a drift shows as a trend.
+        "latency_by_third_s": {
+            str(k): {"n": len(v), "p50": pct(v, 50), "p95": pct(v, 95)} for k, v in sorted(thirds.items())
+        },
         "latency_p50_s_by_minute": {m: pct(v, 50) for m, v in sorted(per_minute.items())},
-        "latency_p99_s_by_minute": {m: pct(v, 99) for m, v in sorted(per_minute.items())},
+    }
+
+
+def _rss_report(rss: RssSampler, start: float, seconds: float) -> dict[str, Any]:
+    """One process's RSS over the soak: the slope leaves out the first quarter (warm-up, the
+    allocator's first growth), and a sample every ~10 s is kept for a plot."""
+    samples = [(t - start, mb) for t, mb in rss.samples if t >= start]
+    steady = [(t, mb) for t, mb in samples if t >= seconds / 4]
+    every = max(1, round(10 / rss.every_s))
+    return {
+        "start_mb": samples[0][1] if samples else None,
+        "end_mb": samples[-1][1] if samples else None,
+        "peak_mb": max((mb for _, mb in samples), default=None),
+        "slope_mb_per_min": _slope(steady) * 60 if len(steady) > 2 else None,
+        "samples_s_mb": [(round(t, 1), round(mb, 2)) for t, mb in samples[::every]],
     }
 
 
@@ -365,6 +394,15 @@ def server(threads: int, max_queue: int, tree: Path | None) -> Iterator[tuple[st
         yield f"http://127.0.0.1:{port}", proc.pid
 
 
+@contextlib.contextmanager
+def fronted(upstream: str) -> Iterator[tuple[str, int]]:
+    """``edgeserve proxy`` (its defaults: SJF, one request upstream at a time) in front of ``upstream``."""
+    port = free_port()
+    args = ["proxy", "--upstream", upstream, "--port", str(port), "--max-queue", "1024", "--log-level", "warning"]
+    with process(args, f"http://127.0.0.1:{port}/health") as proc:
+        yield f"http://127.0.0.1:{port}", proc.pid
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="Concurrent requests of the overload.")
@@ -374,31 +412,40 @@ def main() -> None:
     parser.add_argument("--storm", type=int, default=100, help="Clients of the disconnect storm.")
     parser.add_argument("--soak-s", type=float, default=0.0, help="Seconds of soak (0: none; the issue asks 600).")
     parser.add_argument("--soak-concurrency", type=int, default=4)
+    parser.add_argument("--proxy", action="store_true", help="Soak through edgeserve proxy (no overload, no storm).")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads of the server.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tree", type=Path, help="Serve another source tree (an A/B against an older commit).")
-    parser.add_argument("--name", default="serve_overload", help="Name of the JSON under bench/results/.")
+    parser.add_argument("--name", help="Name of the JSON under bench/results/ (serve_overload, or proxy_soak).")
     a = parser.parse_args()
+    name = a.name or ("proxy_soak" if a.proxy else "serve_overload")
 
     report: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}}
-    with server(a.threads, a.max_queue, a.tree) as (base, pid), RssSampler(pid) as rss:
+    report["load_average_1m_at_start"] = os.getloadavg()[0]
+    with contextlib.ExitStack() as stack:
+        base, pid = stack.enter_context(server(a.threads, a.max_queue, a.tree))
+        samplers = {"serve": stack.enter_context(RssSampler(pid))}
+        if a.proxy:
+            base, proxy_pid = stack.enter_context(fronted(base))
+            samplers["proxy"] = stack.enter_context(RssSampler(proxy_pid))
+        rss = samplers["serve"]
         warm(base)
-        report["rss_after_warmup_mb"] = rss.now_mb()
-        if a.requests:
+        report["rss_after_warmup_mb"] = {k: s.now_mb() for k, s in samplers.items()}
+        if a.requests and not a.proxy:
             report["overload"] = asyncio.run(overload(base, a.requests, a.max_tokens, a.max_queue, rss, a.retries))
             print(json.dumps(report["overload"], indent=1), flush=True)
-        if a.storm:
+        if a.storm and not a.proxy:
             report["storm"] = asyncio.run(storm(base, a.storm))
             print(json.dumps(report["storm"], indent=1), flush=True)
         if a.soak_s:
-            report["soak"] = asyncio.run(soak(base, a.soak_s, a.soak_concurrency, rss, a.seed))
-            print(json.dumps(report["soak"], indent=1), flush=True)
-        alive = psutil.pid_exists(pid) and httpx.get(f"{base}/health", timeout=10).status_code == 200
-        report["process_alive_at_end"] = alive
-        report["peak_rss_mb"] = rss.peak_mb()
-    print("wrote", save(a.name, report))
-    if a.soak_s:
-        save(f"{a.name}_soak", {"config": report["config"], **report["soak"]})
+            report["soak"] = asyncio.run(soak(base, a.soak_s, a.soak_concurrency, samplers, a.seed))
+            print(json.dumps({k: v for k, v in report["soak"].items() if k != "rss"}, indent=1), flush=True)
+        alive = all(psutil.pid_exists(s.proc.pid) for s in samplers.values())
+        report["processes_alive_at_end"] = alive and httpx.get(f"{base}/health", timeout=10).status_code == 200
+        report["peak_rss_mb"] = {k: s.peak_mb() for k, s in samplers.items()}
+    print("wrote", save(name, report))
+    if a.soak_s and not a.proxy:
+        save(f"{name}_soak", {"config": report["config"], **report["soak"]})
 
 
 if __name__ == "__main__":
