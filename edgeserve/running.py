@@ -102,16 +102,23 @@ class Running:
         return len(self.request.prompt_tokens) - self.prefilled
 
     def remaining_tokens(self) -> float:
-        """Answer tokens still expected. Until the prediction is reached, what is left of it; past
-        it, as many again as have come (the estimate doubles): a request that outlives its
-        prediction is evidence of a long one (answer lengths are heavy-tailed, so the expected
-        remainder grows with what has been served), and so a mispredicted long job yields to
-        fresh short ones instead of holding the device to its end."""
+        """Answer tokens still expected: what is left of the prediction, and once the answer has
+        reached it, of the prediction doubled (again each time it is reached: 2P, 4P, ...).
+
+        Why doubling: answer lengths are heavy-tailed, so a request that outlives its prediction
+        is evidence of a long one; its estimate jumps (from ~0 to P at the first overrun) and a
+        mispredicted long job yields to fresh short ones instead of holding the device to its end.
+        Why in steps, not continuously (remaining = tokens served so far, say): a running request
+        must grow more attractive as it runs, never less, or two long jobs displace each other at
+        every quantum (processor sharing: each switch a park and a restore, and every long job ends
+        late). With steps, a job is displaced at most once per doubling, as in FastServe's
+        skip-join MLFQ, where each level's quantum doubles."""
         request = self.request
-        predicted = UNKNOWN_TOKENS if request.predicted_tokens is None else request.predicted_tokens
+        predicted = UNKNOWN_TOKENS if request.predicted_tokens is None else max(request.predicted_tokens, 1.0)
         n = len(self.generated)
-        left = predicted - n if n < predicted else float(n)
-        return min(left, request.max_tokens - n)
+        while predicted <= n:
+            predicted *= 2
+        return min(predicted - n, request.max_tokens - n)
 
     def remaining_cost(self, service: ServiceModel) -> float:
         """What is left of it, in decode-token equivalents (the engine's scheduling unit)."""

@@ -13,7 +13,10 @@ import pytest
 from edgeserve import Engine, EngineSettings, FinishReason, GenerationResult, RequestHandle, SamplingParams, TokenEvent
 from edgeserve.engine import outcome
 from edgeserve.errors import BackendError, EngineClosedError, QueueFullError
+from edgeserve.running import Request, Running
+from edgeserve.sampling import Sampler
 from edgeserve.scripted import ScriptedBackend
+from edgeserve.textstream import TextStream
 from edgeserve.types import StreamEvent
 
 LONG = SamplingParams(max_tokens=200, temperature=0.9, seed=1, ignore_eos=True)
@@ -88,15 +91,42 @@ def test_hysteresis_keeps_a_nearly_done_request_running(engine: Engine) -> None:
     assert _result(long).preemptions == 0
 
 
-def test_a_request_that_outlives_its_prediction_yields(engine: Engine) -> None:
-    """Predicted short (5 tokens) but really 300: past its prediction its estimate doubles with
-    what it has served, so a fresh request predicted at 20 displaces it."""
-    events = _started(engine.submit("looks short", SamplingParams(max_tokens=300, ignore_eos=True), predicted_tokens=5))
-    for _ in range(45):  # 45 tokens served: remaining estimate 45, far above 2 x 20
-        next(events)
-    fresh = engine.submit("fresh", SamplingParams(max_tokens=20, ignore_eos=True), predicted_tokens=20).result()
-    final = _result(events)
+def test_the_estimate_of_a_request_that_outlives_its_prediction_doubles_in_steps() -> None:
+    request = Request("r", [1, 2, 3], SamplingParams(), 1000, None, 0.0, lambda event: None, predicted_tokens=10)
+    run = Running(request, 0, Sampler(SamplingParams()), TextStream(()), frozenset(), 0.0)
+    left = []
+    for n in (0, 9, 10, 19, 20, 39, 40):
+        run.generated = [5] * n
+        left.append(run.remaining_tokens())
+    # 10 - n until 10, then 20 - n, then 40 - n, ...: it shrinks as the request runs, jumps at each overrun.
+    assert left == [10, 1, 10, 1, 20, 1, 40]
+    run.generated = [5] * 995
+    assert run.remaining_tokens() == 5  # never past max_tokens
+
+
+def test_a_request_that_outlives_its_prediction_yields() -> None:
+    """Predicted short (5 tokens) but really 300: past 40 tokens its estimate is what is left of
+    80, far above twice a fresh request's 2, which displaces it."""
+    backend = ScriptedBackend(step_s=0.01)
+    with _engine(backend) as engine:
+        events = _started(
+            engine.submit("looks short", SamplingParams(max_tokens=300, ignore_eos=True), predicted_tokens=5)
+        )
+        for _ in range(44):  # 45 tokens served
+            next(events)
+        fresh = engine.submit("fresh", SamplingParams(max_tokens=2, ignore_eos=True), predicted_tokens=2).result()
+        final = _result(events)
     assert final.preemptions == 1 and fresh.total_s < final.total_s
+
+
+def test_two_long_requests_do_not_take_turns(engine: Engine) -> None:
+    """Both mispredicted, both long: the one running keeps the device between its doublings
+    instead of ping-ponging with the parked one at every quantum."""
+    a = _started(engine.submit("first", SamplingParams(max_tokens=150, ignore_eos=True), predicted_tokens=10))
+    b = engine.submit("second", SamplingParams(max_tokens=150, ignore_eos=True), predicted_tokens=10)
+    first, second = _result(a), b.result()
+    # At most one displacement per doubling (10 -> 20 -> 40 -> 80 -> 160) for each.
+    assert first.preemptions + second.preemptions <= 8
 
 
 def test_open_sequences_are_kept_while_the_backend_has_room() -> None:
