@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--bursts", type=int, default=10)
     ap.add_argument("--scenarios", default="", help="comma-separated indexes into SCENARIOS (default: all)")
+    ap.add_argument("--name", default="srpt_whatif", help="results file name (bench/results/NAME.json)")
     args = ap.parse_args()
     from edgeserve.predictor import LengthPredictor
 
@@ -205,7 +206,7 @@ def main() -> None:
             label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in ratios.items()
         }
         print(name, {p: {k: round(v, 3) for k, v in m.items()} for p, m in report["scenarios"][name].items()})
-    h.save("srpt_whatif", report)
+    h.save(args.name, report)
 
 
 def predictor_tokens(prompt: str) -> list[int]:
