@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from edgeserve.errors import KVStateError
+from edgeserve.backend import SeqId
+from edgeserve.errors import BackendError, KVStateError
 from edgeserve.progress import ProgressCallback
 from edgeserve.settings import ModelSettings
 from edgeserve.types import ResolvedModel
+
+S = TypeVar("S")
 
 
 def pack_state(magic: bytes, fingerprint: Mapping[str, Any], tokens: Sequence[int], payload: bytes = b"") -> bytes:
@@ -45,6 +48,41 @@ def unpack_state(
     if len(tokens) > n_ctx:
         raise KVStateError(f"the state holds {len(tokens)} tokens, more than this context ({n_ctx})")
     return tokens, payload
+
+
+class Sequences(Generic[S]):
+    """A backend's open sequences (at most ``capacity``) and what the last released one left behind,
+    kept as the prefix cache for the next ``open``. For backends that hold one state per sequence
+    (MLX prompt caches, ONNX Runtime generators)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.open: dict[SeqId, S] = {}
+        self.residue: S | None = None
+
+    def get(self, seq: SeqId) -> S:
+        state = self.open.get(seq)
+        if state is None:
+            raise BackendError(f"sequence {seq} is not open")
+        return state
+
+    def check_free(self, seq: SeqId) -> None:
+        """Raise unless ``seq`` can be opened now."""
+        if seq in self.open:
+            raise BackendError(f"sequence {seq} is already open")
+        if len(self.open) >= self.capacity:
+            raise BackendError(f"{self.capacity} sequences are open; park or release one first")
+
+    def take_residue(self) -> S | None:
+        state, self.residue = self.residue, None
+        return state
+
+    def release(self, seq: SeqId) -> None:
+        if (state := self.open.pop(seq, None)) is not None:
+            self.residue = state
+
+    def clear(self) -> None:
+        self.open, self.residue = {}, None
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -44,7 +44,7 @@ from edgeserve.sampling import Sampler
 from edgeserve.settings import ModelSettings
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 
-from ._common import common_prefix, converted_folder, pack_state, unpack_state
+from ._common import Sequences, common_prefix, converted_folder, pack_state, unpack_state
 from ._hf import FolderTokenizer
 
 if TYPE_CHECKING:
@@ -121,8 +121,7 @@ class MlxBackend:
         self._bos = bos if tok.adds_bos(default=bos is not None) else None
         self._n_batch = settings.n_batch
         #: Open sequences, and what the last released one left: the prefix cache for the next open.
-        self._seqs: dict[SeqId, _Seq] = {}
-        self._residue: _Seq | None = None
+        self._seqs: Sequences[_Seq] = Sequences(MAX_SEQUENCES)
         architecture = str(text_config.get("model_type", config.get("model_type", "")))
         probe = make_prompt_cache(self._model)
         self._caps = Capabilities(
@@ -167,7 +166,7 @@ class MlxBackend:
         return WORKER.call(lambda: self._open(seq, list(prompt), reuse))
 
     def prefill(self, seq: SeqId, tokens: Sequence[int]) -> None:
-        WORKER.call(lambda: self._extend(self._get(seq), list(tokens)))
+        WORKER.call(lambda: self._extend(self._seqs.get(seq), list(tokens)))
 
     def decode(self, steps: Sequence[Step]) -> list[int]:
         return WORKER.call(lambda: [self._step(s) for s in steps])
@@ -179,8 +178,7 @@ class MlxBackend:
         return WORKER.call(lambda: self._restore(seq, blob))
 
     def release(self, seq: SeqId) -> None:
-        if (state := self._seqs.pop(seq, None)) is not None:
-            self._residue = state
+        self._seqs.release(seq)
 
     def close(self) -> None:
         WORKER.call(self._close)
@@ -188,28 +186,16 @@ class MlxBackend:
     # ---- the same, on the MLX thread --------------------------------------------------------
 
     def _open(self, seq: SeqId, prompt: list[int], reuse: bool) -> int:
-        self._check_free(seq)
-        state, self._residue = self._residue, None
+        self._seqs.check_free(seq)
+        state = self._seqs.take_residue()
         keep = 0
         if reuse and state is not None:
             # The prompt's last token is always evaluated by the first decode step.
             keep = min(common_prefix(state.tokens, prompt), len(prompt) - 1)
             if keep == 0 or not state.trim(len(state.tokens) - keep):
                 keep = 0
-        self._seqs[seq] = state if keep and state is not None else _Seq(self._make_cache(self._model), [])
+        self._seqs.open[seq] = state if keep and state is not None else _Seq(self._make_cache(self._model), [])
         return keep
-
-    def _get(self, seq: SeqId) -> _Seq:
-        state = self._seqs.get(seq)
-        if state is None:
-            raise BackendError(f"sequence {seq} is not open")
-        return state
-
-    def _check_free(self, seq: SeqId) -> None:
-        if seq in self._seqs:
-            raise BackendError(f"sequence {seq} is already open")
-        if len(self._seqs) >= MAX_SEQUENCES:
-            raise BackendError(f"{MAX_SEQUENCES} sequences are open; park or release one first")
 
     def _extend(self, state: _Seq, tokens: list[int]) -> None:
         """Add ``tokens`` to a sequence's KV cache, ``n_batch`` at a time, computing no logits (MLX
@@ -223,7 +209,7 @@ class MlxBackend:
 
     def _step(self, step: Step) -> int:
         """Evaluate one token; sample the next from its logits."""
-        state = self._get(step.seq)
+        state = self._seqs.get(step.seq)
         out = self._model(self._mx.array([[step.token]]), cache=state.cache)  # [1, 1, n_vocab]
         state.tokens.append(step.token)
         logits = np.array(out[0, -1].astype(self._mx.float32))  # [n_vocab], evaluated here
@@ -233,18 +219,18 @@ class MlxBackend:
     def _park(self, seq: SeqId) -> bytes:
         from mlx_lm.models.cache import save_prompt_cache
 
-        state = self._get(seq)
+        state = self._seqs.get(seq)
         with tempfile.TemporaryDirectory(prefix="edgeserve-kv-") as tmp:
             path = Path(tmp) / "kv.safetensors"
             save_prompt_cache(str(path), state.cache)
             data = path.read_bytes()
-        del self._seqs[seq]
+        del self._seqs.open[seq]
         return pack_state(STATE_MAGIC, self._fingerprint, state.tokens, data)
 
     def _restore(self, seq: SeqId, blob: bytes) -> list[int]:
         from mlx_lm.models.cache import load_prompt_cache
 
-        self._check_free(seq)
+        self._seqs.check_free(seq)
         tokens, data = unpack_state(
             blob, STATE_MAGIC, self._fingerprint, n_ctx=self._caps.n_ctx, n_vocab=self._n_vocab, what="MLX"
         )
@@ -259,11 +245,11 @@ class MlxBackend:
                 raise KVStateError(f"MLX could not read the KV state: {exc}") from exc
         if any(getattr(c, "offset", len(tokens)) != len(tokens) for c in cache):
             raise KVStateError("KV state caches disagree with its token list")
-        self._seqs[seq] = _Seq(cache, list(tokens))
+        self._seqs.open[seq] = _Seq(cache, list(tokens))
         return tokens
 
     def _close(self) -> None:
-        self._seqs, self._residue = {}, None
+        self._seqs.clear()
         self._mx.clear_cache()
 
 

@@ -49,7 +49,7 @@ from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
 if TYPE_CHECKING:
     from edgeserve.progress import ProgressCallback
 
-from ._common import common_prefix, converted_folder, pack_state, unpack_state
+from ._common import Sequences, common_prefix, converted_folder, pack_state, unpack_state
 from ._hf import FolderTokenizer, read_json
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,7 @@ class OnnxBackend:
         }
         #: Open sequences (one generator each), and what the last released one left behind: the
         #: prefix cache for the next open.
-        self._seqs: dict[SeqId, _Seq] = {}
-        self._residue: _Seq | None = None
+        self._seqs: Sequences[_Seq] = Sequences(MAX_SEQUENCES)
 
     # ---- Backend protocol -------------------------------------------------------------------
 
@@ -160,19 +159,19 @@ class OnnxBackend:
         return Sampler(params)
 
     def open(self, seq: SeqId, prompt: Sequence[int], *, reuse: bool = True) -> int:
-        self._check_free(seq)
-        state, self._residue = self._residue, None
+        self._seqs.check_free(seq)
+        state = self._seqs.take_residue()
         keep = 0
         if reuse and state is not None:
             # The prompt's last token is always evaluated by the first decode step.
             keep = min(common_prefix(state.tokens, prompt), len(prompt) - 1)
             if keep < len(state.tokens) and not state.rewind(keep):
                 keep = 0
-        self._seqs[seq] = state if keep and state is not None else self._new_seq()
+        self._seqs.open[seq] = state if keep and state is not None else self._new_seq()
         return keep
 
     def prefill(self, seq: SeqId, tokens: Sequence[int]) -> None:
-        state = self._get(seq)
+        state = self._seqs.get(seq)
         tokens = list(tokens)
         for i in range(0, len(tokens), self._n_batch):
             state.append(tokens[i : i + self._n_batch])
@@ -180,7 +179,7 @@ class OnnxBackend:
     def decode(self, steps: Sequence[Step]) -> list[int]:
         out = []
         for step in steps:  # one generator per sequence: steps run one after another
-            state = self._get(step.seq)
+            state = self._seqs.get(step.seq)
             # Always alone: a prompt evaluated from scratch and the same prompt served from the
             # cache then take the same path (int8/int4 MatMulNBits kernels quantize activations
             # differently for one row than for many; logits differ by up to ~0.4).
@@ -190,15 +189,15 @@ class OnnxBackend:
         return out
 
     def park(self, seq: SeqId) -> bytes:
-        state = self._get(seq)
-        del self._seqs[seq]
+        state = self._seqs.get(seq)
+        del self._seqs.open[seq]
         # The tokens and how they were batched: replaying the same batches gives the same cache.
         blob = pack_state(STATE_MAGIC, self._fingerprint, state.tokens, json.dumps(state.batches).encode())
-        self._residue = state  # still a valid prefix cache until another open takes it
+        self._seqs.residue = state  # still a valid prefix cache until another open takes it
         return blob
 
     def restore(self, seq: SeqId, blob: bytes) -> list[int]:
-        self._check_free(seq)
+        self._seqs.check_free(seq)
         tokens, payload = unpack_state(
             blob, STATE_MAGIC, self._fingerprint, n_ctx=self._n_ctx, n_vocab=self._n_vocab, what="ONNX Runtime"
         )
@@ -208,15 +207,14 @@ class OnnxBackend:
         for size in batches:  # see the module docstring: the cache is rebuilt by evaluating again
             state.append(tokens[done : done + size])
             done += size
-        self._seqs[seq] = state
+        self._seqs.open[seq] = state
         return list(tokens)
 
     def release(self, seq: SeqId) -> None:
-        if (state := self._seqs.pop(seq, None)) is not None:
-            self._residue = state
+        self._seqs.release(seq)
 
     def close(self) -> None:
-        self._seqs, self._residue = {}, None
+        self._seqs.clear()
         self._model = None
 
     # ---- sequences --------------------------------------------------------------------------
@@ -226,18 +224,6 @@ class OnnxBackend:
         params = og.GeneratorParams(self._model)
         params.set_search_options(max_length=self._max_length)
         return _Seq(og.Generator(self._model, params))
-
-    def _get(self, seq: SeqId) -> _Seq:
-        state = self._seqs.get(seq)
-        if state is None:
-            raise BackendError(f"sequence {seq} is not open")
-        return state
-
-    def _check_free(self, seq: SeqId) -> None:
-        if seq in self._seqs:
-            raise BackendError(f"sequence {seq} is already open")
-        if len(self._seqs) >= MAX_SEQUENCES:
-            raise BackendError(f"{MAX_SEQUENCES} sequences are open; park or release one first")
 
 
 class _Seq:

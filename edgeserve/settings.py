@@ -105,13 +105,12 @@ class EngineSettings(_Settings):
     prefill_chunk: int = Field(256, ge=1, description="Prompt tokens evaluated between two scheduling decisions.")
 
 
-class ServerSettings(_Settings):
+class _FrontSettings(_Settings):
+    """What both HTTP front ends (``serve`` and ``proxy``) take the same way: where they listen, who
+    may call them, and the local-server guards (DNS rebinding, foreign browser origins)."""
+
     host: str = Field("127.0.0.1", description="Address to bind; loopback unless you mean it.")
-    port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' on every route but /health.")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
-    log_prompts: bool = Field(False, description="Log prompt text (off: prompts are private).")
-    log_level: LogLevel = Field("info", description="Server log level (access lines never carry prompt text).")
     allowed_hosts: str = Field(
         "",
         description="Host names served besides loopback ones and --host, comma-separated ('*': any, which "
@@ -122,6 +121,18 @@ class ServerSettings(_Settings):
         description="Browser origins allowed besides loopback ones, comma-separated, '*' globs allowed "
         "(https://app.example.com,http://*.lan:*; '*': any), as OLLAMA_ORIGINS. Others get 403.",
     )
+
+    @field_validator("allowed_hosts", "allowed_origins")
+    @classmethod
+    def _comma_list(cls, value: str) -> str:
+        return ",".join(item.strip().lower() for item in value.split(",") if item.strip())
+
+
+class ServerSettings(_FrontSettings):
+    port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body in bytes.")
+    log_prompts: bool = Field(False, description="Log prompt text (off: prompts are private).")
+    log_level: LogLevel = Field("info", description="Server log level (access lines never carry prompt text).")
     header_timeout_s: float = Field(
         10.0, gt=0, description="Seconds a connection may take to send a request head (then 408 and close)."
     )
@@ -133,13 +144,8 @@ class ServerSettings(_Settings):
         2048, ge=1, description="Open connections at most; a connection beyond it is closed at once."
     )
 
-    @field_validator("allowed_hosts", "allowed_origins")
-    @classmethod
-    def _comma_list(cls, value: str) -> str:
-        return ",".join(item.strip().lower() for item in value.split(",") if item.strip())
 
-
-class ProxySettings(_Settings):
+class ProxySettings(_FrontSettings):
     """The sidecar proxy: SJF admission in front of another server (env ``EDGESERVE_PROXY_*``)."""
 
     # hide_input_in_errors: the upstream URL may carry a password, and errors would quote it.
@@ -151,7 +157,6 @@ class ProxySettings(_Settings):
         "http://127.0.0.1:11434",
         description="Server to front: Ollama (default), llama.cpp's server, vLLM, any OpenAI-compatible URL.",
     )
-    host: str = Field("127.0.0.1", description="Address to bind; loopback unless you mean it.")
     port: int = Field(8081, ge=0, le=65535, description="Port to listen on.")
     policy: Literal["sjf", "fcfs", "priority"] = Field("sjf", description="Admission order of waiting requests.")
     max_inflight: int = Field(1, ge=1, description="Generation requests sent upstream at once (1: serial backend).")
@@ -161,17 +166,6 @@ class ProxySettings(_Settings):
     )
     aging_factor: float = Field(
         AGING_FACTOR, gt=0, description="Derived aging: this many times a short request's time."
-    )
-    api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' from clients (not /health).")
-    allowed_hosts: str = Field(
-        "",
-        description="Host names served besides loopback ones and --host, comma-separated ('*': any, which "
-        "turns off the DNS-rebinding guard). IP-address Host headers need no listing.",
-    )
-    allowed_origins: str = Field(
-        "",
-        description="Browser origins allowed besides loopback ones, comma-separated, '*' globs allowed; "
-        "others get 403 (a web page must not drive the upstream through the proxy).",
     )
     body_timeout_s: float = Field(
         30.0, gt=0, description="Seconds a client may take to send a generation request's body (then 408)."
@@ -208,11 +202,6 @@ class ProxySettings(_Settings):
             # The value is not echoed: it may carry credentials.
             raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:11434")
         return value
-
-    @field_validator("allowed_hosts", "allowed_origins")
-    @classmethod
-    def _comma_list(cls, value: str) -> str:
-        return ",".join(item.strip().lower() for item in value.split(",") if item.strip())
 
     @model_validator(mode="after")
     def _one_upstream_credential(self) -> ProxySettings:
