@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 #: Large against every CPU cache (tens of MiB), and about the size of the default model's weights.
 BUFFER_BYTES = 256 << 20
@@ -116,15 +116,13 @@ def gguf_weights(path: Path) -> Weights:
     return Weights(total, path.stat().st_size, embd or None, "gguf tensors (output layer tied to the embedding)")
 
 
-#: Byte sizes of GGUF metadata scalars by value type (the GGUF spec); 8 is a string, 9 an array.
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
 def gguf_tensor_bytes(path: Path) -> tuple[dict[str, int], dict[str, int]]:
     """(bytes, rows) of each tensor, from the header alone. ``gguf.GGUFReader`` would take ~25 s
     here: it parses every metadata value, a 262k-entry vocabulary included, in Python; this skips
     them. Sizes come from each tensor's quantization type (``gguf``'s block table)."""
     import gguf
+
+    from edgeserve.models.convert.archs import skip_gguf_value
 
     sizes: dict[str, int] = {}
     rows: dict[str, int] = {}
@@ -134,7 +132,7 @@ def gguf_tensor_bytes(path: Path) -> tuple[dict[str, int], dict[str, int]]:
         _version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
         for _ in range(n_kv):
             f.seek(struct.unpack("<Q", f.read(8))[0], 1)  # the key
-            _skip_value(f, struct.unpack("<I", f.read(4))[0])
+            skip_gguf_value(f, struct.unpack("<I", f.read(4))[0])
         for _ in range(n_tensors):
             name = f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8")
             (n_dims,) = struct.unpack("<I", f.read(4))
@@ -144,22 +142,6 @@ def gguf_tensor_bytes(path: Path) -> tuple[dict[str, int], dict[str, int]]:
             sizes[name] = math.prod(dims) // block * type_size
             rows[name] = dims[-1] if dims else 1
     return sizes, rows
-
-
-def _skip_value(f: BinaryIO, kind: int) -> None:
-    if kind == 8:
-        f.seek(struct.unpack("<Q", f.read(8))[0], 1)
-    elif kind == 9:
-        item, count = struct.unpack("<IQ", f.read(12))
-        if item in _SCALAR_SIZES:
-            f.seek(count * _SCALAR_SIZES[item], 1)
-        else:
-            for _ in range(count):
-                _skip_value(f, item)
-    elif kind in _SCALAR_SIZES:
-        f.seek(_SCALAR_SIZES[kind], 1)
-    else:
-        raise ValueError(f"unknown GGUF value type {kind}")
 
 
 def folder_weights(folder: Path) -> Weights:

@@ -152,7 +152,7 @@ def gguf_architecture(path: Path) -> str | None:
                 (kind,) = struct.unpack("<I", f.read(4))
                 if key == "general.architecture" and kind == 8:
                     return _string(f)
-                _skip(f, kind)
+                skip_gguf_value(f, kind)
     except (OSError, struct.error, UnicodeDecodeError, ValueError):
         return None
     return None
@@ -163,7 +163,8 @@ def _string(f: BinaryIO) -> str:
     return f.read(n).decode("utf-8")
 
 
-def _skip(f: BinaryIO, kind: int) -> None:
+def skip_gguf_value(f: BinaryIO, kind: int) -> None:
+    """Move past one GGUF metadata value of type ``kind`` without decoding it (arrays included)."""
     if kind == 8:
         (n,) = struct.unpack("<Q", f.read(8))
         f.seek(n, 1)
@@ -173,7 +174,7 @@ def _skip(f: BinaryIO, kind: int) -> None:
             f.seek(count * _SCALAR_SIZES[item], 1)
         else:
             for _ in range(count):
-                _skip(f, item)
+                skip_gguf_value(f, item)
     elif kind in _SCALAR_SIZES:
         f.seek(_SCALAR_SIZES[kind], 1)
     else:
