@@ -139,9 +139,6 @@ class LlamaBackend:
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         return b"".join(self._token_bytes(t) for t in tokens)
 
-    def sampler(self, params: SamplingParams) -> Any:
-        return self._sampler(params)
-
     def open(self, seq: SeqId, prompt: Sequence[int], *, reuse: bool = True) -> int:
         self._check_free(seq)
         llm = self._llm
@@ -228,7 +225,7 @@ class LlamaBackend:
 
     # ---- helpers ----------------------------------------------------------------------------
 
-    def _sampler(self, params: SamplingParams) -> Any:
+    def sampler(self, params: SamplingParams) -> Any:
         from llama_cpp._internals import LlamaSampler
 
         s = LlamaSampler()

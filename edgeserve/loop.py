@@ -59,8 +59,9 @@ class EngineLoop:
         )
         #: Measured prefill and decode rates: the scheduler's costs come from them.
         self.service = ServiceModel()
-        #: Seconds one park plus one restore cost (measured); a preemption must be worth it.
-        self._switch_s = 0.0
+        #: Seconds one park and one restore take (running averages; None until one is measured).
+        self._park_s: float | None = None
+        self._restore_s: float | None = None
         #: Device seconds per unit of predicted cost, over ended requests (for Retry-After).
         self._seconds_per_cost: float | None = None
         self._seq_ids = itertools.count()
@@ -230,7 +231,7 @@ class EngineLoop:
             current.predicted_tokens,
             run.remaining_cost(self.service),
         )
-        switch_cost = self._switch_s * self.service.decode_tok_s
+        switch_cost = self._switch_s() * self.service.decode_tok_s
         if self._scheduler.preempts(remaining, now, switch_cost=switch_cost) is None:
             return
         self._scheduler.add(remaining, readmit=True)
@@ -294,7 +295,9 @@ class EngineLoop:
             assert run.parked is not None
             t0 = self._clock()
             self.backend.restore(run.seq, run.parked)
-            run.resume_s += self._clock() - t0
+            took = self._clock() - t0
+            run.resume_s += took
+            self._restore_s = _average(self._restore_s, took)
             run.parked = None
             self._n_parked -= 1
         run.where = Where.OPEN
@@ -309,9 +312,13 @@ class EngineLoop:
         run.parked_bytes += len(blob)
         run.park_s += took
         self._n_parked += 1
-        # A restore costs about what a park does here (a copy each way) until one is measured.
-        restore_s = run.resume_s / run.preemptions if run.preemptions and run.resume_s else took
-        self._switch_s = 0.8 * self._switch_s + 0.2 * (took + restore_s) if self._switch_s else took + restore_s
+        self._park_s = _average(self._park_s, took)
+
+    def _switch_s(self) -> float:
+        """What displacing the running request costs: a park now and a restore later. A restore
+        costs about what a park does (a copy each way) until one is measured; nothing before either."""
+        park = self._park_s or 0.0
+        return park + (self._restore_s if self._restore_s is not None else park)
 
     def _work(self, run: Running) -> None:
         request = run.request
@@ -350,9 +357,7 @@ class EngineLoop:
             if self._current is request:
                 self._current = None
             if run.finish is not FinishReason.CANCELLED and request.cost > 0 and run.active_s > 0:
-                observed = run.active_s / request.cost
-                old = self._seconds_per_cost
-                self._seconds_per_cost = observed if old is None else 0.8 * old + 0.2 * observed
+                self._seconds_per_cost = _average(self._seconds_per_cost, run.active_s / request.cost)
         if run.finish is FinishReason.STOP:  # a natural end: the answer's real length is known
             self._on_natural_end(request, len(run.generated), run.active_s)
 
@@ -414,3 +419,8 @@ class EngineLoop:
             request.sink(ErrorEvent(EngineClosedError("the engine was closed before this request ended")))
         for job in control:
             job()  # each job resolves its own future; closing must not strand a caller of call()
+
+
+def _average(old: float | None, new: float) -> float:
+    """A running average that weighs the newest observation 0.2 (the first one stands alone)."""
+    return new if old is None else 0.8 * old + 0.2 * new
