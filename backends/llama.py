@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from edgeserve.backend import SeqId, Step
 from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
 from edgeserve.sampling import PENALTY_LAST_N, fresh_seed
@@ -165,6 +167,9 @@ class LlamaBackend:
             self._llm.eval([step.token])
             if self._tuner is not None and (threads := self._tuner.observe(time.perf_counter() - started)):
                 self._set_threads(threads)
+            if step.constraint is not None:
+                row = self._lib.llama_get_logits_ith(self._ctx.ctx, -1)
+                step.constraint.mask(np.ctypeslib.as_array(row, shape=(self._n_vocab,)))
             out.append(int(step.sampler.sample(self._ctx, -1)))  # type: ignore[attr-defined]
         return out
 

@@ -213,6 +213,8 @@ class MlxBackend:
         out = self._model(self._mx.array([[step.token]]), cache=state.cache)  # [1, 1, n_vocab]
         state.tokens.append(step.token)
         logits = np.array(out[0, -1].astype(self._mx.float32))  # [n_vocab], evaluated here
+        if step.constraint is not None:
+            step.constraint.mask(logits)
         token: int = step.sampler(logits)  # type: ignore[operator]
         return token
 

@@ -185,6 +185,9 @@ class OnnxBackend:
             # differently for one row than for many; logits differ by up to ~0.4).
             state.append([step.token])
             logits = state.generator.get_logits()[0, -1]  # [n_vocab]
+            if step.constraint is not None:
+                logits = np.array(logits, dtype=np.float32)  # a writable copy
+                step.constraint.mask(logits)
             out.append(step.sampler(logits))  # type: ignore[operator]
         return out
 

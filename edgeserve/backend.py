@@ -11,7 +11,9 @@ import importlib
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+import numpy as np
 
 from edgeserve.errors import BackendNotFoundError, BackendNotInstalledError
 from edgeserve.types import Capabilities, ResolvedModel, SamplingParams
@@ -32,14 +34,35 @@ class Sampler(Protocol):
     def close(self) -> None: ...
 
 
+class Constraint(Protocol):
+    """A request's output constraint (structured output): which tokens may come next. Request
+    state like the sampler, so it survives a park untouched; the engine advances it."""
+
+    def mask(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> None:
+        """Set the logits of every token forbidden next to -inf, in place (one [n_vocab] row)."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """Advance past a picked token (never an end-of-generation one)."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """The constrained text is complete: the answer ends here."""
+        ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Step:
     """One sequence's share of a decode call: evaluate ``token`` at the end of sequence ``seq``,
-    then pick the token after it with ``sampler``."""
+    then pick the token after it with ``sampler``, among the tokens ``constraint`` allows."""
 
     seq: SeqId
     token: int
     sampler: Sampler
+    constraint: Constraint | None = None
 
 
 class Backend(Protocol):
@@ -86,8 +109,9 @@ class Backend(Protocol):
         ...
 
     def decode(self, steps: Sequence[Step]) -> list[int]:
-        """For each step, evaluate its token and pick the next; returns the picked tokens in order.
-        One call may carry several sequences (a batching backend evaluates them together)."""
+        """For each step, evaluate its token and pick the next (after ``step.constraint.mask`` on
+        its logits, when it has one); returns the picked tokens in order. One call may carry
+        several sequences (a batching backend evaluates them together)."""
         ...
 
     def park(self, seq: SeqId) -> bytes:

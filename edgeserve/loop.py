@@ -333,7 +333,7 @@ class EngineLoop:
             self.service.observe_prefill(len(chunk), took)
             return
         assert run.pending is not None
-        (token,) = self.backend.decode([Step(run.seq, run.pending, run.sampler)])
+        (token,) = self.backend.decode([Step(run.seq, run.pending, run.sampler, request.constraint)])
         now = self._clock()
         run.active_s += now - t0
         first = run.first_at is None
@@ -390,6 +390,8 @@ class EngineLoop:
             self._n_parked -= 1
         run.where = Where.RELEASED
         run.sampler.close()
+        if run.request.constraint is not None:
+            run.request.constraint.close()
 
     def _free_dropped(self, dropped: list[Request]) -> None:
         for request in dropped:

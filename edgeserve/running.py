@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from edgeserve.backend import Sampler, SeqId
+from edgeserve.backend import Constraint, Sampler, SeqId
 from edgeserve.service import PredictorInput, ServiceModel
 from edgeserve.textstream import TextStream
 from edgeserve.types import (
@@ -48,6 +48,8 @@ class Request:
     priority: int = 0
     #: Predicted service when it was queued, in decode-token equivalents (the scheduler's unit).
     cost: float = 0.0
+    #: Structured output: the tokens allowed next (request state; it survives a park untouched).
+    constraint: Constraint | None = field(default=None, repr=False)
     #: Kept only while a LengthRecorder wants it, and only in memory.
     predictor_input: PredictorInput | None = field(default=None, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -137,7 +139,10 @@ class Running:
         if out:
             self.pieces.append(out)
             request.sink(TokenEvent(out, (token,)))
-        if self.text.stopped:
+        constraint = request.constraint
+        if constraint is not None:
+            constraint.accept(token)
+        if self.text.stopped or (constraint is not None and constraint.done):
             self.finish = FinishReason.STOP
         elif len(self.generated) >= request.max_tokens:
             self.finish = FinishReason.LENGTH

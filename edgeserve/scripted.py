@@ -112,7 +112,10 @@ class ScriptedBackend:
             tokens = self._get(step.seq)
             tokens.append(step.token)
             time.sleep(self.step_s)
-            out.append(step.sampler(self._logits(step.seq, tokens)))  # type: ignore[operator]
+            logits = self._logits(step.seq, tokens)
+            if step.constraint is not None:
+                step.constraint.mask(logits)
+            out.append(step.sampler(logits))  # type: ignore[operator]
             self._generated[step.seq] += 1
         return out
 
