@@ -145,6 +145,50 @@ class ServerSettings(_FrontSettings):
     )
 
 
+class CloudSettings(_Settings):
+    """Cloud-device split prefill (``edgeserve.handoff``): a cloud answers first, the device takes over."""
+
+    # hide_input_in_errors: the cloud URL or key may carry a secret, and errors would quote it.
+    model_config = SettingsConfigDict(
+        env_prefix="EDGESERVE_", extra="forbid", validate_default=True, hide_input_in_errors=True
+    )
+
+    cloud: str | None = Field(
+        None,
+        description="OpenAI-compatible server (vLLM, SGLang, llama.cpp, another edgeserve serve) that answers "
+        "first while the device prefills, e.g. http://gpu-box:8000 (unset: no cloud).",
+    )
+    cloud_model: str | None = Field(None, description="Model name to ask the cloud for (default: the served model's).")
+    cloud_api_key: str | None = Field(None, description="Bearer key for the cloud.")
+    handoff: Literal["auto", "off", "always"] = Field(
+        "auto",
+        description="auto: the planner picks local, token or KV handoff per request; always: use the cloud "
+        "whenever it is allowed; off: never.",
+    )
+    ttft_target_s: float = Field(
+        1.0,
+        gt=0,
+        description="Time to first token the planner aims for; a request the device meets it alone stays local.",
+    )
+    kv_handoff: bool = Field(
+        True, description="Fetch the prompt's KV state from the cloud when it is an edgeserve serve on the same model."
+    )
+    cloud_connect_timeout_s: float = Field(2.0, gt=0, description="Longest wait to connect to the cloud, in seconds.")
+    cloud_first_token_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for the cloud's first token; then the device goes on alone."
+    )
+    cloud_chunk_timeout_s: float = Field(
+        5.0, gt=0, description="Longest silence between two cloud chunks; then the device goes on alone."
+    )
+
+    @field_validator("cloud")
+    @classmethod
+    def _cloud_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
+            raise ValueError("must be an http:// or https:// URL such as http://127.0.0.1:8000")
+        return value.rstrip("/") if value else value
+
+
 class ProxySettings(_FrontSettings):
     """The sidecar proxy: SJF admission in front of another server (env ``EDGESERVE_PROXY_*``)."""
 
