@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +113,19 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def process(args: Sequence[str], health: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """``edgeserve ARGS`` until ``health`` answers 200; SIGINT at the end."""
+    with program([sys.executable, "-m", "edgeserve", *args], health, env) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def program(cmd: Sequence[str], health: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """Any server process (edgeserve, llama.cpp's llama-server) until ``health`` answers 200."""
     # stderr to a file, not a pipe: nobody reads a pipe while the benchmark runs, and a server that
     # logs every request would block once its 64 KiB filled.
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeserve", *args],
+            list(cmd),
             env={**os.environ, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=log,
@@ -132,12 +140,12 @@ def process(args: Sequence[str], health: str, env: dict[str, str] | None = None)
             deadline = time.monotonic() + 120
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"edgeserve {' '.join(args)} exited: {tail()}")
+                    raise RuntimeError(f"{' '.join(cmd)} exited: {tail()}")
                 with contextlib.suppress(httpx.TransportError):
                     if httpx.get(health, timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"edgeserve {' '.join(args)} did not start: {tail()}")
+                    raise RuntimeError(f"{' '.join(cmd)} did not start: {tail()}")
                 time.sleep(0.2)
             yield proc
         finally:
@@ -171,13 +179,39 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(policy: str, threads: int, *, n_ctx: int = 2048, extra: Sequence[str] = ()) -> Iterator[Served]:
+def serve(policy: str | None, threads: int, *, n_ctx: int | None = 2048, extra: Sequence[str] = ()) -> Iterator[Served]:
     """``edgeserve serve --policy POLICY`` on the default model (llama.cpp, ``threads`` pinned);
-    ``extra``: more flags (``--no-predict-lengths``, ``--aging-s``)."""
+    ``extra``: more flags (``--no-predict-lengths``, ``--aging-s``). ``policy`` or ``n_ctx`` None:
+    the server's default."""
     port = free_port()
-    args = ["serve", "--port", str(port), "--policy", policy, "--backend", "llama", "--n-ctx", str(n_ctx)]
+    args = ["serve", "--port", str(port), "--backend", "llama"]
+    args += ["--policy", policy] if policy is not None else []
+    args += ["--n-ctx", str(n_ctx)] if n_ctx is not None else []
     args += ["--threads", str(threads), "--max-queue", "1024", "--log-level", "warning", *extra]
     with process(args, f"http://127.0.0.1:{port}/health") as proc:
+        yield Served(f"http://127.0.0.1:{port}", proc.pid)
+
+
+def default_gguf() -> str:
+    """The embedded default model's GGUF, as ``edgeserve models --json`` reports it."""
+    out = subprocess.run([sys.executable, "-m", "edgeserve", "models", "--json"], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        entry = json.loads(line)
+        if entry.get("name") == "default":
+            return str(entry["path"])
+    raise RuntimeError(f"edgeserve models --json lists no default model: {out.stdout[-500:]} {out.stderr[-500:]}")
+
+
+@contextlib.contextmanager
+def llama_server(binary: str, threads: int, parallel: int, ctx_per_slot: int = 2048) -> Iterator[Served]:
+    """llama.cpp's own ``llama-server`` (bench/build_llama_server.sh) on the default model:
+    ``parallel`` slots, continuous batching (its default), first come first served, each slot
+    ``ctx_per_slot`` tokens; flash attention off as edgeserve's default; Gemma's chat template."""
+    port = free_port()
+    cmd = [binary, "-m", default_gguf(), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-c", str(ctx_per_slot * parallel)]
+    cmd += ["-fa", "off", "--no-jinja", "--chat-template", "gemma", "--no-webui", "-lv", "1"]
+    with program(cmd, f"http://127.0.0.1:{port}/health") as proc:
         yield Served(f"http://127.0.0.1:{port}", proc.pid)
 
 
@@ -252,6 +286,8 @@ class Outcome:
     finish_reason: str = ""
     #: The answer's text (kept out of ``rows``: the JSON carries no model output).
     text: str = ""
+    #: When each content chunk arrived, seconds since the run's start (kept out of ``rows``).
+    token_times: list[float] = field(default_factory=list)
 
     @property
     def ttft_s(self) -> float:
@@ -283,6 +319,7 @@ async def send(
     prompt_tokens = completion_tokens = 0
     finish = ""
     pieces: list[str] = []
+    times: list[float] = []
     async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         wait = response.headers.get("x-queue-wait-ms")
@@ -299,6 +336,7 @@ async def send(
             delta = event["choices"][0]["delta"].get("content")
             if delta:
                 pieces.append(delta)
+                times.append(time.monotonic() - t0)
                 seen += 1
                 if first is None:
                     first = time.monotonic()
@@ -317,6 +355,7 @@ async def send(
         completion_tokens,
         finish,
         "".join(pieces),
+        times,
     )
 
 
@@ -368,7 +407,7 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 
 
 def rows(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in asdict(o).items() if k != "text"} for o in outcomes]
+    return [{k: v for k, v in asdict(o).items() if k not in ("text", "token_times")} for o in outcomes]
 
 
 def save(name: str, report: dict[str, Any]) -> Path:
