@@ -49,6 +49,14 @@ class ModelSettings(_Settings):
         "step time, up to the physical cores (a busy machine gets fewer).",
     )
     n_batch: int = Field(512, ge=1, description="Prompt tokens evaluated per batch.")
+    parallel: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Sequences decoded together in one batched step (continuous batching). Given, it is fixed; "
+        "unset, up to 8 as the KV memory budget (half the free memory) allows, and the engine uses the largest "
+        "count whose measured per-sequence decode rate stays above --parallel-floor-tok-s.",
+    )
     gpu_layers: int = Field(-1, description="Layers offloaded to a GPU when one is present (-1: all).")
     flash_attn: bool = Field(False, description="Use flash attention where the backend supports it.")
     cache_dir: Path = Field(
@@ -103,6 +111,12 @@ class EngineSettings(_Settings):
     )
     max_parked: int = Field(16, ge=0, description="srpt: requests whose KV state may be parked in host memory at once.")
     prefill_chunk: int = Field(256, ge=1, description="Prompt tokens evaluated between two scheduling decisions.")
+    parallel_floor_tok_s: float = Field(
+        10.0,
+        gt=0,
+        description="Automatic --parallel: batch no more sequences than keep each above this decode rate "
+        "(tokens/s, about reading speed), and only while a wider batch still adds throughput.",
+    )
 
 
 class _FrontSettings(_Settings):

@@ -151,6 +151,10 @@ class Capabilities:
     device: str = "cpu"
     #: Sequences that can be open (hold live KV state) at once; more are parked to host memory.
     max_sequences: int = 1
+    #: Sequences one ``decode`` call evaluates together, in one pass over the weights (1: it loops).
+    max_batch: int = 1
+    #: Bytes of KV cache the backend reserved for its open sequences (0: not known).
+    kv_bytes: int = 0
 
 
 @dataclass(frozen=True)
