@@ -24,6 +24,7 @@ class FinishReason(str, enum.Enum):
 
     STOP = "stop"  # an end-of-generation token or a stop sequence
     LENGTH = "length"  # max_tokens reached
+    TOOL_CALLS = "tool_calls"  # the answer is a complete tool call (GenerationResult.tool_calls)
     CANCELLED = "cancelled"  # the caller cancelled or disconnected
     ERROR = "error"  # the backend failed; the stream carries the error
 
@@ -178,6 +179,16 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the model answered with (``Engine.generate(..., tools=...)``)."""
+
+    id: str
+    name: str
+    #: The arguments as JSON text (OpenAI's wire form); they follow the tool's parameters schema.
+    arguments: str
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """The whole of one request: what came out and how fast."""
 
@@ -206,6 +217,8 @@ class GenerationResult:
     parked_bytes: int = 0
     park_s: float = 0.0
     resume_s: float = 0.0
+    #: The calls the answer made when tools were offered (``text`` then holds any other text).
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
