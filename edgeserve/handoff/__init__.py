@@ -1,0 +1,14 @@
+"""Cloud-device split prefill (P/D-Device): the cloud answers first, the device takes over.
+
+- ``planner``: per request, local, token handoff, KV handoff or both, from measured rates (pure);
+- ``pacer``: the speed controller that shows cloud tokens at the device's time per token;
+- ``cloud``: the streamed OpenAI-compatible request to the cloud, every fault mapped once;
+- ``seam``: where the device takes over from the cloud's text (back off one token, no repeats);
+- ``session``: one handed-off request on its own thread; ``orchestrator``: the front door.
+"""
+
+from edgeserve.handoff.orchestrator import Handoff
+from edgeserve.handoff.planner import Plan, Route
+from edgeserve.handoff.session import CloudTokenEvent, HandoffReport
+
+__all__ = ["CloudTokenEvent", "Handoff", "HandoffReport", "Plan", "Route"]

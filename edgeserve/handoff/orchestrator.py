@@ -1,0 +1,246 @@
+"""``Handoff``: the engine's front door when a cloud is configured. Per request it asks the planner,
+then either queues the request on the device as usual or runs a ``Session`` (cloud first, device
+takes over). Either way the caller gets the engine's own handle types and event stream.
+
+Which requests may use the cloud at all: text and chat prompts (a token prompt means this model's
+vocabulary, which a cloud need not share), without repetition/presence/frequency penalties or a
+logit bias (the device's penalty history cannot yet include the cloud's tokens, and token ids mean
+nothing to another tokenizer), and not opted out (``cloud_allowed=False``: the privacy switch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from edgeserve.engine import AsyncRequestHandle, Engine, Handle, RequestHandle
+from edgeserve.errors import InvalidParameterError
+from edgeserve.handoff import planner
+from edgeserve.handoff.cloud import request_body
+from edgeserve.handoff.session import HandoffReport, KvStarter, Session
+from edgeserve.handoff.telemetry import Telemetry
+from edgeserve.running import Request
+from edgeserve.settings import CloudSettings
+from edgeserve.types import FinalEvent, Message, SamplingParams, StreamEvent
+
+log = logging.getLogger("edgeserve.handoff")
+
+Sink = Callable[[StreamEvent], None]
+
+
+class Handoff:
+    def __init__(self, engine: Engine, settings: CloudSettings, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.telemetry = Telemetry(clock=clock)
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: Called with every request's report (the server's metrics listen here).
+        self.listeners: list[Callable[[HandoffReport], None]] = []
+        #: Starts a KV fetch for a request's tokens (set by ``kvwire`` once the cloud proves to be an
+        #: edgeserve on the same model).
+        self.kv_fetcher: Callable[[Sequence[int]], KvStarter] | None = None
+        model = engine.model.name if engine.model is not None else engine.capabilities.model
+        self.cloud_model = settings.cloud_model or model
+
+    # ---- planning -----------------------------------------------------------------------------
+
+    def plan(self, request: Request, kind: str, cloud_allowed: bool) -> planner.Plan:
+        why = _why_local(request.params, kind, cloud_allowed, self.settings)
+        ask = planner.Ask(
+            prompt_tokens=len(request.prompt_tokens),
+            max_tokens=request.max_tokens,
+            ttft_target_s=self.settings.ttft_target_s,
+            mode=self.settings.handoff,
+            cloud_allowed=not why,
+            why_not=why,
+        )
+        measured = self.telemetry.measured(self.engine.service)
+        if not (self.settings.kv_handoff and self.kv_fetcher is not None):
+            measured = _without_kv(measured)
+        return planner.plan(ask, measured)
+
+    # ---- submitting ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        on_event: Sink | None = None,
+        cloud_allowed: bool = True,
+        **sampling: Any,
+    ) -> Handle:
+        """Like ``Engine.submit``: a ``RequestHandle`` to iterate, or with ``on_event`` a ``Handle``."""
+        params = _params(params, sampling)
+        if on_event is not None:
+            request = self._prepare(prompt, messages, params, request_id, on_event)
+            cancel = self._start(request, prompt, messages, priority, cloud_allowed)
+            return Handle(request, cancel)
+        events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
+        request = self._prepare(prompt, messages, params, request_id, events.put)
+        cancel = self._start(request, prompt, messages, priority, cloud_allowed)
+        return RequestHandle(request, cancel, events)
+
+    def submit_async(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        cloud_allowed: bool = True,
+        **sampling: Any,
+    ) -> AsyncRequestHandle:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
+        def sink(event: StreamEvent) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody reads this stream
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        request = self._prepare(prompt, messages, _params(params, sampling), request_id, sink)
+        cancel = self._start(request, prompt, messages, priority, cloud_allowed)
+        return AsyncRequestHandle(request, cancel, events)
+
+    def _prepare(
+        self,
+        prompt: str | Sequence[int] | None,
+        messages: Sequence[Message] | None,
+        params: SamplingParams | None,
+        request_id: str | None,
+        sink: Sink,
+    ) -> Request:
+        # The engine's own validation, rendering and tokenizing: bad input fails here, before any work.
+        return self.engine._prepare(prompt, messages, params, request_id, sink)
+
+    def _start(
+        self,
+        request: Request,
+        prompt: str | Sequence[int] | None,
+        messages: Sequence[Message] | None,
+        priority: int,
+        cloud_allowed: bool,
+    ) -> Callable[[Request], None]:
+        kind = "chat" if messages is not None else ("text" if isinstance(prompt, str) else "tokens")
+        plan = self.plan(request, kind, cloud_allowed)
+        log.debug("%s: %s (%s)", request.request_id, plan.route.value, plan.reason)
+        if plan.route is planner.Route.LOCAL:
+            return self._local(request, plan, priority, prompt, messages)
+        cloud_call = None
+        if plan.route.uses_tokens:
+            text = prompt if isinstance(prompt, str) else None
+            cloud_call = request_body(
+                self.cloud_model, request.params, plan.cloud_max_tokens, prompt=text, messages=messages
+            )
+        kv_start = self.kv_fetcher(request.prompt_tokens) if plan.route.uses_kv and self.kv_fetcher else None
+        session = Session(
+            self.engine,
+            self.settings,
+            self.telemetry,
+            request,
+            plan,
+            cloud_call=cloud_call,
+            kv_start=kv_start,
+            on_report=self._report,
+            clock=self._clock,
+        )
+        session.start()
+        return session.cancel
+
+    def _local(
+        self,
+        request: Request,
+        plan: planner.Plan,
+        priority: int,
+        prompt: str | Sequence[int] | None,
+        messages: Sequence[Message] | None,
+    ) -> Callable[[Request], None]:
+        sink = request.sink
+
+        def observe(event: StreamEvent) -> None:
+            sink(event)
+            if isinstance(event, FinalEvent):
+                self._report(_local_report(plan, event))
+
+        handle = self.engine.submit(
+            prompt,
+            request.params,
+            messages=messages,
+            request_id=request.request_id,
+            priority=priority,
+            on_event=observe,
+            **_no_cloud(self.engine),
+        )
+        return lambda _request: handle.cancel()
+
+    def _report(self, report: HandoffReport) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(report)
+            except Exception:  # a metrics hiccup must not fail a request
+                log.exception("handoff report listener failed")
+
+
+def _why_local(params: SamplingParams, kind: str, cloud_allowed: bool, settings: CloudSettings) -> str:
+    if not cloud_allowed:
+        return "the request opted out of the cloud"
+    if settings.cloud is None:
+        return "no cloud configured"
+    if kind == "tokens":
+        return "a token prompt cannot go to a cloud"
+    if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+        return "penalties cannot span the seam yet"
+    if params.logit_bias:
+        return "a logit bias names this model's token ids"
+    return ""
+
+
+def _without_kv(measured: planner.Measured) -> planner.Measured:
+    from dataclasses import replace
+
+    return replace(measured, kv_available=False)
+
+
+def _local_report(plan: planner.Plan, event: FinalEvent) -> HandoffReport:
+    r = event.result
+    return HandoffReport(
+        request_id=r.request_id,
+        route=plan.route.value,
+        reason=plan.reason,
+        predicted_ttft_s=plan.predicted_ttft_s,
+        local_ttft_s=plan.local_ttft_s,
+        ttft_s=r.ttft_s,
+        takeover_s=None,
+        taken_over_by=None,
+        cloud_tokens=0,
+        cloud_tokens_kept=0,
+        kv_wire_bytes=0,
+        cloud_error=None,
+        seam_diverged=False,
+    )
+
+
+def _no_cloud(engine: Engine) -> dict[str, Any]:
+    return {"cloud": False} if getattr(engine, "handoff", None) is not None else {}
+
+
+def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams | None:
+    if params is not None and sampling:
+        raise InvalidParameterError("give either params or sampling keywords, not both", param="params")
+    if sampling:
+        try:
+            return SamplingParams(**sampling)
+        except TypeError as exc:
+            raise InvalidParameterError(f"unknown sampling parameter: {exc}", param="params") from exc
+    return params

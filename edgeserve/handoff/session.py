@@ -1,0 +1,421 @@
+"""One handed-off request, run on its own thread: the cloud answers first, the device takes over.
+
+At the start, at the same moment: the device's prefill job (``device.start_prefill``), the cloud's
+streamed answer (token handoff) and/or the cloud's KV state (KV handoff). Everything that happens
+then arrives as a message in one inbox, and this thread alone acts on it:
+
+- a cloud delta goes to the pacer (one delta late: the newest may still change at the seam);
+- the first KV blob ready (the device's own or the cloud's) is the takeover: the cloud stream is
+  closed, the seam found (``seam.find_seam``), and the device continues from the blob with the
+  covered cloud tokens appended to the prompt;
+- the device's tokens go through the overlap filter and the pacer to the user;
+- a cloud fault only ends the cloud's part: the device's prefill goes on, and it takes over as if the
+  cloud had stopped there. With greedy sampling the text is then the device-only text.
+
+Stop sequences are checked over the whole answer (one ``TextStream`` across both halves);
+``max_tokens`` counts the cloud's covered tokens; usage counts both halves.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from edgeserve.engine import Engine, Handle
+from edgeserve.handoff import device
+from edgeserve.handoff.cloud import CloudDelta, CloudEnd, CloudFailed, CloudMessage, CloudStream
+from edgeserve.handoff.pacer import Pacer
+from edgeserve.handoff.planner import Plan
+from edgeserve.handoff.seam import OverlapFilter, find_seam
+from edgeserve.handoff.telemetry import Telemetry
+from edgeserve.running import Request
+from edgeserve.settings import CloudSettings
+from edgeserve.textstream import TextStream
+from edgeserve.types import ErrorEvent, FinalEvent, FinishReason, GenerationResult, StreamEvent, TokenEvent
+
+log = logging.getLogger("edgeserve.handoff")
+
+
+@dataclass(frozen=True)
+class CloudTokenEvent(TokenEvent):
+    """Text that came from the cloud (``edgeserve chat --cloud`` shows it dimmed)."""
+
+
+@dataclass(frozen=True)
+class HandoffReport:
+    """What a handed-off request did, for metrics and benchmarks."""
+
+    request_id: str
+    route: str
+    reason: str
+    predicted_ttft_s: float
+    local_ttft_s: float
+    ttft_s: float | None
+    #: Seconds from the start to the device taking over (None: it never did).
+    takeover_s: float | None
+    #: ``local`` (the device's own prefill), ``kv`` (the cloud's KV state), ``cloud`` (the cloud
+    #: finished the answer) or None (it ended before any).
+    taken_over_by: str | None
+    #: Tokens the cloud sent, and those of them kept in the answer.
+    cloud_tokens: int
+    cloud_tokens_kept: int
+    kv_wire_bytes: int
+    cloud_error: str | None
+    seam_diverged: bool
+
+
+@dataclass(frozen=True)
+class _DeviceReady:
+    future: concurrent.futures.Future[bytes]
+
+
+@dataclass(frozen=True)
+class KvArrived:
+    """The cloud's KV state: a blob, or why there is none."""
+
+    blob: bytes | None
+    wire_bytes: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _DeviceEvent:
+    event: StreamEvent
+
+
+class _Cancel:
+    pass
+
+
+Message = CloudMessage | _DeviceReady | KvArrived | _DeviceEvent | _Cancel
+#: Starts a KV fetch that delivers one ``KvArrived``; returns its closer.
+KvStarter = Callable[[Callable[[KvArrived], None]], Callable[[], None]]
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    cloud: bool
+    token_ids: tuple[int, ...] = ()
+
+
+class Session:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: CloudSettings,
+        telemetry: Telemetry,
+        request: Request,
+        plan: Plan,
+        *,
+        cloud_call: tuple[str, dict[str, Any]] | None,
+        kv_start: KvStarter | None,
+        on_report: Callable[[HandoffReport], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine, self._settings, self._telemetry = engine, settings, telemetry
+        self._request, self._plan = request, plan
+        self._cloud_call, self._kv_start, self._on_report = cloud_call, kv_start, on_report
+        self._clock = clock
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._pacer: Pacer[Piece] = Pacer(1.0 / max(engine.service.decode_tok_s, 1e-3))
+        self._text = TextStream(request.params.stop)
+        self._output = ""
+        self._received: list[str] = []
+        self._held: str | None = None  # the newest cloud delta, not yet paced
+        self._committed = ""  # cloud text released to the user
+        self._cloud: CloudStream | None = None
+        self._kv_close: Callable[[], None] | None = None
+        self._job: device.PrefillJob | None = None
+        self._device: Handle | None = None
+        self._overlap = OverlapFilter("")
+        self._phase = "cloud"  # cloud -> device | cloud_final -> ended
+        self._cloud_finish: str | None = None
+        self._cloud_error: str | None = None
+        self._kv_failed = False
+        self._device_result: GenerationResult | None = None
+        self._finish_override: FinishReason | None = None
+        self._cloud_tokens = self._kept = self._kv_bytes = 0
+        self._started = self._first = self._last = 0.0
+        self._first_set = False
+        self._takeover_at: float | None = None
+        self._taken_by: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"handoff-{request.request_id}", daemon=True)
+
+    # ---- the caller's side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def cancel(self, _request: Request | None = None) -> None:
+        self._inbox.put(_Cancel())
+
+    # ---- the session thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._begin()
+            while self._phase != "ended":
+                at = self._pacer.next_at()
+                timeout = None if at is None else max(at - self._clock(), 0.0)
+                try:
+                    message: Message | None = self._inbox.get(timeout=timeout)
+                except queue.Empty:
+                    message = None
+                if message is not None:
+                    self._on(message)
+                self._release(self._clock())
+                if self._ready_to_finish():
+                    self._finish()
+        except BaseException as exc:
+            log.warning("%s: handoff failed: %s", self._request.request_id, exc)
+            self._phase = "ended"
+            self._request.sink(ErrorEvent(exc if isinstance(exc, Exception) else RuntimeError(str(exc))))
+        finally:
+            self._stop_all()
+
+    def _begin(self) -> None:
+        self._started = self._clock()
+        tokens = self._request.prompt_tokens
+        self._job = device.start_prefill(self._engine, tokens)
+        self._job.future.add_done_callback(lambda f: self._inbox.put(_DeviceReady(f)))
+        if self._cloud_call is not None:
+            path, body = self._cloud_call
+            self._cloud = CloudStream(self._settings, path, body, self._inbox.put, clock=self._clock)
+        if self._kv_start is not None:
+            self._kv_close = self._kv_start(self._inbox.put)
+
+    def _on(self, message: Message) -> None:
+        if isinstance(message, CloudDelta | CloudEnd | CloudFailed):
+            self._on_cloud(message)
+        elif isinstance(message, _DeviceReady):
+            self._on_local_blob(message.future)
+        elif isinstance(message, KvArrived):
+            self._on_kv(message)
+        elif isinstance(message, _DeviceEvent):
+            self._on_device(message.event)
+        else:
+            self._cancelled()
+
+    def _on_cloud(self, message: CloudMessage) -> None:
+        if self._phase != "cloud":
+            return
+        if isinstance(message, CloudDelta):
+            if not self._received:
+                self._telemetry.cloud_ttft(len(self._request.prompt_tokens), message.at - self._started)
+            self._received.append(message.text)
+            if self._held is not None:
+                self._pacer.push(Piece(self._held, cloud=True))
+            self._held = message.text
+        elif isinstance(message, CloudEnd):
+            self._cloud_finish = message.finish_reason
+            cap = self._plan.cloud_max_tokens
+            if message.finish_reason != "length" or cap >= self._request.max_tokens:
+                self._cloud_completes()
+        else:
+            self._cloud_error = str(message.error)
+            self._telemetry.cloud_failed()
+            log.info("%s: the cloud failed, the device goes on alone: %s", self._request.request_id, message.error)
+
+    def _cloud_completes(self) -> None:
+        """The cloud's answer is whole (it ended, not at the planner's cap): show it, stop the device."""
+        if self._held is not None:
+            self._pacer.push(Piece(self._held, cloud=True))
+            self._held = None
+        received = "".join(self._received)
+        self._cloud_tokens = self._kept = len(self._engine.tokenize(received, add_bos=False)) if received else 0
+        self._phase, self._taken_by = "cloud_final", "cloud"
+        if self._cloud_finish == "length":
+            self._finish_override = FinishReason.LENGTH
+        if self._job is not None:
+            self._job.cancel()
+        if self._kv_close is not None:
+            self._kv_close()
+
+    def _on_local_blob(self, future: concurrent.futures.Future[bytes]) -> None:
+        if self._phase != "cloud" or future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            raise error
+        self._takeover(future.result(), "local")
+
+    def _on_kv(self, message: KvArrived) -> None:
+        self._kv_bytes = message.wire_bytes
+        if message.blob is None:
+            self._kv_failed = True
+            log.info("%s: no KV from the cloud (%s); the device prefills", self._request.request_id, message.error)
+            return
+        if self._phase != "cloud":
+            return
+        try:
+            self._takeover(message.blob, "kv")
+        except Exception as exc:
+            self._kv_failed = True
+            self._phase = "cloud"
+            log.warning("%s: the cloud's KV state was refused (%s)", self._request.request_id, exc)
+            return
+        if self._job is not None:
+            self._job.cancel()
+
+    def _takeover(self, blob: bytes, source: str) -> None:
+        """Close the cloud, find the seam, and start the device's continuation from ``blob``."""
+        if self._cloud is not None:
+            self._cloud.close()
+        received = "".join(self._received)
+        seam = find_seam(
+            received,
+            self._committed,
+            lambda text: self._engine.tokenize(text, add_bos=False),
+            self._engine.backend.detokenize,
+        )
+        self._cloud_tokens = len(self._engine.tokenize(received, add_bos=False)) if received else 0
+        self._pacer.drain()  # cloud text not shown yet: re-queued below up to the covered part only
+        self._held = None
+        for piece in _split(seam.to_show, self._received, len(self._committed)):
+            self._pacer.push(Piece(piece, cloud=True))
+        self._overlap = OverlapFilter(seam.overlap)
+        self._kept = len(seam.tokens)
+        self._takeover_at, self._taken_by, self._phase = self._clock(), source, "device"
+        left = self._request.max_tokens - len(seam.tokens)
+        if left <= 0:
+            self._finish_override = FinishReason.LENGTH
+            return
+        params = replace(self._request.params, max_tokens=left)
+        tokens = [*self._request.prompt_tokens, *seam.tokens]
+        inbox = self._inbox
+
+        def forward(event: StreamEvent) -> None:
+            inbox.put(_DeviceEvent(event))
+
+        self._device = device.continue_from(
+            self._engine, tokens, params, blob, forward, f"{self._request.request_id}-device"
+        )
+
+    def _on_device(self, event: StreamEvent) -> None:
+        if isinstance(event, TokenEvent):
+            if self._phase == "cancelling":
+                return
+            text = self._overlap.feed(event.text)
+            if text:
+                self._pacer.push(Piece(text, cloud=False, token_ids=event.token_ids), paced=False)
+        elif isinstance(event, FinalEvent):
+            self._device_result = event.result
+        else:
+            raise event.error
+
+    def _cancelled(self) -> None:
+        self._pacer.drain()
+        self._finish_override = FinishReason.CANCELLED
+        if self._device is not None:
+            self._device.cancel()
+        self._phase = "cancelling"
+
+    def _release(self, now: float) -> None:
+        for piece in self._pacer.pop_due(now):
+            if piece.cloud:
+                self._committed += piece.text
+            out = self._text.push(piece.text.encode())
+            if out:
+                self._emit(out, piece, now)
+            if self._text.stopped:
+                self._pacer.drain()
+                self._finish_override = FinishReason.STOP
+                if self._device is not None:
+                    self._device.cancel()
+                break
+
+    def _emit(self, text: str, piece: Piece, now: float) -> None:
+        if not self._first_set:
+            self._first, self._first_set = now, True
+        self._last = now
+        self._output += text
+        kind = CloudTokenEvent if piece.cloud else TokenEvent
+        self._request.sink(kind(text, piece.token_ids))
+
+    def _ready_to_finish(self) -> bool:
+        if len(self._pacer):
+            return False
+        if self._finish_override is not None and self._finish_override is not FinishReason.CANCELLED:
+            return True
+        if self._phase == "cancelling":
+            return self._device is None or self._device_result is not None
+        return self._phase == "cloud_final" or self._device_result is not None
+
+    def _finish(self) -> None:
+        tail = self._text.finish()
+        now = self._clock()
+        if tail:
+            self._emit(tail, Piece(tail, cloud=False), now)
+        device_result = self._device_result
+        reason = self._finish_override
+        if reason is None:
+            reason = device_result.finish_reason if device_result is not None else FinishReason.STOP
+        n_out = self._kept + (device_result.completion_tokens if device_result is not None else 0)
+        span = self._last - self._first
+        result = GenerationResult(
+            request_id=self._request.request_id,
+            text=self._output,
+            prompt_tokens=len(self._request.prompt_tokens),
+            completion_tokens=n_out,
+            finish_reason=reason,
+            ttft_s=self._first - self._started if self._first_set else None,
+            queue_wait_s=0.0,
+            total_s=now - self._started,
+            decode_tok_s=(n_out - 1) / span if n_out > 1 and span > 0 else None,
+            chat_template=self._request.chat_template,
+        )
+        self._phase = "ended"
+        self._request.sink(FinalEvent(result))
+        if self._on_report is not None:
+            self._on_report(self._report(result))
+
+    def _report(self, result: GenerationResult) -> HandoffReport:
+        plan = self._plan
+        return HandoffReport(
+            request_id=result.request_id,
+            route=plan.route.value,
+            reason=plan.reason,
+            predicted_ttft_s=plan.predicted_ttft_s,
+            local_ttft_s=plan.local_ttft_s,
+            ttft_s=result.ttft_s,
+            takeover_s=None if self._takeover_at is None else self._takeover_at - self._started,
+            taken_over_by=self._taken_by,
+            cloud_tokens=self._cloud_tokens,
+            cloud_tokens_kept=self._kept,
+            kv_wire_bytes=self._kv_bytes,
+            cloud_error=self._cloud_error,
+            seam_diverged=self._overlap.diverged,
+        )
+
+    def _stop_all(self) -> None:
+        if self._cloud is not None:
+            self._cloud.close()
+        if self._kv_close is not None:
+            self._kv_close()
+        if self._job is not None:
+            self._job.cancel()
+        if self._device is not None and self._device_result is None:
+            with contextlib.suppress(Exception):
+                self._device.cancel()
+
+
+def _split(text: str, pieces: list[str], start: int) -> list[str]:
+    """``text`` (the received cloud text from offset ``start``) cut where the cloud's deltas were cut,
+    so the pacer shows it at the same grain."""
+    out: list[str] = []
+    offset = 0
+    for piece in pieces:
+        end = offset + len(piece)
+        lo, hi = max(offset, start), min(end, start + len(text))
+        if hi > lo:
+            out.append(text[lo - start : hi - start])
+        offset = end
+    return out

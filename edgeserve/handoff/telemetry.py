@@ -1,0 +1,89 @@
+"""Online measurements of the cloud and the link, for the planner (the device's rates come from the
+engine's own ``ServiceModel``). Exponentially weighted, starting from stated priors; thread-safe,
+one object per ``Handoff`` (never module state)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgeserve.handoff.planner import Measured
+from edgeserve.service import ServiceModel
+
+#: Priors until the first measurement: a GPU server on a LAN, a 100 Mbit/s link, and llama.cpp's f16
+#: KV of Gemma 3 270M (~18 KB a token raw, about a quarter after int8 and compression).
+PRIOR_RTT_S = 0.05
+PRIOR_CLOUD_PREFILL_TOK_S = 5000.0
+PRIOR_LINK_BYTES_S = 12.5e6
+PRIOR_KV_BYTES_PER_TOKEN = 5000.0
+ALPHA = 0.3
+#: Prompts at least this long measure the cloud's prefill rate; shorter ones its round trip.
+RATE_MIN_TOKENS = 128
+#: Seconds the planner leaves a failed cloud alone before trying it again.
+DOWN_S = 30.0
+
+
+@dataclass
+class _Ewma:
+    value: float
+    seen: bool = False
+
+    def add(self, x: float) -> None:
+        self.value = x if not self.seen else (1 - ALPHA) * self.value + ALPHA * x
+        self.seen = True
+
+
+class Telemetry:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._down_until = float("-inf")
+        self._lock = threading.Lock()
+        self._rtt = _Ewma(PRIOR_RTT_S)
+        self._cloud_prefill = _Ewma(PRIOR_CLOUD_PREFILL_TOK_S)
+        self._link = _Ewma(PRIOR_LINK_BYTES_S)
+        self._kv_per_token = _Ewma(PRIOR_KV_BYTES_PER_TOKEN)
+        self.kv_available = False
+
+    def cloud_ttft(self, prompt_tokens: int, seconds: float) -> None:
+        """A cloud answer's first token came ``seconds`` after the request went out."""
+        with self._lock:
+            self._down_until = float("-inf")
+            if prompt_tokens < RATE_MIN_TOKENS:
+                self._rtt.add(seconds)
+            else:
+                beyond_rtt = seconds - self._rtt.value
+                if beyond_rtt > 0:
+                    self._cloud_prefill.add(prompt_tokens / beyond_rtt)
+
+    def rtt(self, seconds: float) -> None:
+        with self._lock:
+            self._down_until = float("-inf")
+            self._rtt.add(seconds)
+
+    def kv_transfer(self, prompt_tokens: int, wire_bytes: int, seconds: float) -> None:
+        """A KV state of ``prompt_tokens`` took ``wire_bytes`` and ``seconds`` (first to last byte)."""
+        with self._lock:
+            if prompt_tokens > 0:
+                self._kv_per_token.add(wire_bytes / prompt_tokens)
+            if seconds > 0 and wire_bytes >= 65536:  # small transfers measure latency, not rate
+                self._link.add(wire_bytes / seconds)
+
+    def cloud_failed(self) -> None:
+        """A failure keeps the planner off the cloud for ``DOWN_S`` seconds (then it tries again)."""
+        with self._lock:
+            self._down_until = self._clock() + DOWN_S
+
+    def measured(self, service: ServiceModel) -> Measured:
+        with self._lock:
+            return Measured(
+                device_prefill_tok_s=service.prefill_tok_s,
+                device_decode_tok_s=service.decode_tok_s,
+                cloud_rtt_s=self._rtt.value,
+                cloud_prefill_tok_s=self._cloud_prefill.value,
+                link_bytes_s=self._link.value,
+                kv_bytes_per_token=self._kv_per_token.value,
+                cloud_up=self._clock() >= self._down_until,
+                kv_available=self.kv_available,
+            )

@@ -1,0 +1,122 @@
+"""Pure parts of the cloud-device handoff: the planner, the pacer, the seam. No model, no network."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeserve.handoff.pacer import Pacer
+from edgeserve.handoff.planner import Ask, Measured, Route, plan
+from edgeserve.handoff.seam import OverlapFilter, find_seam
+
+# A slow device (200 tok/s prefill, 20 tok/s decode), a fast cloud, a 100 Mbit/s link.
+SLOW = Measured(
+    device_prefill_tok_s=200.0,
+    device_decode_tok_s=20.0,
+    cloud_rtt_s=0.05,
+    cloud_prefill_tok_s=5000.0,
+    link_bytes_s=12.5e6,
+    kv_bytes_per_token=5000.0,
+    kv_available=False,
+)
+
+
+def ask(n: int, **kw: object) -> Ask:
+    return Ask(prompt_tokens=n, max_tokens=256, ttft_target_s=kw.pop("target", 1.0), **kw)  # type: ignore[arg-type]
+
+
+def test_short_prompt_stays_local() -> None:
+    p = plan(ask(50), SLOW)
+    assert p.route is Route.LOCAL and p.cloud_max_tokens == 0
+    assert p.predicted_ttft_s == pytest.approx(50 / 200 + 1 / 20)
+
+
+def test_long_prompt_hands_tokens_off_with_a_cap() -> None:
+    p = plan(ask(2000), SLOW)
+    assert p.route is Route.TOKEN
+    assert p.predicted_ttft_s == pytest.approx(0.05 + 2000 / 5000)
+    # ~9.6 s of device prefill at 20 tok/s shown: ~190 tokens, margin 1.5x + 8, capped at max_tokens.
+    assert 190 <= p.cloud_max_tokens <= 256
+
+
+def test_kv_handoff_preferred_when_it_meets_the_target_with_fewer_cloud_tokens() -> None:
+    m = Measured(**{**SLOW.__dict__, "kv_available": True})
+    p = plan(ask(2000), m)
+    # KV arrives at 0.45 + 0.8 + 0.05 s: within 1.5 s, no cloud tokens at all.
+    assert plan(ask(2000, target=1.5), m).route is Route.KV
+    # A tighter target needs the cloud's tokens first, with KV underneath for an early takeover.
+    assert p.route is Route.TOKEN_KV
+    assert p.cloud_max_tokens < plan(ask(2000), SLOW).cloud_max_tokens
+
+
+def test_opt_out_off_and_unreachable_cloud_stay_local() -> None:
+    assert plan(ask(2000, cloud_allowed=False, why_not="opted out"), SLOW).reason == "opted out"
+    assert plan(ask(2000, mode="off"), SLOW).route is Route.LOCAL
+    down = Measured(**{**SLOW.__dict__, "cloud_up": False})
+    assert plan(ask(2000), down).route is Route.LOCAL
+
+
+def test_always_uses_the_cloud_even_when_local_meets_the_target() -> None:
+    assert plan(ask(50, mode="always"), SLOW).route is Route.TOKEN
+
+
+def test_a_slower_cloud_is_not_used() -> None:
+    slow_cloud = Measured(**{**SLOW.__dict__, "cloud_rtt_s": 30.0})
+    assert plan(ask(2000), slow_cloud).route is Route.LOCAL
+
+
+def test_pacer_spaces_a_burst_and_drains_the_backlog_faster() -> None:
+    pacer: Pacer[str] = Pacer(0.1, drain_factor=0.5)
+    for piece in "abc":
+        pacer.push(piece)
+    assert pacer.pop_due(0.0) == ["a"]
+    assert pacer.pop_due(0.05) == []
+    assert pacer.next_at() == pytest.approx(0.1)
+    assert pacer.pop_due(0.1) == ["b"]
+    pacer.push("D", paced=False)  # a device token behind cloud text waits its turn
+    assert pacer.pop_due(0.2) == ["c"]
+    assert pacer.pop_due(0.21) == []
+    assert pacer.next_at() == pytest.approx(0.25)
+    assert pacer.pop_due(0.25) == ["D"]
+    pacer.push("E", paced=False)
+    assert pacer.pop_due(0.4) == ["E"]  # a device token at the device's own pace passes at once
+    assert len(pacer) == 0
+
+
+def _toy_tokenizer() -> tuple[object, object]:
+    vocab = ["Hello", "Hel", "lo", " wor", "ld", " world", "!"]
+
+    def tokenize(text: str) -> list[int]:
+        out, i = [], 0
+        while i < len(text):
+            best = max((v for v in vocab if text.startswith(v, i)), key=len)
+            out.append(vocab.index(best))
+            i += len(best)
+        return out
+
+    def detokenize(tokens: list[int]) -> bytes:
+        return "".join(vocab[t] for t in tokens).encode()
+
+    return tokenize, detokenize
+
+
+def test_seam_backs_off_one_token_and_shows_covered_text_not_yet_shown() -> None:
+    tokenize, detokenize = _toy_tokenizer()
+    seam = find_seam("Hello wor", "Hel", tokenize, detokenize)  # type: ignore[arg-type]
+    assert seam.covered == "Hello" and seam.tokens == [0]
+    assert seam.to_show == "lo" and seam.overlap == ""
+
+
+def test_seam_overlap_when_more_was_shown_than_covered() -> None:
+    tokenize, detokenize = _toy_tokenizer()
+    seam = find_seam("Hello wor", "Hello wor", tokenize, detokenize)  # type: ignore[arg-type]
+    assert seam.covered == "Hello" and seam.overlap == " wor" and seam.to_show == ""
+    seam = find_seam("", "", tokenize, detokenize)  # type: ignore[arg-type]
+    assert seam.tokens == [] and seam.covered == seam.overlap == seam.to_show == ""
+
+
+def test_overlap_filter_suppresses_shown_text_and_never_repeats_on_divergence() -> None:
+    f = OverlapFilter(" wor")
+    assert f.feed(" w") == "" and f.feed("orld") == "ld" and not f.diverged
+    g = OverlapFilter(" wor")
+    assert g.feed(" wi") == "i" and g.diverged
+    assert g.feed("nd") == "nd"
