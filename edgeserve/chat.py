@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeserve.errors import InvalidParameterError
+from edgeserve.structured.tools import render_call
 from edgeserve.types import Capabilities, Message
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -51,8 +52,22 @@ def normalize(messages: Sequence[Message]) -> list[ChatTurn]:
             raise InvalidParameterError(
                 f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}", param="messages"
             )
-        turns.append(ChatTurn("system" if role == "developer" else str(role), content_text(m.get("content"), i)))
+        turns.append(ChatTurn("system" if role == "developer" else str(role), _turn_text(m, str(role), i)))
     return turns
+
+
+def _turn_text(message: Message, role: str, index: int) -> str:
+    """A message's text; tool calls and tool results written as the model reads them (the format
+    of ``edgeserve.structured``: ``<tool_call>{...}</tool_call>``, ``<tool_response>...``)."""
+    text = content_text(message.get("content"), index)
+    calls = message.get("tool_calls")
+    if role == "assistant" and calls:
+        if not isinstance(calls, Sequence) or not all(hasattr(c, "get") for c in calls):
+            raise InvalidParameterError(f"messages[{index}].tool_calls must be a list of calls", param="messages")
+        text += "".join(render_call(c) for c in calls)
+    if role == "tool":
+        text = f"<tool_response>\n{text}\n</tool_response>"
+    return text
 
 
 def content_text(content: Any, index: int = 0) -> str:

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from edgeserve import chat
@@ -37,6 +37,7 @@ from edgeserve.running import Request, Sink
 from edgeserve.scheduler import INITIAL_AGING_S, AgingTracker, QueueView
 from edgeserve.service import LengthEstimator, LengthRecorder, PredictorInput, ServiceModel
 from edgeserve.settings import EngineSettings, ModelSettings
+from edgeserve.structured import StructuredOutput, expects_calls, with_tool_calls
 from edgeserve.types import (
     Capabilities,
     ErrorEvent,
@@ -89,6 +90,8 @@ class Engine:
         self._closed = False
         self._predict_lock = threading.Lock()  # predictors reuse one feature buffer
         self._recorder = recorder
+        #: Structured output and tool calling: grammars compiled per schema, the vocabulary on first use.
+        self._structured = StructuredOutput(backend)
         self._aging = AgingTracker(self.settings.aging_factor) if self.settings.aging_s is None else None
         self._loop = EngineLoop(
             backend,
@@ -139,6 +142,9 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        response_format: Any = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         request_id: str | None = None,
         priority: int = 0,
         predicted_tokens: float | None = None,
@@ -153,6 +159,9 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        response_format: Any = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         request_id: str | None = None,
         priority: int = 0,
         predicted_tokens: float | None = None,
@@ -166,6 +175,9 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        response_format: Any = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         request_id: str | None = None,
         priority: int = 0,
         predicted_tokens: float | None = None,
@@ -178,14 +190,21 @@ class Engine:
         Without ``on_event``, iterate the returned ``RequestHandle`` for the events. With it, each
         event is passed to ``on_event`` as it happens, on the engine's thread (or the cancelling
         thread, for a request cancelled while it waits): for event loops that are not asyncio, such
-        as a GUI toolkit's, which forwards them with its own thread-safe signal."""
+        as a GUI toolkit's, which forwards them with its own thread-safe signal.
+
+        ``response_format`` (OpenAI's: ``{"type": "json_object"}``, ``{"type": "json_schema",
+        "json_schema": {"schema": ...}}``, or a Pydantic model class) constrains the answer to JSON
+        that follows the schema; ``tools`` (OpenAI's function list) and ``tool_choice`` (``auto``,
+        ``none``, ``required``, a named function) let it call a tool instead (see
+        ``edgeserve.structured``)."""
         params = _params(params, sampling)
+        output = (response_format, tools, tool_choice)
         if on_event is not None:
-            request = self._prepare(prompt, messages, params, request_id, on_event)
+            request = self._prepare(prompt, messages, params, request_id, on_event, output)
             self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
             return Handle(request, self._loop.cancel)
         events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
-        request = self._prepare(prompt, messages, params, request_id, events.put)
+        request = self._prepare(prompt, messages, params, request_id, events.put, output)
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
         return RequestHandle(request, self._loop.cancel, events)
 
@@ -195,6 +214,9 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        response_format: Any = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         request_id: str | None = None,
         priority: int = 0,
         predicted_tokens: float | None = None,
@@ -211,7 +233,8 @@ class Engine:
             except RuntimeError:  # the event loop is gone: nobody will read this stream
                 holder[0].cancelled.set()
 
-        request = self._prepare(prompt, messages, _params(params, sampling), request_id, sink)
+        output = (response_format, tools, tool_choice)
+        request = self._prepare(prompt, messages, _params(params, sampling), request_id, sink, output)
         holder.append(request)
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
         return AsyncRequestHandle(request, self._loop.cancel, events)
@@ -224,10 +247,15 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        response_format: Any = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> GenerationResult:
-        """Run one request to the end."""
-        return self.submit(prompt, params, messages=messages, on_event=None, **sampling).result()
+        """Run one request to the end; ``result.tool_calls`` holds the calls when tools were offered."""
+        output = {"response_format": response_format, "tools": tools, "tool_choice": tool_choice}
+        result = self.submit(prompt, params, messages=messages, on_event=None, **output, **sampling).result()
+        return with_tool_calls(result) if expects_calls(tools, tool_choice) else result
 
     def stream(
         self,
@@ -235,13 +263,18 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        response_format: Any = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> Iterator[TokenEvent | FinalEvent]:
         """Yield ``TokenEvent``s as text arrives, then one ``FinalEvent``; raises on error."""
-        for event in self.submit(prompt, params, messages=messages, on_event=None, **sampling):
+        output = {"response_format": response_format, "tools": tools, "tool_choice": tool_choice}
+        calls = expects_calls(tools, tool_choice)
+        for event in self.submit(prompt, params, messages=messages, on_event=None, **output, **sampling):
             if isinstance(event, ErrorEvent):
                 raise event.error
-            yield event
+            yield FinalEvent(with_tool_calls(event.result)) if calls and isinstance(event, FinalEvent) else event
 
     async def agenerate(
         self,
@@ -249,9 +282,14 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        response_format: Any = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> GenerationResult:
-        return await self.submit_async(prompt, params, messages=messages, **sampling).result()
+        output = {"response_format": response_format, "tools": tools, "tool_choice": tool_choice}
+        result = await self.submit_async(prompt, params, messages=messages, **output, **sampling).result()
+        return with_tool_calls(result) if expects_calls(tools, tool_choice) else result
 
     async def astream(
         self,
@@ -259,12 +297,17 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        response_format: Any = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> AsyncIterator[TokenEvent | FinalEvent]:
-        async for event in self.submit_async(prompt, params, messages=messages, **sampling):
+        output = {"response_format": response_format, "tools": tools, "tool_choice": tool_choice}
+        calls = expects_calls(tools, tool_choice)
+        async for event in self.submit_async(prompt, params, messages=messages, **output, **sampling):
             if isinstance(event, ErrorEvent):
                 raise event.error
-            yield event
+            yield FinalEvent(with_tool_calls(event.result)) if calls and isinstance(event, FinalEvent) else event
 
     # ---- state and lifecycle ----------------------------------------------------------------
 
@@ -357,11 +400,13 @@ class Engine:
         params: SamplingParams | None,
         request_id: str | None,
         sink: Sink,
+        output: tuple[Any, Any, Any] = (None, None, None),
     ) -> Request:
         params = params or SamplingParams()
         template = None
         if (prompt is None) == (messages is None):
             raise InvalidParameterError("give exactly one of prompt or messages", param="prompt")
+        spec, messages = self._structured.prepare(*output, messages)
         if messages is not None:
             rendered = chat.render(messages, self.capabilities)
             _check_unicode(rendered.prompt, "messages")
@@ -390,7 +435,9 @@ class Engine:
                 param="max_tokens",
             )
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
-        return Request(rid, tokens, params, max_tokens, template, self._clock(), sink)
+        request = Request(rid, tokens, params, max_tokens, template, self._clock(), sink)
+        request.constraint = self._structured.constraint(spec)  # compiled (or cached) before any wait
+        return request
 
     def _tokenize_rendered(self, rendered: chat.RenderedChat) -> list[int]:
         """Template markers become special tokens; message content never does (no forged turns)."""
