@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -71,10 +71,12 @@ class ServerContext:
         prompt: str | Sequence[int] | None = None,
         messages: Sequence[Message] | None = None,
         priority: int = 0,
+        **output: Any,
     ) -> AsyncRequestHandle:
         """Queue a request; bad input and a full queue raise here, before any response starts (and
-        ``ErrorBoundary`` counts them). From here on the request's events count it."""
-        handle = self.engine.submit_async(prompt, params, messages=messages, priority=priority)
+        ``ErrorBoundary`` counts them). From here on the request's events count it. ``output``:
+        ``response_format``, ``tools`` and ``tool_choice`` (see ``Engine.submit``)."""
+        handle = self.engine.submit_async(prompt, params, messages=messages, priority=priority, **output)
         mark_engine_counts(request.scope)
         if self.settings.log_prompts:
             log.info("%s %s prompt=%r messages=%r", handle.request_id, endpoint, prompt, messages)
