@@ -36,7 +36,7 @@ from edgeserve.loop import EngineLoop
 from edgeserve.running import Request, Sink
 from edgeserve.scheduler import INITIAL_AGING_S, AgingTracker, QueueView
 from edgeserve.service import LengthEstimator, LengthRecorder, PredictorInput, ServiceModel
-from edgeserve.settings import EngineSettings, ModelSettings
+from edgeserve.settings import CloudSettings, EngineSettings, ModelSettings
 from edgeserve.structured import StructuredOutput, expects_calls, with_tool_calls
 from edgeserve.types import (
     Capabilities,
@@ -51,6 +51,7 @@ from edgeserve.types import (
 )
 
 if TYPE_CHECKING:
+    from edgeserve.handoff import Handoff
     from edgeserve.progress import ProgressCallback
 
 __all__ = ["AsyncRequestHandle", "Engine", "Handle", "RequestHandle", "outcome"]
@@ -83,6 +84,8 @@ class Engine:
         self.backend = backend
         #: Where the model came from, when the engine resolved it itself (``from_settings``).
         self.model: ResolvedModel | None = None
+        #: The cloud-device handoff, when a cloud is configured (``from_settings(cloud=...)``).
+        self.handoff: Handoff | None = None
         self.capabilities: Capabilities = backend.capabilities()
         self._clock = clock
         predicts = self.settings.policy != "fcfs" and self.settings.predict_lengths
@@ -108,6 +111,7 @@ class Engine:
         engine: EngineSettings | None = None,
         *,
         progress: ProgressCallback | None = None,
+        cloud: CloudSettings | None = None,
     ) -> Engine:
         """Resolve the model, pick the backend, load it (``progress`` hears about a first-use
         conversion), and start the loop."""
@@ -131,6 +135,10 @@ class Engine:
             backend = load_backend(backend_name, resolved, model, progress)
         instance = cls(backend, engine, predictor=predictor, recorder=recorder)
         instance.model = resolved
+        if cloud is not None and cloud.cloud:  # a cloud answers first, the device takes over
+            from edgeserve.handoff import Handoff
+
+            instance.handoff = Handoff(instance, cloud)
         return instance
 
     # ---- submitting -------------------------------------------------------------------------
@@ -149,6 +157,7 @@ class Engine:
         priority: int = 0,
         predicted_tokens: float | None = None,
         on_event: None = None,
+        cloud: bool = True,
         **sampling: Any,
     ) -> RequestHandle: ...
 
@@ -166,6 +175,7 @@ class Engine:
         priority: int = 0,
         predicted_tokens: float | None = None,
         on_event: Callable[[StreamEvent], None],
+        cloud: bool = True,
         **sampling: Any,
     ) -> Handle: ...
 
@@ -182,6 +192,7 @@ class Engine:
         priority: int = 0,
         predicted_tokens: float | None = None,
         on_event: Callable[[StreamEvent], None] | None = None,
+        cloud: bool = True,
         **sampling: Any,
     ) -> Handle:
         """Queue a request and return its handle; raises at once on bad input or a full queue.
@@ -197,6 +208,10 @@ class Engine:
         that follows the schema; ``tools`` (OpenAI's function list) and ``tool_choice`` (``auto``,
         ``none``, ``required``, a named function) let it call a tool instead (see
         ``edgeserve.structured``)."""
+        if cloud and self.handoff is not None:  # the cloud-device handoff plans it (edgeserve.handoff)
+            out: dict[str, Any] = {"response_format": response_format, "tools": tools, "tool_choice": tool_choice}
+            route: dict[str, Any] = {"messages": messages, "request_id": request_id, "priority": priority}
+            return self.handoff.submit(prompt, params, on_event=on_event, **route, **out, **sampling)
         params = _params(params, sampling)
         output = (response_format, tools, tool_choice)
         if on_event is not None:
@@ -220,9 +235,14 @@ class Engine:
         request_id: str | None = None,
         priority: int = 0,
         predicted_tokens: float | None = None,
+        cloud: bool = True,
         **sampling: Any,
     ) -> AsyncRequestHandle:
         """Like ``submit``, from a coroutine: events are delivered through the running event loop."""
+        if cloud and self.handoff is not None:
+            out: dict[str, Any] = {"response_format": response_format, "tools": tools, "tool_choice": tool_choice}
+            route: dict[str, Any] = {"messages": messages, "request_id": request_id, "priority": priority}
+            return self.handoff.submit_async(prompt, params, **route, **out, **sampling)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
         holder: list[Request] = []
