@@ -161,14 +161,15 @@ class CloudStream:
             if response.status_code != 200:
                 response.read()
                 raise UpstreamError(f"the cloud answered HTTP {response.status_code}: {response.text[:200]}")
-            last = self._clock()
+            last: float | None = None  # the first event may take the whole first-token budget
             for line in response.iter_lines():
                 if self._closed.is_set():
                     return
                 now = self._clock()
-                if now - last > self._settings.cloud_chunk_timeout_s and line:
+                if last is not None and line and now - last > self._settings.cloud_chunk_timeout_s:
                     raise UpstreamTimeout("the cloud went silent mid-stream")
-                last = now
+                if line:
+                    last = now
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()

@@ -16,8 +16,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from edgeserve.engine import AsyncRequestHandle, Engine, Handle, RequestHandle
 from edgeserve.errors import InvalidParameterError
@@ -32,6 +32,14 @@ from edgeserve.types import FinalEvent, Message, SamplingParams, StreamEvent
 log = logging.getLogger("edgeserve.handoff")
 
 Sink = Callable[[StreamEvent], None]
+
+
+class _Output(NamedTuple):
+    """Structured output, as ``Engine.submit`` takes it."""
+
+    response_format: Any
+    tools: Sequence[Mapping[str, Any]] | None
+    tool_choice: str | Mapping[str, Any] | None
 
 
 class Handoff:
@@ -78,17 +86,22 @@ class Handoff:
         priority: int = 0,
         on_event: Sink | None = None,
         cloud_allowed: bool = True,
+        response_format: Any = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> Handle:
-        """Like ``Engine.submit``: a ``RequestHandle`` to iterate, or with ``on_event`` a ``Handle``."""
+        """Like ``Engine.submit``: a ``RequestHandle`` to iterate, or with ``on_event`` a ``Handle``.
+        Structured output (``response_format``, ``tools``) runs on the device alone."""
         params = _params(params, sampling)
+        out = _Output(response_format, tools, tool_choice)
         if on_event is not None:
-            request = self._prepare(prompt, messages, params, request_id, on_event)
-            cancel = self._start(request, prompt, messages, priority, cloud_allowed)
+            request = self._prepare(prompt, messages, params, request_id, on_event, out)
+            cancel = self._start(request, prompt, messages, priority, cloud_allowed, out)
             return Handle(request, cancel)
         events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
-        request = self._prepare(prompt, messages, params, request_id, events.put)
-        cancel = self._start(request, prompt, messages, priority, cloud_allowed)
+        request = self._prepare(prompt, messages, params, request_id, events.put, out)
+        cancel = self._start(request, prompt, messages, priority, cloud_allowed, out)
         return RequestHandle(request, cancel, events)
 
     def submit_async(
@@ -100,6 +113,9 @@ class Handoff:
         request_id: str | None = None,
         priority: int = 0,
         cloud_allowed: bool = True,
+        response_format: Any = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> AsyncRequestHandle:
         loop = asyncio.get_running_loop()
@@ -109,8 +125,9 @@ class Handoff:
             with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody reads this stream
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        request = self._prepare(prompt, messages, _params(params, sampling), request_id, sink)
-        cancel = self._start(request, prompt, messages, priority, cloud_allowed)
+        out = _Output(response_format, tools, tool_choice)
+        request = self._prepare(prompt, messages, _params(params, sampling), request_id, sink, out)
+        cancel = self._start(request, prompt, messages, priority, cloud_allowed, out)
         return AsyncRequestHandle(request, cancel, events)
 
     def _prepare(
@@ -120,9 +137,10 @@ class Handoff:
         params: SamplingParams | None,
         request_id: str | None,
         sink: Sink,
+        out: _Output,
     ) -> Request:
         # The engine's own validation, rendering and tokenizing: bad input fails here, before any work.
-        return self.engine._prepare(prompt, messages, params, request_id, sink)
+        return self.engine._prepare(prompt, messages, params, request_id, sink, out)
 
     def _start(
         self,
@@ -131,12 +149,15 @@ class Handoff:
         messages: Sequence[Message] | None,
         priority: int,
         cloud_allowed: bool,
+        out: _Output,
     ) -> Callable[[Request], None]:
         kind = "chat" if messages is not None else ("text" if isinstance(prompt, str) else "tokens")
+        if any(x is not None for x in out):
+            kind = "structured"
         plan = self.plan(request, kind, cloud_allowed)
         log.debug("%s: %s (%s)", request.request_id, plan.route.value, plan.reason)
         if plan.route is planner.Route.LOCAL:
-            return self._local(request, plan, priority, prompt, messages)
+            return self._local(request, plan, priority, prompt, messages, out)
         cloud_call = None
         if plan.route.uses_tokens:
             text = prompt if isinstance(prompt, str) else None
@@ -165,6 +186,7 @@ class Handoff:
         priority: int,
         prompt: str | Sequence[int] | None,
         messages: Sequence[Message] | None,
+        out: _Output,
     ) -> Callable[[Request], None]:
         sink = request.sink
 
@@ -180,6 +202,9 @@ class Handoff:
             request_id=request.request_id,
             priority=priority,
             on_event=observe,
+            response_format=out.response_format,
+            tools=out.tools,
+            tool_choice=out.tool_choice,
             **_no_cloud(self.engine),
         )
         return lambda _request: handle.cancel()
@@ -199,6 +224,8 @@ def _why_local(params: SamplingParams, kind: str, cloud_allowed: bool, settings:
         return "no cloud configured"
     if kind == "tokens":
         return "a token prompt cannot go to a cloud"
+    if kind == "structured":
+        return "structured output runs on the device"
     if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
         return "penalties cannot span the seam yet"
     if params.logit_bias:
