@@ -14,6 +14,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from edgeserve.engine import Engine
+from edgeserve.handoff.session import HandoffReport
 from edgeserve.types import GenerationResult
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -74,6 +75,39 @@ class ServerMetrics:
         depth.labels(model).set_function(lambda: engine.queue_depth)
         running = Gauge("edgeserve_requests_running", "Requests running now (0 or 1).", ("model",), registry=r)
         running.labels(model).set_function(lambda: float(engine.busy))
+        # Created on the first handoff report: a server without a cloud exports none of them.
+        self._handoff: tuple[Counter, Histogram, Counter, Counter, Counter] | None = None
+
+    def handoff(self, report: HandoffReport) -> None:
+        """A request the cloud-device handoff planned (``edgeserve.handoff``): its route, and its
+        predicted against its actual time to first token."""
+        m, route = self.model, report.route
+        if self._handoff is None:
+            r = self.registry
+            self._handoff = (
+                Counter("edgeserve_handoff_requests", "Requests by planned route.", ("model", "route"), registry=r),
+                Histogram(
+                    "edgeserve_handoff_ttft_seconds",
+                    "Time to first token, as the planner predicted it and as it was.",
+                    ("model", "route", "kind"),
+                    buckets=LATENCY_BUCKETS,
+                    registry=r,
+                ),
+                Counter("edgeserve_handoff_cloud_tokens", "Tokens the cloud sent.", ("model",), registry=r),
+                Counter(
+                    "edgeserve_handoff_kv_bytes", "KV state bytes received from the cloud.", ("model",), registry=r
+                ),
+                Counter("edgeserve_handoff_cloud_errors", "Requests whose cloud part failed.", ("model",), registry=r),
+            )
+        requests, ttft, cloud_tokens, kv_bytes, errors = self._handoff
+        requests.labels(m, route).inc()
+        ttft.labels(m, route, "predicted").observe(report.predicted_ttft_s)
+        if report.ttft_s is not None:
+            ttft.labels(m, route, "actual").observe(report.ttft_s)
+        cloud_tokens.labels(m).inc(report.cloud_tokens)
+        kv_bytes.labels(m).inc(report.kv_wire_bytes)
+        if report.cloud_error is not None:
+            errors.labels(m).inc()
 
     def finished(self, endpoint: str, result: GenerationResult) -> None:
         """A request that reached its end (its finish reason is the outcome)."""
