@@ -56,6 +56,18 @@ class Handoff:
         self.kv_fetcher: Callable[[Sequence[int]], KvStarter] | None = None
         model = engine.model.name if engine.model is not None else engine.capabilities.model
         self.cloud_model = settings.cloud_model or model
+        if settings.kv_handoff and settings.cloud and engine.capabilities.kv_state:
+            threading.Thread(target=self._probe_kv, name="edgeserve-kv-probe", daemon=True).start()
+
+    def _probe_kv(self) -> None:
+        """KV handoff needs the cloud to run this very model file: checked once, in the background
+        (the first requests plan without it)."""
+        from edgeserve.handoff import kvclient
+
+        path = self.engine.model.path if self.engine.model is not None else None
+        if kvclient.probe(self.settings, self.engine.capabilities.backend, path, self.telemetry):
+            self.kv_fetcher = kvclient.fetcher(self.settings, self.telemetry)
+            self.telemetry.kv_available = True
 
     # ---- planning -----------------------------------------------------------------------------
 

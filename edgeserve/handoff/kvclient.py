@@ -1,0 +1,116 @@
+"""The device's side of a KV handoff: check that the cloud is an edgeserve on the very same model file
+(SHA-256) and backend, then fetch a prompt's KV state from it, decoding chunks as they arrive.
+
+A failure at any point (refused, cut mid-stream, corrupt, another model) becomes a ``KvArrived``
+without a blob: the device's own prefill, which started at the same moment, goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import httpx
+
+from edgeserve.errors import EdgeserveError
+from edgeserve.handoff.kvwire import Decoder, file_sha256
+from edgeserve.handoff.session import KvArrived, KvStarter
+from edgeserve.handoff.telemetry import Telemetry
+from edgeserve.settings import CloudSettings
+
+log = logging.getLogger("edgeserve.handoff")
+KV_PATH = "/v1/edgeserve/kv"
+
+
+def _headers(settings: CloudSettings) -> dict[str, str]:
+    return {"Authorization": f"Bearer {settings.cloud_api_key}"} if settings.cloud_api_key else {}
+
+
+def probe(settings: CloudSettings, backend: str, model_file: Path | None, telemetry: Telemetry) -> bool:
+    """Whether the cloud can send KV states this device can load; measures the round trip too."""
+    if model_file is None or settings.cloud is None:
+        return False
+    try:
+        started = time.monotonic()
+        with httpx.Client(timeout=settings.cloud_first_token_timeout_s) as client:
+            response = client.get(f"{settings.cloud}{KV_PATH}", headers=_headers(settings))
+        telemetry.rtt(time.monotonic() - started)
+        if response.status_code != 200:
+            return False
+        info = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        log.info("cloud KV probe failed: %s", exc)
+        return False
+    same = info.get("backend") == backend and info.get("kv_state") and info.get("sha256") == file_sha256(model_file)
+    log.info("cloud KV handoff %s", "available" if same else "unavailable (another model or backend)")
+    return bool(same)
+
+
+def fetcher(
+    settings: CloudSettings, telemetry: Telemetry, quantize: bool = True
+) -> Callable[[Sequence[int]], KvStarter]:
+    """A function that, given a request's tokens, returns the starter of its KV fetch."""
+
+    def for_tokens(tokens: Sequence[int]) -> KvStarter:
+        def start(deliver: Callable[[KvArrived], None]) -> Callable[[], None]:
+            fetch = _Fetch(settings, telemetry, list(tokens), quantize, deliver)
+            return fetch.close
+
+        return start
+
+    return for_tokens
+
+
+class _Fetch:
+    def __init__(
+        self,
+        settings: CloudSettings,
+        telemetry: Telemetry,
+        tokens: list[int],
+        quantize: bool,
+        deliver: Callable[[KvArrived], None],
+    ) -> None:
+        self._settings, self._telemetry = settings, telemetry
+        self._tokens, self._quantize, self._deliver = tokens, quantize, deliver
+        self._closed = threading.Event()
+        self._decoder = Decoder()
+        threading.Thread(target=self._run, name="edgeserve-kv", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _run(self) -> None:
+        settings = self._settings
+        timeout = httpx.Timeout(
+            connect=settings.cloud_connect_timeout_s,
+            read=settings.cloud_first_token_timeout_s,
+            write=settings.cloud_connect_timeout_s,
+            pool=settings.cloud_connect_timeout_s,
+        )
+        body = {"tokens": self._tokens, "quantize": self._quantize}
+        first: float | None = None
+        try:
+            with (
+                httpx.Client(timeout=timeout) as client,
+                client.stream("POST", f"{settings.cloud}{KV_PATH}", json=body, headers=_headers(settings)) as response,
+            ):
+                if response.status_code != 200:
+                    raise EdgeserveError(f"the cloud answered HTTP {response.status_code}")
+                for chunk in response.iter_bytes():
+                    if self._closed.is_set():
+                        return
+                    first = first if first is not None else time.monotonic()
+                    self._decoder.feed(chunk)
+            blob = self._decoder.finish()
+        except (httpx.HTTPError, OSError, EdgeserveError) as exc:
+            if not self._closed.is_set():
+                self._telemetry.cloud_failed()
+                self._deliver(KvArrived(None, self._decoder.wire_bytes, f"{type(exc).__name__}: {exc}"))
+            return
+        if first is not None:
+            self._telemetry.kv_transfer(len(self._tokens), self._decoder.wire_bytes, time.monotonic() - first)
+        if not self._closed.is_set():
+            self._deliver(KvArrived(blob, self._decoder.wire_bytes))
