@@ -22,7 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import PlainTextResponse, Response
 
 from edgeserve.engine import Engine
-from edgeserve.server import ollama_routes, openai_routes, openai_wire
+from edgeserve.server import kv_routes, ollama_routes, openai_routes, openai_wire
 from edgeserve.server.boundary import ErrorBoundary
 from edgeserve.server.context import Context, ServedModel, ServerContext
 from edgeserve.server.guard import GuardMiddleware
@@ -85,7 +85,10 @@ def create_app(
     app.state.edgeserve = ServerContext(engine, settings, metrics, served)
     app.include_router(openai_routes.router)
     app.include_router(ollama_routes.router)
+    app.include_router(kv_routes.router)
     app.include_router(system)
+    if engine.handoff is not None:  # the cloud-device handoff reports each request's route and TTFT
+        engine.handoff.listeners.append(metrics.handoff)
     install_error_handlers(app)
     _add_layers(app, settings, metrics)
 
@@ -119,7 +122,7 @@ def _add_layers(app: FastAPI, settings: ServerSettings, metrics: ServerMetrics) 
         max_age=600,
     )
     app.add_middleware(OriginGuard, policy=policy)
-    routers = (openai_routes.router, ollama_routes.router, system)
+    routers = (openai_routes.router, ollama_routes.router, kv_routes.router, system)
     paths = [route.path for router in routers for route in router.routes if isinstance(route, APIRoute)]
     app.add_middleware(ErrorBoundary, metrics=metrics, paths=paths)
 

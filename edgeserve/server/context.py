@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 
 from edgeserve.engine import AsyncRequestHandle, Engine
 from edgeserve.errors import ModelNotFoundError
+from edgeserve.handoff.privacy import cloud_allowed
 from edgeserve.server.boundary import mark_engine_counts
 from edgeserve.server.metrics import ServerMetrics
 from edgeserve.settings import ServerSettings
@@ -76,7 +77,8 @@ class ServerContext:
         """Queue a request; bad input and a full queue raise here, before any response starts (and
         ``ErrorBoundary`` counts them). From here on the request's events count it. ``output``:
         ``response_format``, ``tools`` and ``tool_choice`` (see ``Engine.submit``)."""
-        handle = self.engine.submit_async(prompt, params, messages=messages, priority=priority, **output)
+        cloud = cloud_allowed(request)  # the privacy switch: header or body field
+        handle = self.engine.submit_async(prompt, params, messages=messages, priority=priority, cloud=cloud, **output)
         mark_engine_counts(request.scope)
         if self.settings.log_prompts:
             log.info("%s %s prompt=%r messages=%r", handle.request_id, endpoint, prompt, messages)
