@@ -14,7 +14,7 @@ import click
 from edgeserve._options import build, dataclass_from, options_from, options_from_dataclass
 from edgeserve._startup import configure_logging
 from edgeserve.errors import EdgeserveError, InvalidParameterError, UserError
-from edgeserve.settings import EngineSettings, ModelSettings
+from edgeserve.settings import CloudSettings, EngineSettings, ModelSettings
 from edgeserve.types import FinalEvent, GenerationResult, Message, SamplingParams
 
 
@@ -59,8 +59,9 @@ def _engine(values: dict[str, Any]) -> Iterator[Any]:
     # run and chat have one request at a time: admission settings (queue, policy, aging, predictor)
     # are the servers' and have no flags here; EDGESERVE_* variables still apply.
     engine_settings = build(EngineSettings, values)
+    cloud = build(CloudSettings, values)  # --cloud: the cloud answers first, the device takes over
     with _status(f"loading {model_settings.model} ..."):
-        engine = Engine.from_settings(model_settings, engine_settings)
+        engine = Engine.from_settings(model_settings, engine_settings, cloud=cloud)
     with engine:
         yield engine
 
@@ -93,10 +94,17 @@ def _end_line() -> None:
 
 
 def _print_stream(events: Iterator[Any]) -> GenerationResult:
+    from rich.console import Console
+
+    from edgeserve.handoff import CloudTokenEvent
+
+    console = Console(highlight=False)
     result: GenerationResult | None = None
     for event in events:
         if isinstance(event, FinalEvent):
             result = event.result
+        elif isinstance(event, CloudTokenEvent) and console.is_terminal:  # the cloud's tokens, dimmed
+            console.print(event.text, style="dim", end="", markup=False, soft_wrap=True)
         else:
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -110,6 +118,7 @@ def _print_stream(events: Iterator[Any]) -> GenerationResult:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object instead of streaming.")
 @sampling_options
 @options_from(ModelSettings)
+@options_from(CloudSettings)
 def run(prompt: str, as_chat: bool, as_json: bool, **values: Any) -> None:
     """Complete PROMPT once, streaming the text to stdout (stats go to stderr)."""
     params = _sampling(values)
@@ -128,6 +137,7 @@ def run(prompt: str, as_chat: bool, as_json: bool, **values: Any) -> None:
 @click.option("--system", default=None, help="System prompt.")
 @sampling_options
 @options_from(ModelSettings)
+@options_from(CloudSettings)
 def chat(system: str | None, **values: Any) -> None:
     """Interactive multi-turn chat. /reset clears the conversation, /exit leaves. Reads stdin when it
     is not a terminal, one message per line."""

@@ -14,7 +14,7 @@ import click
 
 from edgeserve._options import build, options_from
 from edgeserve._startup import configure_logging, ensure_port_free
-from edgeserve.settings import EngineSettings, ModelSettings, ServerSettings
+from edgeserve.settings import CloudSettings, EngineSettings, ModelSettings, ServerSettings
 
 log = logging.getLogger("edgeserve.server")
 
@@ -23,11 +23,13 @@ log = logging.getLogger("edgeserve.server")
 @options_from(ServerSettings)
 @options_from(ModelSettings)
 @options_from(EngineSettings)
+@options_from(CloudSettings)
 def serve(**values: Any) -> None:
     """Serve the model over OpenAI- and Ollama-compatible HTTP APIs (loopback only by default)."""
     server = build(ServerSettings, values)
     model = build(ModelSettings, values)
     engine_settings = build(EngineSettings, values)
+    cloud = build(CloudSettings, values)
     configure_logging(server.log_level, timed=True)
     ensure_port_free(server.host, server.port)  # before the model loads, not after
     import uvicorn
@@ -42,7 +44,7 @@ def serve(**values: Any) -> None:
         if not server.allowed_hosts:
             log.warning("clients must name this server by IP address or be listed in --allowed-hosts")
     raise_open_files_limit(server.max_connections)
-    with Engine.from_settings(model, engine_settings) as engine:
+    with Engine.from_settings(model, engine_settings, cloud=cloud) as engine:
         app = create_app(engine, server, model=engine.model)
         uvicorn.run(app, **uvicorn_options(server))
 
