@@ -7,11 +7,16 @@ As in Ollama, a request with no prompt (or no messages) only answers that the mo
 (``done_reason: "load"``); clients use it to preload. ``/api/generate`` sends the prompt through the
 model's chat template when the model has one and ``raw`` is false; a model without a template (the
 default base model) gets the prompt as is, as Ollama does for a ``{{ .Prompt }}`` template.
+
+``format`` (``"json"`` or a JSON schema) and ``tools`` are enforced by the grammar engine
+(``edgeserve.structured``); a call comes in ``message.tool_calls``, on its own line before the last
+when streaming, as Ollama sends it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncGenerator, Callable
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -27,7 +32,17 @@ from edgeserve.server import ollama_wire as wire
 from edgeserve.server.context import Context, ServerContext
 from edgeserve.server.generation import EventStreamResponse, events, result_or_disconnect
 from edgeserve.server.http_errors import documented_errors
-from edgeserve.types import ErrorEvent, FinalEvent, FinishReason, GenerationResult, Message, SamplingParams
+from edgeserve.structured import CallSplitter, with_tool_calls
+from edgeserve.structured.spec import checked_schema
+from edgeserve.types import (
+    ErrorEvent,
+    FinalEvent,
+    FinishReason,
+    GenerationResult,
+    Message,
+    SamplingParams,
+    ToolCall,
+)
 
 router = APIRouter(prefix="/api", tags=["Ollama"])
 NDJSON = "application/x-ndjson"
@@ -72,9 +87,18 @@ def _sampling(options: wire.OllamaOptions | None) -> SamplingParams:
     )
 
 
+def _response_format(fmt: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    """Ollama's ``format`` as OpenAI's ``response_format`` (what the engine takes)."""
+    if not fmt:
+        return None
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, str):
+        raise InvalidParameterError(f'format must be "json" or a JSON schema, got {fmt!r}', param="format")
+    return {"type": "json_schema", "json_schema": {"schema": checked_schema(fmt, "format")}}
+
+
 def _refuse_unsupported(body: wire.ChatRequest | wire.GenerateRequest, images: bool) -> None:
-    if body.format:
-        raise InvalidParameterError("structured output (format) is not supported", param="format")
     if body.think:
         raise InvalidParameterError("this model does not support thinking", param="think")
     if images:
@@ -115,18 +139,20 @@ async def _ndjson_stream(
     handle: AsyncRequestHandle,
     ctx: ServerContext,
     endpoint: str,
-    piece: Callable[[str], BaseModel],
-    last: Callable[[GenerationResult], BaseModel],
+    piece: Callable[[str], BaseModel | None],
+    last: Callable[[GenerationResult], list[BaseModel]],
 ) -> AsyncGenerator[bytes]:
+    """``piece`` may hold text back (None); ``last`` gives what is left, then the done line."""
     # aclosing: closing this generator (the client left) closes ``events`` now, which cancels the request.
     async with contextlib.aclosing(events(handle, ctx.metrics, endpoint)) as stream:
         async for event in stream:
             if isinstance(event, FinalEvent):
-                yield _line(last(event.result))
+                for line in last(event.result):
+                    yield _line(line)
             elif isinstance(event, ErrorEvent):
                 yield _line({"error": str(event.error)})
-            elif event.text:
-                yield _line(piece(event.text))
+            elif event.text and (held := piece(event.text)) is not None:
+                yield _line(held)
 
 
 async def _answer(
@@ -135,19 +161,32 @@ async def _answer(
     endpoint: str,
     stream: bool,
     handle: AsyncRequestHandle,
-    make: Callable[[str, GenerationResult | None], BaseModel],
+    make: Callable[[str, GenerationResult | None, tuple[ToolCall, ...]], BaseModel],
+    calls: bool = False,
 ) -> Response:
-    """Stream NDJSON lines, or wait for the whole answer; ``make(text, result)`` builds one line."""
+    """Stream NDJSON lines, or wait for the whole answer; ``make(text, result, calls)`` builds one
+    line (``result`` None: a piece of a stream). ``calls``: tools were offered, parse them out."""
     if stream:
-        return EventStreamResponse(
-            _ndjson_stream(handle, ctx, endpoint, lambda text: make(text, None), lambda r: make("", r)),
-            NDJSON,
-            on_close=handle.cancel,
-        )
+        splitter = CallSplitter(calls)
+
+        def piece(text: str) -> BaseModel | None:
+            out = splitter.push(text)
+            return make(out, None, ()) if out else None
+
+        def last(result: GenerationResult) -> list[BaseModel]:
+            parsed = with_tool_calls(result) if calls else result
+            if parsed.tool_calls:  # the calls on their own line, then the statistics (as Ollama streams them)
+                return [make("", None, parsed.tool_calls), make("", parsed, ())]
+            held = [make("".join(splitter.held), None, ())] if splitter.held else []
+            return [*held, make("", parsed, ())]
+
+        return EventStreamResponse(_ndjson_stream(handle, ctx, endpoint, piece, last), NDJSON, on_close=handle.cancel)
     result = await result_or_disconnect(request, events(handle, ctx.metrics, endpoint))
     if result is None:
         return Response(status_code=499)  # nobody reads it; access logs do
-    return JSONResponse(make(result.text, result).model_dump(mode="json", exclude_none=True))
+    if calls:
+        result = with_tool_calls(result)
+    return JSONResponse(make(result.text, result, result.tool_calls).model_dump(mode="json", exclude_none=True))
 
 
 def _loaded(ctx: ServerContext, make: Callable[..., BaseModel]) -> Response:
@@ -164,16 +203,18 @@ async def generate(body: wire.GenerateRequest, request: Request, ctx: Context) -
     ctx.check_model(body.model)
     _refuse_unsupported(body, bool(body.images))
     params = _sampling(body.options)
+    response_format = _response_format(body.format)
     if not body.prompt:
         return _loaded(ctx, lambda **kw: wire.GenerateResponse(response="", **kw))
     if body.raw or ctx.engine.capabilities.chat_template is None:
         prompt = body.prompt if body.raw or not body.system else f"{body.system}\n\n{body.prompt}"
-        handle = ctx.submit(request, endpoint, params, prompt=prompt)
+        handle = ctx.submit(request, endpoint, params, prompt=prompt, response_format=response_format)
     else:
         messages: list[Message] = [{"role": "system", "content": body.system}] if body.system else []
-        handle = ctx.submit(request, endpoint, params, messages=[*messages, {"role": "user", "content": body.prompt}])
+        messages.append({"role": "user", "content": body.prompt})
+        handle = ctx.submit(request, endpoint, params, messages=messages, response_format=response_format)
 
-    def make(text: str, result: GenerationResult | None) -> wire.GenerateResponse:
+    def make(text: str, result: GenerationResult | None, _calls: tuple[ToolCall, ...]) -> wire.GenerateResponse:
         stats = _stats(result) if result is not None else {"done": False}
         return wire.GenerateResponse(model=ctx.model.name, created_at=_now(), response=text, **stats)
 
@@ -185,20 +226,26 @@ async def chat(body: wire.ChatRequest, request: Request, ctx: Context) -> Respon
     endpoint = "/api/chat"
     ctx.check_model(body.model)
     _refuse_unsupported(body, any(m.images for m in body.messages or ()))
-    if body.tools:
-        raise InvalidParameterError("tools are not supported", param="tools")
     params = _sampling(body.options)
+    response_format = _response_format(body.format)
     if not body.messages:
         return _loaded(ctx, lambda **kw: wire.ChatResponse(message=wire.OllamaReply(content=""), **kw))
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
-    handle = ctx.submit(request, endpoint, params, messages=messages)
+    messages = [m.model_dump(include={"role", "content", "tool_calls"}, exclude_none=True) for m in body.messages]
+    handle = ctx.submit(
+        request, endpoint, params, messages=messages, response_format=response_format, tools=body.tools or None
+    )
 
-    def make(text: str, result: GenerationResult | None) -> wire.ChatResponse:
+    def make(text: str, result: GenerationResult | None, calls: tuple[ToolCall, ...]) -> wire.ChatResponse:
         stats = _stats(result) if result is not None else {"done": False}
-        message = wire.OllamaReply(content=text)
+        message = wire.OllamaReply(content=text, tool_calls=[_call_out(c) for c in calls] or None)
         return wire.ChatResponse(model=ctx.model.name, created_at=_now(), message=message, **stats)
 
-    return await _answer(request, ctx, endpoint, body.stream, handle, make)
+    return await _answer(request, ctx, endpoint, body.stream, handle, make, calls=bool(body.tools))
+
+
+def _call_out(call: ToolCall) -> wire.OllamaToolCall:
+    # Ollama sends the arguments as an object; the grammar made them a JSON object.
+    return wire.OllamaToolCall(function=wire.OllamaFunction(name=call.name, arguments=json.loads(call.arguments)))
 
 
 def _entry(ctx: ServerContext) -> dict[str, Any]:

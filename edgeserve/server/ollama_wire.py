@@ -4,8 +4,9 @@ Shapes follow Ollama's API documentation and what the official ``ollama`` Python
 Durations are nanoseconds, as Ollama reports them. Options edgeserve cannot apply (``num_ctx``,
 ``num_gpu``, ``mirostat``, ...) are accepted and ignored, as Ollama ignores options a runner lacks.
 Requests are strict and their text valid Unicode, as ``/v1``'s (see ``openai_wire.WireRequest``).
-Features it cannot serve (``format``, ``think``, ``images``, ``tools``) validate loosely so that the
-route can refuse them by name, and are documented as absent (see ``openai_wire.Documented``).
+Features it cannot serve (``think``, ``images``) validate loosely so that the route can refuse them
+by name, and are documented as absent (see ``openai_wire.Documented``). ``format`` and ``tools`` are
+validated where they are enforced (``edgeserve.structured``), which names the faulty field.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ class _Request(WireRequest):
     model: str = Field(min_length=1)
     stream: bool = Field(True, description="NDJSON stream (the default) or one JSON object.")
     options: OllamaOptions | None = None
-    format: Annotated[str | dict[str, Any] | None, Documented({"enum": ["", None]})] = Field(
-        None, description="Structured output; not supported (must be absent or empty)."
-    )
+    format: Annotated[
+        str | dict[str, Any] | None, Documented({"anyOf": [{"enum": ["", "json"]}, {"type": "object"}, NULL]})
+    ] = Field(None, description='"json" (any JSON object), or a JSON schema the answer follows.')
     keep_alive: float | str | None = Field(None, description="Accepted; the served model always stays loaded.")
     think: Annotated[bool | str | None, Documented({"enum": [False, None]})] = Field(
         None, description="Not supported: must be absent or false."
@@ -58,18 +59,55 @@ class GenerateRequest(_Request):
     )
 
 
+class OllamaFunction(Strict):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class OllamaToolCall(Strict):
+    function: OllamaFunction
+
+
 class OllamaMessage(Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: Annotated[list[str] | None, Documented(EMPTY_LIST)] = Field(
         None, description="Not supported: must be absent or empty."
     )
+    tool_calls: list[OllamaToolCall] | None = Field(None, description="An assistant message's calls.")
+    tool_name: str | None = Field(None, description="A tool message: the tool that answered.")
+
+
+TOOLS = {
+    "anyOf": [
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["function"],
+                "properties": {
+                    "type": {"const": "function"},
+                    "function": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                            "description": {"type": "string"},
+                            "parameters": {"type": "object"},
+                        },
+                    },
+                },
+            },
+        },
+        NULL,
+    ]
+}
 
 
 class ChatRequest(_Request):
     messages: list[OllamaMessage] | None = Field(None, description="Empty or absent: only report the model is loaded.")
-    tools: Annotated[list[dict[str, Any]] | None, Documented(EMPTY_LIST)] = Field(
-        None, description="Not supported: must be absent or empty."
+    tools: Annotated[list[dict[str, Any]] | None, Documented(TOOLS)] = Field(
+        None, description="Functions the model may call; their parameters schema constrains the arguments."
     )
 
 
@@ -109,6 +147,7 @@ class GenerateResponse(_Stats):
 class OllamaReply(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[OllamaToolCall] | None = None
 
 
 class ChatResponse(_Stats):

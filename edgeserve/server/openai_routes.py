@@ -3,6 +3,10 @@
 Streams are Server-Sent Events: one ``data: {chunk}`` per piece of text, a last chunk with the
 finish reason, a usage chunk when ``stream_options.include_usage``, then ``data: [DONE]``. A
 backend failure mid-stream becomes ``data: {"error": {...}}`` followed by ``[DONE]``.
+
+With tools, an answer that is a call is held back while it streams and sent at its end as two
+deltas (the call's id and name, then its arguments) and ``finish_reason: "tool_calls"``: parsed from
+the same final text as the non-streamed answer, so both give the same call.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from edgeserve.server import openai_wire as wire
 from edgeserve.server.context import Context, ServerContext
 from edgeserve.server.generation import EventStreamResponse, events, result_or_disconnect
 from edgeserve.server.http_errors import documented_errors, error_body
-from edgeserve.types import ErrorEvent, FinalEvent, FinishReason, GenerationResult, SamplingParams
+from edgeserve.structured import CallSplitter, expects_calls, with_tool_calls
+from edgeserve.types import ErrorEvent, FinalEvent, FinishReason, GenerationResult, SamplingParams, ToolCall
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
@@ -111,15 +116,44 @@ def _usage(result: GenerationResult) -> wire.Usage:
 
 
 def _finish(result: GenerationResult) -> wire.FinishReasonWire:
+    if result.finish_reason is FinishReason.TOOL_CALLS:
+        return "tool_calls"
     return "length" if result.finish_reason is FinishReason.LENGTH else "stop"
+
+
+def _calls_out(calls: tuple[ToolCall, ...]) -> list[wire.ToolCallOut] | None:
+    if not calls:
+        return None
+    return [wire.ToolCallOut(id=c.id, function=wire.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+
+
+def _call_deltas(calls: tuple[ToolCall, ...]) -> list[wire.Delta]:
+    """Each call as OpenAI streams one: its id and name with empty arguments, then the arguments."""
+    deltas = []
+    for i, c in enumerate(calls):
+        head = wire.ToolCallDelta(
+            index=i, id=c.id, type="function", function=wire.FunctionDelta(name=c.name, arguments="")
+        )
+        deltas.append(wire.Delta(tool_calls=[head]))
+        args = wire.ToolCallDelta(index=i, function=wire.FunctionDelta(arguments=c.arguments))
+        deltas.append(wire.Delta(tool_calls=[args]))
+    return deltas
 
 
 def _sse(payload: BaseModel | dict[str, Any], exclude: set[str] | None = None) -> bytes:
     data = payload.model_dump(mode="json", exclude=exclude) if isinstance(payload, BaseModel) else payload
     for choice in data.get("choices", ()):
         if "delta" in choice:  # OpenAI leaves unset delta fields out ({} on the last chunk) rather than null
-            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            choice["delta"] = _no_nulls(choice["delta"])
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _no_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _no_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_no_nulls(v) for v in value]
+    return value
 
 
 async def _sse_stream(
@@ -128,10 +162,11 @@ async def _sse_stream(
     endpoint: str,
     include_usage: bool,
     first: BaseModel | None,
-    text_chunk: Callable[[str], BaseModel],
-    last_chunk: Callable[[GenerationResult], BaseModel],
+    text_chunk: Callable[[str], BaseModel | None],
+    last_chunk: Callable[[GenerationResult], list[BaseModel]],
     usage_chunk: Callable[[wire.Usage], BaseModel],
 ) -> AsyncGenerator[bytes]:
+    """``text_chunk`` may hold a piece back (None); ``last_chunk`` gives what is left, then the end."""
     # Without include_usage the usage key is left out entirely, as OpenAI does.
     skip = None if include_usage else {"usage"}
     if first is not None:
@@ -141,15 +176,16 @@ async def _sse_stream(
     async with contextlib.aclosing(events(handle, ctx.metrics, endpoint)) as stream:
         async for event in stream:
             if isinstance(event, FinalEvent):
-                yield _sse(last_chunk(event.result), skip)
+                for last in last_chunk(event.result):
+                    yield _sse(last, skip)
                 if include_usage:
                     yield _sse(usage_chunk(_usage(event.result)))
             elif isinstance(event, ErrorEvent):
                 err = event.error
                 kind = err.error_type if isinstance(err, EdgeserveError) else "server_error"
                 yield _sse(error_body(endpoint, str(err), kind))
-            elif event.text:
-                yield _sse(text_chunk(event.text), skip)
+            elif event.text and (piece := text_chunk(event.text)) is not None:
+                yield _sse(piece, skip)
     yield b"data: [DONE]\n\n"
 
 
@@ -172,44 +208,83 @@ async def chat_completions(body: wire.ChatCompletionRequest, request: Request, c
     endpoint = "/v1/chat/completions"
     ctx.check_model(body.model)
     _refuse_unsupported(body)
-    if body.tools:
-        raise InvalidParameterError("tools are not supported", param="tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise InvalidParameterError("only response_format {'type': 'text'} is supported", param="response_format")
     params = _sampling(body, body.max_completion_tokens or body.max_tokens)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    handle = ctx.submit(request, endpoint, params, messages=messages, priority=body.priority)
+    handle = ctx.submit(
+        request,
+        endpoint,
+        params,
+        messages=messages,
+        priority=body.priority,
+        response_format=body.response_format,
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+    )
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.model.name
+    calls = expects_calls(body.tools, body.tool_choice)
 
     if body.stream:
-
-        def chunk(delta: wire.Delta, finish: wire.FinishReasonWire | None = None) -> wire.ChatCompletionChunk:
-            choice = wire.ChunkChoice(delta=delta, finish_reason=finish)
-            return wire.ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
-
-        stream = _sse_stream(
-            handle,
-            ctx,
-            endpoint,
-            bool(body.stream_options and body.stream_options.include_usage),
-            first=chunk(wire.Delta(role="assistant", content="")),
-            text_chunk=lambda text: chunk(wire.Delta(content=text)),
-            last_chunk=lambda r: chunk(wire.Delta(), _finish(r)),
-            usage_chunk=lambda u: wire.ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=u),
-        )
-        return EventStreamResponse(stream, media_type="text/event-stream", on_close=handle.cancel)
+        return _chat_stream(handle, ctx, body, calls, rid, created)
 
     result = await result_or_disconnect(request, events(handle, ctx.metrics, endpoint))
     if result is None:
         return Response(status_code=499)  # nobody reads it; access logs do
+    if calls:
+        result = with_tool_calls(result)
+    message = wire.AssistantMessage(content=result.text or None, tool_calls=_calls_out(result.tool_calls))
+    if not result.tool_calls:
+        message.content = result.text
     answer = wire.ChatCompletion(
         id=rid,
         created=created,
         model=model,
-        choices=[wire.ChatChoice(message=wire.AssistantMessage(content=result.text), finish_reason=_finish(result))],
+        choices=[wire.ChatChoice(message=message, finish_reason=_finish(result))],
         usage=_usage(result),
     )
-    return JSONResponse(answer.model_dump(mode="json"))
+    data = answer.model_dump(mode="json")
+    if not result.tool_calls:  # OpenAI leaves the key out of a plain answer
+        del data["choices"][0]["message"]["tool_calls"]
+    return JSONResponse(data)
+
+
+def _chat_stream(
+    handle: AsyncRequestHandle,
+    ctx: ServerContext,
+    body: wire.ChatCompletionRequest,
+    calls: bool,
+    rid: str,
+    created: int,
+) -> Response:
+    model = ctx.model.name
+    splitter = CallSplitter(calls)
+
+    def chunk(delta: wire.Delta, finish: wire.FinishReasonWire | None = None) -> wire.ChatCompletionChunk:
+        choice = wire.ChunkChoice(delta=delta, finish_reason=finish)
+        return wire.ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
+
+    def text_chunk(text: str) -> BaseModel | None:
+        out = splitter.push(text)
+        return chunk(wire.Delta(content=out)) if out else None
+
+    def last_chunks(result: GenerationResult) -> list[BaseModel]:
+        if calls:
+            result = with_tool_calls(result)
+        out: list[BaseModel] = [chunk(d) for d in _call_deltas(result.tool_calls)]
+        if splitter.held and not result.tool_calls:  # held back as a possible call, and was not one
+            out.append(chunk(wire.Delta(content="".join(splitter.held))))
+        return [*out, chunk(wire.Delta(), _finish(result))]
+
+    stream = _sse_stream(
+        handle,
+        ctx,
+        "/v1/chat/completions",
+        bool(body.stream_options and body.stream_options.include_usage),
+        first=chunk(wire.Delta(role="assistant", content="")),
+        text_chunk=text_chunk,
+        last_chunk=last_chunks,
+        usage_chunk=lambda u: wire.ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=u),
+    )
+    return EventStreamResponse(stream, media_type="text/event-stream", on_close=handle.cancel)
 
 
 @router.post("/completions", response_model=wire.Completion, responses=_sse_doc(wire.Completion))
@@ -237,7 +312,7 @@ async def completions(body: wire.CompletionRequest, request: Request, ctx: Conte
             bool(body.stream_options and body.stream_options.include_usage),
             first=None,
             text_chunk=chunk,
-            last_chunk=lambda r: chunk("", _finish(r)),
+            last_chunk=lambda r: [chunk("", _finish(r))],
             usage_chunk=lambda u: wire.Completion(id=rid, created=created, model=model, choices=[], usage=u),
         )
         return EventStreamResponse(stream, media_type="text/event-stream", on_close=handle.cancel)

@@ -1,8 +1,10 @@
 """OpenAI wire types: the JSON that ``/v1/*`` reads and writes, as pydantic models.
 
 Only what edgeserve serves is declared; unknown request fields are ignored (clients send many), and
-fields that would change the answer in a way edgeserve cannot honour (``n > 1``, ``logprobs``,
-``tools``) are declared so that the route can refuse them with a clear 400 instead of ignoring them.
+fields that would change the answer in a way edgeserve cannot honour (``n > 1``, ``logprobs``) are
+declared so that the route can refuse them with a clear 400 instead of ignoring them.
+``response_format``, ``tools`` and ``tool_choice`` are validated where they are enforced
+(``edgeserve.structured``), which names the faulty field, down to the path inside a schema.
 For those, validation accepts the field's usual shape and the route says what is wrong, while the
 documented schema (``Documented``) states only what is served: a request that fits the schema is
 served. ``ignore_eos``, ``priority``, ``top_k``, ``min_p`` and ``repetition_penalty`` are extensions.
@@ -159,22 +161,104 @@ class ContentPart(Strict):
     text: str | None = None
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text.")
+
+
+class MessageToolCall(Strict):
+    """A call an earlier assistant message made (sent back with the conversation)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, description="An assistant message's calls.")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers.")
+
+
+_SCHEMA_OBJECT = {"type": "object"}
+_RESPONSE_FORMAT = {
+    "anyOf": [
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {
+            "type": "object",
+            "required": ["type", "json_schema"],
+            "properties": {
+                "type": {"const": "json_schema"},
+                "json_schema": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                        "schema": _SCHEMA_OBJECT,
+                        "strict": {"type": ["boolean", "null"]},
+                        "description": {"type": "string"},
+                    },
+                },
+            },
+        },
+        NULL,
+    ]
+}
+_TOOLS = {
+    "anyOf": [
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "function"],
+                "properties": {
+                    "type": {"const": "function"},
+                    "function": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                            "description": {"type": "string"},
+                            "parameters": _SCHEMA_OBJECT,
+                            "strict": {"type": ["boolean", "null"]},
+                        },
+                    },
+                },
+            },
+        },
+        NULL,
+    ]
+}
+_TOOL_CHOICE = {
+    "anyOf": [
+        {"enum": ["none", "auto", "required"]},
+        {
+            "type": "object",
+            "required": ["type", "function"],
+            "properties": {
+                "type": {"const": "function"},
+                "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+            },
+        },
+        NULL,
+    ]
+}
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Preferred name for max_tokens; wins over it.")
-    tools: Annotated[list[dict[str, Any]] | None, Documented({"anyOf": [{"type": "array", "maxItems": 0}, NULL]})] = (
-        Field(None, description="Not supported: must be absent or empty.")
+    tools: Annotated[list[dict[str, Any]] | None, Documented(_TOOLS)] = Field(
+        None, description="Functions the model may call; their parameters schema constrains the arguments."
     )
-    response_format: Annotated[
-        dict[str, Any] | None,
-        Documented({"anyOf": [{"type": "object", "properties": {"type": {"const": "text"}}}, NULL]}),
-    ] = Field(None, description="Only {'type': 'text'} is supported.")
+    tool_choice: Annotated[str | dict[str, Any] | None, Documented(_TOOL_CHOICE)] = Field(
+        None, description="none, auto (the default with tools), required, or a named function."
+    )
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; an answer makes at most one call.")
+    response_format: Annotated[dict[str, Any] | None, Documented(_RESPONSE_FORMAT)] = Field(
+        None, description="text, json_object, or json_schema: the answer is JSON that follows the schema."
+    )
 
 
 class CompletionRequest(SamplingFields):
@@ -197,12 +281,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    #: Null when the answer is only tool calls.
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
-FinishReasonWire = Literal["stop", "length"]
+FinishReasonWire = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
@@ -222,9 +314,24 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed call: the first carries its id and name, the next its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

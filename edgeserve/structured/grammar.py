@@ -174,7 +174,7 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
     """llguidance's grammar text for one JSON schema, written in ``JSON_STYLE``."""
     import llguidance
 
-    return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)  # type: ignore[arg-type]
+    return llguidance.LLMatcher.grammar_from_json_schema(closed(schema), overrides=JSON_STYLE)  # type: ignore[arg-type]
 
 
 def lark_grammar(lark: str) -> str:
@@ -185,4 +185,34 @@ def lark_grammar(lark: str) -> str:
 
 def inline_schema(schema: dict[str, Any]) -> str:
     """A schema to inline in a Lark grammar (``%json {...}``), written in ``JSON_STYLE``."""
-    return json.dumps({**schema, "x-guidance": JSON_STYLE})
+    return json.dumps({**closed(schema), "x-guidance": JSON_STYLE})
+
+
+#: Keywords whose value is one subschema, or a list / map of them.
+_ONE = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
+_LIST = ("prefixItems", "anyOf", "oneOf")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed(schema: Any) -> Any:
+    """The schema with ``additionalProperties: false`` on every object that lists its properties
+    and says nothing about others (XGrammar's ``strict_mode``, and what OpenAI's strict schemas
+    spell out): a small model otherwise invents keys until max_tokens. Every answer still follows
+    the caller's schema. ``allOf`` members stay open (closing each would refuse the others' keys)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "properties" in out and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _ONE:
+        if key in out:
+            out[key] = closed(out[key])
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = closed(out["additionalProperties"])
+    for key in _LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(s) for s in out[key]]
+    for key in _MAP:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed(v) for k, v in out[key].items()}
+    return out

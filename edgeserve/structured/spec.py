@@ -57,10 +57,14 @@ def plan(response_format: Any = None, tools: Any = None, tool_choice: Any = None
     schema = response_schema(response_format)
     offered = parse_tools(tools)
     choice = parse_tool_choice(tool_choice, offered)
-    if offered and choice != "none":
-        return OutputSpec(lark_grammar(tool_lark(offered, choice, schema)), "tools", offered, choice)
-    if schema is not None:
-        return OutputSpec(json_schema_grammar(schema), "response_format", offered, choice)
+    param = "tools" if offered and choice != "none" else "response_format"
+    try:
+        if offered and choice != "none":
+            return OutputSpec(lark_grammar(tool_lark(offered, choice, schema)), param, offered, choice)
+        if schema is not None:
+            return OutputSpec(json_schema_grammar(schema), param, offered, choice)
+    except ValueError as exc:  # llguidance refuses what it cannot even write down as a grammar
+        raise InvalidParameterError(f"{param}: the grammar engine cannot enforce it: {exc}", param=param) from None
     return OutputSpec(None, "tools", offered, choice) if offered else None
 
 
@@ -95,16 +99,17 @@ def checked_schema(schema: Any, where: str) -> dict[str, Any]:
     otherwise a 400 naming ``where`` and the path to the fault inside it."""
     import jsonschema
 
+    param = re.split(r"[.\[]", where)[0]  # the request's own field (OpenAI's ``error.param``)
     if isinstance(schema, bool):  # true / false are schemas, but an answer needs a shape
-        raise InvalidParameterError(f"{where} must be a JSON Schema object, not {json.dumps(schema)}", param=where)
+        raise InvalidParameterError(f"{where} must be a JSON Schema object, not {json.dumps(schema)}", param=param)
     if not isinstance(schema, Mapping):
-        raise InvalidParameterError(f"{where} must be a JSON Schema object", param=where)
+        raise InvalidParameterError(f"{where} must be a JSON Schema object", param=param)
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         inside = "/".join(str(p) for p in exc.path)
         at = f" at {inside}" if inside else ""
-        raise InvalidParameterError(f"{where} is not a valid JSON Schema{at}: {exc.message}", param=where) from None
+        raise InvalidParameterError(f"{where} is not a valid JSON Schema{at}: {exc.message}", param=param) from None
     return dict(schema)
 
 
