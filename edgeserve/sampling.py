@@ -9,18 +9,23 @@ so that every ``SamplingParams`` field means on those backends what it means on 
 (which runs the same chain natively; ``tests/test_sampling.py`` checks that the two distributions
 agree). A ``Sampler`` is a request's sampling *state*: its random generator and its penalty
 history live here, not in a backend's decode loop, so a request paused between two tokens and
-resumed later draws exactly what it would have drawn without the pause.
+resumed later draws exactly what it would have drawn without the pause: each draw takes exactly
+one number from the generator, whatever path picks the token.
+
+The truncation and the draw run in the fused CPU kernel (``kernels.sample_cpu``: no sort of the
+vocabulary); ``Sampler.distribution`` is the reference chain (``kernels.sample_ref``) that the
+kernel is tested against and falls back to.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import random
 from typing import Any
 
 import numpy as np
 
+from edgeserve.kernels import sample_cpu, sample_ref
 from edgeserve.types import SamplingParams
 
 #: How far back the repetition/frequency/presence penalties look, in generated tokens (every backend).
@@ -78,43 +83,12 @@ class Sampler:
         return logits
 
     def distribution(self, logits: Logits) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-        """(candidate ids, their probabilities) the next draw picks from: the truncation chain
-        applied to already adjusted logits. Exposed for the cross-backend distribution check."""
+        """(candidate ids ascending, their probabilities) by the *reference* chain
+        (``kernels.sample_ref``), on already adjusted logits: what every draw is tested against,
+        here and in the cross-backend check against llama.cpp."""
         p = self.params
-        ids = np.arange(logits.size)
-        cand = logits.astype(np.float64)
-        if 0 < p.top_k < cand.size:
-            top = np.argpartition(-cand, p.top_k - 1)[: p.top_k]
-            ids, cand = ids[top], cand[top]
-        if p.top_p < 1:
-            order = np.argsort(-cand, kind="stable")
-            ids, cand = ids[order], cand[order]
-            probs = _softmax(cand)
-            # Keep the smallest prefix whose mass reaches top_p (at least one token).
-            keep = max(int(np.sum(np.cumsum(probs) - probs < p.top_p)), 1)
-            ids, cand = ids[:keep], cand[:keep]
-        if p.min_p > 0:
-            kept = np.flatnonzero(cand >= cand.max() + math.log(p.min_p))
-            ids, cand = ids[kept], cand[kept]
-        with np.errstate(over="ignore", divide="ignore"):  # inf is handled by _softmax
-            scaled = cand / p.temperature
-        return ids, _softmax(scaled)
+        return sample_ref.distribution(logits, p.top_k, p.top_p, p.min_p, p.temperature)
 
     def _draw(self, logits: Logits) -> int:
-        ids, probs = self.distribution(logits)
-        cdf = np.cumsum(probs)
-        pick = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), ids.size - 1)
-        return int(ids[pick])
-
-
-def _softmax(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    top = x.max()
-    if not np.isfinite(top):
-        # A tiny temperature or penalty divisor overflowed the logits: the infinite ones share all
-        # the mass (the limit of the softmax), instead of inf - inf = NaN odds.
-        hits: np.ndarray[Any, Any] = (x == top).astype(np.float64)
-        return hits / hits.sum()  # type: ignore[no-any-return]
-    with np.errstate(under="ignore"):
-        e = np.exp(x - top)
-    out: np.ndarray[Any, Any] = e / e.sum()
-    return out
+        p = self.params
+        return sample_cpu.sample(logits, p.top_k, p.top_p, p.min_p, p.temperature, self.rng.random())
