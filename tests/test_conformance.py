@@ -194,6 +194,25 @@ def test_streamed_text_equals_final_text(engine: Engine) -> None:
     assert "".join(pieces) == events[-1].result.text
 
 
+def test_constrained_decoding_follows_the_schema(engine: Engine) -> None:
+    """Structured output: every backend masks its logits with the request's grammar before it samples."""
+    import jsonschema
+
+    rank = {"type": "integer", "minimum": 0, "maximum": 99}
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"enum": ["Berlin", "Paris", "Rome"]}, "rank": rank},
+        "required": ["capital", "rank"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    cut = engine.generate(PROMPT, GREEDY, response_format=fmt)  # N tokens: too few to close the object
+    assert cut.finish_reason is FinishReason.LENGTH and cut.text.startswith('{"capital": "')
+    for params in ({"temperature": 0}, {"temperature": 1.0, "seed": 5}):
+        result = engine.generate(PROMPT, response_format=fmt, max_tokens=24, **params)
+        assert result.finish_reason is FinishReason.STOP
+        jsonschema.validate(json.loads(result.text), schema)
+
+
 def test_cancel_mid_stream_stops_within_a_step(engine: Engine) -> None:
     handle = engine.submit("Write a long story about a dragon.", SamplingParams(max_tokens=200, ignore_eos=True))
     seen, final = 0, None
