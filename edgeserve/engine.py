@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from edgeserve import chat
@@ -31,7 +32,7 @@ from edgeserve.errors import (
     EdgeserveError,
     InvalidParameterError,
 )
-from edgeserve.handles import AsyncRequestHandle, Handle, RequestHandle, outcome
+from edgeserve.handles import AsyncRequestHandle, Handle, PrefillJob, RequestHandle, outcome
 from edgeserve.loop import EngineLoop
 from edgeserve.running import Request, Sink
 from edgeserve.scheduler import INITIAL_AGING_S, AgingTracker, QueueView
@@ -76,10 +77,12 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         predictor: LengthEstimator | None = None,
         recorder: LengthRecorder | None = None,
+        fixed_width: bool = False,
     ) -> None:
         """``predictor`` scores requests for the sjf, srpt and priority policies (without one every
         answer counts as equally long); ``recorder`` receives the real length of every naturally
-        ended answer."""
+        ended answer. ``fixed_width`` batches as many sequences as the backend holds (``--parallel``
+        given); otherwise the width follows the measured decode rate (``edgeserve.width``)."""
         self.settings = settings or EngineSettings()
         self.backend = backend
         #: Where the model came from, when the engine resolved it itself (``from_settings``).
@@ -102,6 +105,7 @@ class Engine:
             aging_s=self.settings.aging_s or INITIAL_AGING_S,
             clock=clock,
             on_natural_end=self._learn,
+            fixed_width=fixed_width,
         )
 
     @classmethod
@@ -133,7 +137,7 @@ class Engine:
                 recorder = AdaptationLog(engine.adapt_log, predictor.spec)
         with loading(progress, resolved.name, resolved.path):
             backend = load_backend(backend_name, resolved, model, progress)
-        instance = cls(backend, engine, predictor=predictor, recorder=recorder)
+        instance = cls(backend, engine, predictor=predictor, recorder=recorder, fixed_width=model.parallel is not None)
         instance.model = resolved
         if cloud is not None and cloud.cloud:  # a cloud answers first, the device takes over
             from edgeserve.handoff import Handoff
@@ -158,6 +162,7 @@ class Engine:
         predicted_tokens: float | None = None,
         on_event: None = None,
         cloud: bool = True,
+        kv_state: bytes | None = None,
         **sampling: Any,
     ) -> RequestHandle: ...
 
@@ -176,6 +181,7 @@ class Engine:
         predicted_tokens: float | None = None,
         on_event: Callable[[StreamEvent], None],
         cloud: bool = True,
+        kv_state: bytes | None = None,
         **sampling: Any,
     ) -> Handle: ...
 
@@ -193,6 +199,7 @@ class Engine:
         predicted_tokens: float | None = None,
         on_event: Callable[[StreamEvent], None] | None = None,
         cloud: bool = True,
+        kv_state: bytes | None = None,
         **sampling: Any,
     ) -> Handle:
         """Queue a request and return its handle; raises at once on bad input or a full queue.
@@ -207,8 +214,13 @@ class Engine:
         "json_schema": {"schema": ...}}``, or a Pydantic model class) constrains the answer to JSON
         that follows the schema; ``tools`` (OpenAI's function list) and ``tool_choice`` (``auto``,
         ``none``, ``required``, a named function) let it call a tool instead (see
-        ``edgeserve.structured``)."""
-        if cloud and self.handoff is not None:  # the cloud-device handoff plans it (edgeserve.handoff)
+        ``edgeserve.structured``).
+
+        ``kv_state`` (a blob of ``prefill_state``, from this engine or another on the same model)
+        starts the request from that KV state instead of prefilling what it covers: a prefix of the
+        prompt, short of its last token; with greedy sampling the text is the from-scratch text."""
+        # The cloud-device handoff plans it (edgeserve.handoff); a KV continuation is device work.
+        if cloud and kv_state is None and self.handoff is not None:
             out: dict[str, Any] = {"response_format": response_format, "tools": tools, "tool_choice": tool_choice}
             route: dict[str, Any] = {"messages": messages, "request_id": request_id, "priority": priority}
             return self.handoff.submit(prompt, params, on_event=on_event, **route, **out, **sampling)
@@ -216,10 +228,12 @@ class Engine:
         output = (response_format, tools, tool_choice)
         if on_event is not None:
             request = self._prepare(prompt, messages, params, request_id, on_event, output)
+            request.kv_state = kv_state
             self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
             return Handle(request, self._loop.cancel)
         events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         request = self._prepare(prompt, messages, params, request_id, events.put, output)
+        request.kv_state = kv_state
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
         return RequestHandle(request, self._loop.cancel, events)
 
@@ -236,10 +250,11 @@ class Engine:
         priority: int = 0,
         predicted_tokens: float | None = None,
         cloud: bool = True,
+        kv_state: bytes | None = None,
         **sampling: Any,
     ) -> AsyncRequestHandle:
         """Like ``submit``, from a coroutine: events are delivered through the running event loop."""
-        if cloud and self.handoff is not None:
+        if cloud and kv_state is None and self.handoff is not None:
             out: dict[str, Any] = {"response_format": response_format, "tools": tools, "tool_choice": tool_choice}
             route: dict[str, Any] = {"messages": messages, "request_id": request_id, "priority": priority}
             return self.handoff.submit_async(prompt, params, **route, **out, **sampling)
@@ -255,6 +270,7 @@ class Engine:
 
         output = (response_format, tools, tool_choice)
         request = self._prepare(prompt, messages, _params(params, sampling), request_id, sink, output)
+        request.kv_state = kv_state
         holder.append(request)
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
         return AsyncRequestHandle(request, self._loop.cancel, events)
@@ -340,27 +356,36 @@ class Engine:
         ``fn`` must leave no sequence open."""
         return self._loop.call(fn)
 
-    def export_state(self, prompt: str | Sequence[int]) -> bytes:
-        """Prefill ``prompt`` and return its KV state as a blob another engine on the same model
-        (another process, another machine) can ``import_state`` to skip that prefill. The blob
-        covers every token but the last, which a request always evaluates itself (its first decode
-        step), evaluated from scratch in the loop's own chunks: the importer then continues on the
-        very path a seeded request takes, and gives the same text."""
+    def prefill_state(self, prompt: str | Sequence[int], *, priority: int = 0) -> PrefillJob:
+        """Prefill ``prompt`` on the device and hand its KV state over as a blob (``job.future``)
+        that ``submit(..., kv_state=blob)`` on this engine, or another on the same model (another
+        process, another machine), continues from without that prefill. The blob covers every
+        token but the last, which a request always evaluates itself (its first decode step).
+
+        The prefill is a job in the scheduler like any request (its cost is the prefill alone), so
+        it runs beside the batch instead of stopping it; ``job.cancel()`` withdraws it."""
         tokens = self.backend.tokenize(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
-        chunk = self.settings.prefill_chunk
+        future: Future[bytes] = Future()
+        future.set_running_or_notify_cancel()
 
-        def export(backend: Backend) -> bytes:
-            seq = self._loop.new_seq()
-            backend.open(seq, tokens, reuse=False)
-            try:
-                for i in range(0, len(tokens) - 1, chunk):
-                    backend.prefill(seq, tokens[i : min(i + chunk, len(tokens) - 1)])
-                return backend.park(seq)
-            except BaseException:
-                backend.release(seq)
-                raise
+        def export(blob: bytes) -> None:
+            if not future.done():
+                future.set_result(blob)
 
-        return self.call(export)
+        def sink(event: StreamEvent) -> None:  # runs after export() when the prefill succeeded
+            if not future.done():
+                future.set_exception(event.error if isinstance(event, ErrorEvent) else CancelledError())
+
+        # Greedy and seeded: the prompt is evaluated from scratch, on the path a seeded request takes.
+        request = self._prepare(tokens, None, SamplingParams(temperature=0, seed=0, max_tokens=1), None, sink)
+        request.max_tokens = 0
+        request.export = export
+        self._enqueue(request, priority, 0.0, tokens)
+        return PrefillJob(request, self._loop.cancel, future)
+
+    def export_state(self, prompt: str | Sequence[int]) -> bytes:
+        """``prefill_state``, waited for."""
+        return self.prefill_state(prompt).future.result()
 
     def import_state(self, blob: bytes) -> list[int]:
         """Load a blob from ``export_state`` as the prefix cache: the next request whose prompt
@@ -402,6 +427,7 @@ class Engine:
             return
         self._closed = True
         self._loop.close()
+        self._structured.close()
         self.backend.close()
         _return_freed_memory()
 
