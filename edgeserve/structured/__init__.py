@@ -82,6 +82,9 @@ class StructuredOutput:
             return None
         return self.compiler.constraint(spec.grammar, spec.param)
 
+    def close(self) -> None:
+        self.compiler.close()
+
 
 def expects_calls(tools: Any, tool_choice: Any) -> bool:
     """Whether an answer to a request with these fields may hold tool calls to parse out."""

@@ -24,10 +24,12 @@ GBNF grammar sampler: one implementation, so every backend behaves identically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -85,38 +87,70 @@ class Vocabulary:
 
 class GrammarConstraint:
     """One request's grammar state (``edgeserve.backend.Constraint``): request state like its
-    sampler, so a parked request resumes mid-JSON exactly where it stopped."""
+    sampler, so a parked request resumes mid-JSON exactly where it stopped.
 
-    def __init__(self, matcher: llguidance.LLMatcher, n_vocab: int) -> None:
+    The next mask is computed ahead, on the compiler's worker thread, from the moment a token is
+    accepted: it overlaps the model's forward pass over that token (llguidance drops the GIL), so
+    ``mask`` mostly only applies it. A string with a ``maxLength`` costs a few milliseconds a mask
+    on Gemma 3's vocabulary (no precomputed slice fits it), as much as a third of a decode step.
+    One thread at a time touches the matcher: the worker from ``accept`` to the next ``mask``,
+    the caller otherwise; ``done`` is read once per token, in ``accept``, for the same reason."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, n_vocab: int, worker: Executor | None = None) -> None:
         self._matcher = matcher
+        self._n_vocab = n_vocab
+        self._worker = worker
         #: One bit per token, little-endian within each 32-bit word (llguidance's layout).
         self._bits = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+        self._done = matcher.is_stopped()
+        self._ahead = self._start()
 
-    def mask(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> None:
+    def _forbidden(self) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """True for every token the grammar forbids next."""
         m = self._matcher
         m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)  # drops the GIL
         if m.is_error():
             raise BackendError(f"the output grammar failed: {m.get_error()}")
-        n = logits.shape[-1]
-        allowed = np.unpackbits(self._bits.view(np.uint8), count=n, bitorder="little").view(np.bool_)
-        np.copyto(logits, np.float32(-np.inf), where=~allowed)
+        allowed = np.unpackbits(self._bits.view(np.uint8), count=self._n_vocab, bitorder="little").view(np.bool_)
+        return ~allowed
+
+    def _start(self) -> Future[np.ndarray[Any, np.dtype[np.bool_]]] | None:
+        if self._worker is None or self._done:
+            return None
+        try:
+            return self._worker.submit(self._forbidden)
+        except RuntimeError:  # the worker was shut down (engine closing): compute in place
+            return None
+
+    def _settle(self) -> np.ndarray[Any, np.dtype[np.bool_]] | None:
+        ahead, self._ahead = self._ahead, None
+        return ahead.result() if ahead is not None else None
+
+    def mask(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> None:
+        forbidden = self._settle()
+        if forbidden is None:
+            forbidden = self._forbidden()
+        n = min(logits.shape[-1], self._n_vocab)
+        np.copyto(logits[:n], np.float32(-np.inf), where=forbidden[:n])
+        logits[n:] = -np.inf  # a row padded past the vocabulary: no token there
 
     def accept(self, token: int) -> None:
+        with contextlib.suppress(BackendError):  # a mask not applied: the next one raises it
+            self._settle()
         if not self._matcher.consume_token(token):
             raise BackendError(f"token {token} broke the output grammar: {self._matcher.get_error()}")
+        self._done = self._matcher.is_stopped()
+        self._ahead = self._start()
 
     @property
     def done(self) -> bool:
         # Stopped: nothing but an end-of-generation token may follow (a closed JSON value, a call).
-        return self._matcher.is_stopped()
-
-    @property
-    def accepting(self) -> bool:
-        """The text so far is complete under the grammar (it may still go on)."""
-        return self._matcher.is_accepting()
+        return self._done
 
     def close(self) -> None:
-        pass  # the matcher is freed with this object
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.cancel()
 
 
 class GrammarCompiler:
@@ -129,6 +163,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._worker: ThreadPoolExecutor | None = None
         self.hits = 0
         self.misses = 0
 
@@ -155,7 +190,18 @@ class GrammarCompiler:
                 self._cache[grammar] = template
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        return GrammarConstraint(template.deep_copy(), vocabulary.n_vocab)
+        with self._lock:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeserve-grammar")
+            worker = self._worker
+        return GrammarConstraint(template.deep_copy(), vocabulary.n_vocab, worker)
+
+    def close(self) -> None:
+        """Stop the mask worker (constraints still alive then compute their masks in place)."""
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
     def _compile(grammar: str, vocabulary: Vocabulary, param: str) -> llguidance.LLMatcher:

@@ -1,0 +1,313 @@
+"""Structured output (issue 17): decode overhead of the grammar mask per backend, validity of
+schema-constrained answers, and the time to compile a schema, cold and cached.
+
+- **Overhead.** The same prompt decodes ``--tokens`` tokens unconstrained (``ignore_eos``) and under a
+  JSON schema whose answer cannot close before then (an array of at least 200 strings), alternating,
+  ``--reps`` times each; the figure is the median constrained decode tok/s over the median
+  unconstrained one (target >= 0.9). The mask alone is timed too: the constrained tokens replayed
+  through a fresh constraint over a random logits row (median microseconds per token).
+- **Validity.** ``--requests`` chat requests spread over ten schemas (nested objects, arrays, enums,
+  bounded numbers, required fields), sampled at temperature 0.8 with a seed each, on llama.cpp; every
+  answer must parse and validate with ``jsonschema``.
+- **Compile.** Each schema compiled by a fresh compiler (cold: llguidance builds the grammar) and
+  again (cached: an LRU hit and a copy of the template matcher); the vocabulary (built once per model
+  from the backend's detokenize) is timed apart.
+
+    nice -n 10 python bench/structured.py [--backends llama,mlx,onnx] [--requests 200] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _harness as h
+import jsonschema
+import numpy as np
+
+from edgeserve import Engine, FinishReason, SamplingParams
+from edgeserve.backend import get_spec
+from edgeserve.settings import EngineSettings, ModelSettings
+from edgeserve.structured import GrammarCompiler, StructuredOutput, plan
+
+OUT = Path(__file__).resolve().parent / "structured.json"
+STR = {"type": "string", "maxLength": 24}
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "person": {
+        "type": "object",
+        "properties": {"name": STR, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "required": ["name", "age"],
+    },
+    "address": {
+        "type": "object",
+        "properties": {
+            "street": STR,
+            "city": STR,
+            "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            "country": {"enum": ["FR", "DE", "IT", "ES"]},
+        },
+        "required": ["street", "city", "zip", "country"],
+    },
+    "order": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 1, "maximum": 99999},
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 3,
+                "items": {
+                    "type": "object",
+                    "properties": {"sku": STR, "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+                    "required": ["sku", "qty"],
+                },
+            },
+        },
+        "required": ["id", "items"],
+    },
+    "weather": {
+        "type": "object",
+        "properties": {
+            "city": STR,
+            "celsius": {"type": "number", "minimum": -50, "maximum": 60},
+            "sky": {"enum": ["sunny", "cloudy", "rain", "snow"]},
+        },
+        "required": ["city", "celsius", "sky"],
+    },
+    "tags": {"type": "array", "items": {"enum": ["red", "green", "blue", "black"]}, "minItems": 1, "maxItems": 4},
+    "review": {
+        "type": "object",
+        "properties": {
+            "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+            "title": STR,
+            "recommend": {"type": "boolean"},
+        },
+        "required": ["stars", "title", "recommend"],
+    },
+    "event": {
+        "type": "object",
+        "properties": {
+            "name": STR,
+            "when": {
+                "type": "object",
+                "properties": {
+                    "day": {"type": "integer", "minimum": 1, "maximum": 31},
+                    "month": {"type": "integer", "minimum": 1, "maximum": 12},
+                },
+                "required": ["day", "month"],
+            },
+            "online": {"type": "boolean"},
+        },
+        "required": ["name", "when", "online"],
+    },
+    "point": {
+        "type": "object",
+        "properties": {
+            "x": {"type": "number", "minimum": 0, "maximum": 1},
+            "y": {"type": "number", "minimum": 0, "maximum": 1},
+            "label": {"anyOf": [STR, {"type": "null"}]},
+        },
+        "required": ["x", "y", "label"],
+    },
+    "book": {
+        "type": "object",
+        "properties": {
+            "title": STR,
+            "authors": {"type": "array", "items": STR, "minItems": 1, "maxItems": 2},
+            "year": {"type": "integer", "minimum": 1450, "maximum": 2026},
+        },
+        "required": ["title", "authors", "year"],
+    },
+    "status": {
+        "type": "object",
+        "properties": {
+            "ok": {"type": "boolean"},
+            "code": {"enum": [200, 404, 500]},
+            "detail": {"$ref": "#/$defs/detail"},
+        },
+        "required": ["ok", "code", "detail"],
+        "$defs": {"detail": {"type": "object", "properties": {"message": STR}, "required": ["message"]}},
+    },
+}
+#: An answer that cannot close within the overhead run's tokens: the whole run is under the mask.
+LONG = {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 200}
+PROMPT = "Here is a list of the fruits and vegetables sold at the market this morning, as JSON:"
+
+
+def fmt(schema: dict[str, Any], name: str = "answer") -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+
+
+def load(name: str, threads: int) -> Engine:
+    return Engine.from_settings(
+        ModelSettings(model="default", backend=name, n_ctx=2048, threads=threads), EngineSettings()
+    )
+
+
+def overhead(engine: Engine, tokens: int, reps: int) -> dict[str, Any]:
+    free = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    engine.generate(PROMPT, free)  # warm
+    engine.generate(PROMPT, free, response_format=fmt(LONG))  # warm: the vocabulary and the grammar
+    runs: dict[str, list[float]] = {"unconstrained": [], "json_schema": []}
+    last = None
+    for _ in range(reps):
+        a = engine.generate(PROMPT, free)
+        b = engine.generate(PROMPT, free, response_format=fmt(LONG))
+        assert b.finish_reason is FinishReason.LENGTH and b.completion_tokens == tokens, b
+        runs["unconstrained"].append(a.decode_tok_s or 0.0)
+        runs["json_schema"].append(b.decode_tok_s or 0.0)
+        last = b
+    assert last is not None
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        "tokens": tokens,
+        "decode_tok_s": runs,
+        "median_decode_tok_s": medians,
+        "ratio": medians["json_schema"] / medians["unconstrained"],
+        "mask_us_per_token": mask_cost(engine, last.text),
+        "constrained_text_head": last.text[:80],
+    }
+
+
+def mask_cost(engine: Engine, text: str) -> dict[str, float]:
+    """The mask alone: the constrained answer's tokens replayed through a fresh constraint."""
+    structured = StructuredOutput(engine.backend)
+    constraint = structured.constraint(plan(fmt(LONG)))
+    assert constraint is not None
+    rng = np.random.default_rng(0)
+    row = rng.standard_normal(engine.capabilities.n_vocab).astype(np.float32)
+    times = []
+    for token in engine.tokenize(text, add_bos=False):
+        logits = row.copy()
+        t0 = time.perf_counter()
+        constraint.mask(logits)
+        times.append((time.perf_counter() - t0) * 1e6)
+        constraint.accept(token)
+    return {"median": statistics.median(times), "p90": float(np.percentile(times, 90)), "max": max(times)}
+
+
+def validity(engine: Engine, requests: int) -> dict[str, Any]:
+    per: dict[str, dict[str, Any]] = {}
+    names = list(SCHEMAS)
+    failures = []
+    t0 = time.perf_counter()
+    for i in range(requests):
+        name = names[i % len(names)]
+        schema = SCHEMAS[name]
+        messages = [{"role": "user", "content": f"Write one {name} record as JSON."}]
+        params = SamplingParams(max_tokens=256, temperature=0.8, seed=i)
+        result = engine.generate(messages=messages, params=params, response_format=fmt(schema, name))
+        row = per.setdefault(name, {"requests": 0, "valid": 0, "tokens": []})
+        row["requests"] += 1
+        row["tokens"].append(result.completion_tokens)
+        try:
+            jsonschema.validate(json.loads(result.text), schema)
+            ok = result.finish_reason is FinishReason.STOP
+        except (json.JSONDecodeError, jsonschema.ValidationError) as exc:
+            ok = False
+            failures.append(
+                {
+                    "schema": name,
+                    "seed": i,
+                    "finish": result.finish_reason.value,
+                    "error": str(exc)[:200],
+                    "text": result.text[:200],
+                }
+            )
+        row["valid"] += ok
+    valid = sum(r["valid"] for r in per.values())
+    for row in per.values():
+        row["median_tokens"] = statistics.median(row.pop("tokens"))
+    return {
+        "requests": requests,
+        "valid": valid,
+        "valid_fraction": valid / requests,
+        "wall_s": time.perf_counter() - t0,
+        "per_schema": per,
+        "failures": failures,
+    }
+
+
+def compile_times(engine: Engine) -> dict[str, Any]:
+    structured = StructuredOutput(engine.backend)
+    t0 = time.perf_counter()
+    vocabulary = structured.compiler.vocabulary
+    vocab_s = time.perf_counter() - t0
+    cold, cached = [], []
+    for schema in SCHEMAS.values():
+        spec = plan(fmt(schema))
+        compiler = GrammarCompiler(lambda: vocabulary)
+        t0 = time.perf_counter()
+        compiler.constraint(spec.grammar or "", "response_format")  # type: ignore[union-attr]
+        cold.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        compiler.constraint(spec.grammar or "", "response_format")  # type: ignore[union-attr]
+        cached.append((time.perf_counter() - t0) * 1e3)
+    plan_ms = []
+    for schema in SCHEMAS.values():  # schema checks and grammar text, paid by every request
+        t0 = time.perf_counter()
+        plan(fmt(schema))
+        plan_ms.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "vocabulary_build_s": vocab_s,
+        "cold_ms": dict(zip(SCHEMAS, cold, strict=True)),
+        "cached_ms": dict(zip(SCHEMAS, cached, strict=True)),
+        "median_cold_ms": statistics.median(cold),
+        "median_cached_ms": statistics.median(cached),
+        "median_request_validation_ms": statistics.median(plan_ms),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backends", default="llama,mlx,onnx")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per overhead run")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    report: dict[str, Any] = {
+        "benchmark": "structured",
+        "command": "nice -n 10 python " + " ".join(sys.argv),
+        "library": "llguidance " + __import__("llguidance").__version__,
+        "model": "default (Gemma 3 270M; llama.cpp: Q4_K_M GGUF; MLX and ONNX: the cached conversions)",
+        "threads": args.threads,
+        "niceness": os.nice(0),
+        "code": h.code_version(),
+        "overhead": {},
+        "skipped": {},
+    }
+    for name in args.backends.split(","):
+        spec = get_spec(name)
+        if not spec.installed():
+            report["skipped"][name] = f"not installed (pip install 'edgeserve[{spec.extra}]')"
+            continue
+        with load(name, args.threads) as engine:
+            report["overhead"][name] = overhead(engine, args.tokens, args.reps)
+            print(
+                name,
+                json.dumps(report["overhead"][name]["median_decode_tok_s"]),
+                f"ratio {report['overhead'][name]['ratio']:.3f}",
+                flush=True,
+            )
+            if name == "llama":
+                report["compile"] = compile_times(engine)
+                print("compile", json.dumps(report["compile"]), flush=True)
+                if args.requests:
+                    report["validity"] = validity(engine, args.requests)
+                    print("validity", report["validity"]["valid"], "/", args.requests, flush=True)
+    report["load_average_1m_at_end"] = os.getloadavg()[0]
+    OUT.write_text(json.dumps(report, indent=2) + "\n")
+    print(OUT)
+
+
+if __name__ == "__main__":
+    main()
