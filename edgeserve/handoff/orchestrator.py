@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from edgeserve.engine import AsyncRequestHandle, Engine, Handle, RequestHandle
@@ -98,22 +99,24 @@ class Handoff:
         priority: int = 0,
         on_event: Sink | None = None,
         cloud_allowed: bool = True,
+        route: planner.Route | None = None,
         response_format: Any = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> Handle:
         """Like ``Engine.submit``: a ``RequestHandle`` to iterate, or with ``on_event`` a ``Handle``.
-        Structured output (``response_format``, ``tools``) runs on the device alone."""
+        Structured output (``response_format``, ``tools``) runs on the device alone. ``route``
+        overrides the planner's choice (benchmarks and tests compare the routes)."""
         params = _params(params, sampling)
         out = _Output(response_format, tools, tool_choice)
         if on_event is not None:
             request = self._prepare(prompt, messages, params, request_id, on_event, out)
-            cancel = self._start(request, prompt, messages, priority, cloud_allowed, out)
+            cancel = self._start(request, prompt, messages, priority, cloud_allowed, out, route)
             return Handle(request, cancel)
         events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         request = self._prepare(prompt, messages, params, request_id, events.put, out)
-        cancel = self._start(request, prompt, messages, priority, cloud_allowed, out)
+        cancel = self._start(request, prompt, messages, priority, cloud_allowed, out, route)
         return RequestHandle(request, cancel, events)
 
     def submit_async(
@@ -125,6 +128,7 @@ class Handoff:
         request_id: str | None = None,
         priority: int = 0,
         cloud_allowed: bool = True,
+        route: planner.Route | None = None,
         response_format: Any = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
@@ -139,7 +143,7 @@ class Handoff:
 
         out = _Output(response_format, tools, tool_choice)
         request = self._prepare(prompt, messages, _params(params, sampling), request_id, sink, out)
-        cancel = self._start(request, prompt, messages, priority, cloud_allowed, out)
+        cancel = self._start(request, prompt, messages, priority, cloud_allowed, out, route)
         return AsyncRequestHandle(request, cancel, events)
 
     def _prepare(
@@ -162,11 +166,16 @@ class Handoff:
         priority: int,
         cloud_allowed: bool,
         out: _Output,
+        route: planner.Route | None = None,
     ) -> Callable[[Request], None]:
         kind = "chat" if messages is not None else ("text" if isinstance(prompt, str) else "tokens")
         if any(x is not None for x in out):
             kind = "structured"
         plan = self.plan(request, kind, cloud_allowed)
+        if route is not None and (route is planner.Route.LOCAL or plan.options[1:]):
+            plan = planner.forced(plan, route)
+        # The cloud never generates past the request's own max_tokens.
+        plan = replace(plan, cloud_max_tokens=min(plan.cloud_max_tokens, request.max_tokens))
         log.debug("%s: %s (%s)", request.request_id, plan.route.value, plan.reason)
         if plan.route is planner.Route.LOCAL:
             return self._local(request, plan, priority, prompt, messages, out)
@@ -246,8 +255,6 @@ def _why_local(params: SamplingParams, kind: str, cloud_allowed: bool, settings:
 
 
 def _without_kv(measured: planner.Measured) -> planner.Measured:
-    from dataclasses import replace
-
     return replace(measured, kv_available=False)
 
 

@@ -144,3 +144,15 @@ def plan(ask: Ask, m: Measured) -> Plan:
     if best.route.uses_tokens:
         cap = min(math.ceil(best.cloud_tokens * CLOUD_TOKEN_MARGIN) + CLOUD_TOKEN_SLACK, ask.max_tokens)
     return Plan(best.route, best.ttft_s, local.ttft_s, cap, reason, tuple(found))
+
+
+def forced(plan: Plan, route: Route) -> Plan:
+    """``plan`` with its route replaced (benchmarks and tests compare routes on the same request);
+    the prediction is that route's own."""
+    option = next((o for o in plan.options if o.route is route), None)
+    if option is None:
+        raise ValueError(f"route {route.value} is not possible for this request")
+    cap = 0
+    if route.uses_tokens:
+        cap = math.ceil(option.cloud_tokens * CLOUD_TOKEN_MARGIN) + CLOUD_TOKEN_SLACK
+    return Plan(route, option.ttft_s, plan.local_ttft_s, cap, f"forced {route.value}", plan.options)
