@@ -230,6 +230,7 @@ def info(as_json: bool) -> None:
 
     from edgeserve.backend import REGISTRY
     from edgeserve.hardware import choose_backend, installed_backends, onnx_execution_providers, onnx_provider, probe
+    from edgeserve.kernels import describe as describe_kernels
 
     hw = probe()
     installed = installed_backends()
@@ -249,6 +250,7 @@ def info(as_json: bool) -> None:
         "chosen_backend": choose_backend(hw),
         "onnx_providers_compiled_in": compiled,
         "onnx_provider": onnx_provider(hw, compiled),
+        "kernels": describe_kernels(cuda=hw.cuda, metal=hw.metal),
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -266,6 +268,7 @@ def info(as_json: bool) -> None:
     if report["onnx_provider"]:
         click.echo(f"onnx:     runs on {report['onnx_provider']} (providers compiled in: {', '.join(compiled)})")
     click.echo(f"chosen:   {report['chosen_backend']}")
+    click.echo("kernels:  " + ", ".join(f"{name}={impl}" for name, impl in report["kernels"].items()))
 
 
 def _register() -> None:
