@@ -219,3 +219,11 @@ def test_calls_parse_from_text_and_the_splitter_holds_only_calls() -> None:
     assert [splitter.push(p) for p in ["<tool", "_call>{"]] == ["", ""] and splitter.held == ["<tool", "_call>{"]
     text_splitter = CallSplitter(True)
     assert [text_splitter.push(p) for p in ["", "Hi", " <b>"]] == ["", "Hi", " <b>"]
+
+
+def test_a_schema_nested_past_any_checker_is_a_400(engine: Engine) -> None:
+    deep: dict[str, Any] = {"type": "object"}
+    for _ in range(5000):
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(InvalidParameterError, match="nests too deeply"):
+        engine.submit("x", SEEDED, response_format=_fmt(deep))

@@ -292,7 +292,7 @@ async def show(body: wire.ShowRequest, ctx: Context) -> wire.ShowResponse:
             f"{arch}.context_length": caps.n_ctx,
             "tokenizer.ggml.vocab_size": caps.n_vocab,
         },
-        capabilities=["completion"],
+        capabilities=["completion", "tools"],  # tools and format: edgeserve.structured
         modified_at=entry["modified_at"],
     )
 

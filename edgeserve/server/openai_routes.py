@@ -231,9 +231,9 @@ async def chat_completions(body: wire.ChatCompletionRequest, request: Request, c
         return Response(status_code=499)  # nobody reads it; access logs do
     if calls:
         result = with_tool_calls(result)
-    message = wire.AssistantMessage(content=result.text or None, tool_calls=_calls_out(result.tool_calls))
-    if not result.tool_calls:
-        message.content = result.text
+    # With calls, content is null unless the answer also said something (as OpenAI sends it).
+    content = (result.text or None) if result.tool_calls else result.text
+    message = wire.AssistantMessage(content=content, tool_calls=_calls_out(result.tool_calls))
     answer = wire.ChatCompletion(
         id=rid,
         created=created,

@@ -63,6 +63,8 @@ def plan(response_format: Any = None, tools: Any = None, tool_choice: Any = None
             return OutputSpec(lark_grammar(tool_lark(offered, choice, schema)), param, offered, choice)
         if schema is not None:
             return OutputSpec(json_schema_grammar(schema), param, offered, choice)
+    except RecursionError:
+        raise InvalidParameterError(f"{param}: the schema nests too deeply", param=param) from None
     except ValueError as exc:  # llguidance refuses what it cannot even write down as a grammar
         raise InvalidParameterError(f"{param}: the grammar engine cannot enforce it: {exc}", param=param) from None
     return OutputSpec(None, "tools", offered, choice) if offered else None
@@ -110,6 +112,8 @@ def checked_schema(schema: Any, where: str) -> dict[str, Any]:
         inside = "/".join(str(p) for p in exc.path)
         at = f" at {inside}" if inside else ""
         raise InvalidParameterError(f"{where} is not a valid JSON Schema{at}: {exc.message}", param=param) from None
+    except RecursionError:  # a body may nest deeper than any checker recurses
+        raise InvalidParameterError(f"{where} nests too deeply", param=param) from None
     return dict(schema)
 
 
