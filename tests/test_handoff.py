@@ -243,3 +243,46 @@ def test_server_privacy_switch_keeps_the_prompt_on_the_device(device: Engine, re
         fault.wait(10)
     assert 'edgeserve_handoff_requests_total{model="default",route="token"} 1.0' in metrics
     assert 'edgeserve_handoff_ttft_seconds_count{kind="actual",model="default",route="token"} 1.0' in metrics
+
+
+def test_kv_wire_round_trip_quantized_keeps_the_greedy_text(device: Engine, reference: str) -> None:
+    from edgeserve.errors import KVStateError
+    from edgeserve.handoff import kvwire
+
+    blob = device.export_state(PROMPT)
+    assert kvwire.quantized(blob), "the llama.cpp state layout was parsed"
+    wire = list(kvwire.encode(blob))
+    assert sum(map(len, wire)) < len(blob) / 2  # int8 + per-token scales + zlib
+    decoder = kvwire.Decoder()
+    for chunk in wire:
+        decoder.feed(chunk)
+    restored = decoder.finish()
+    assert len(restored) == len(blob) and restored != blob  # same layout, quantized values
+    device.import_state(restored)
+    assert device.generate(PROMPT, temperature=0, max_tokens=MAX_TOKENS, cloud=False).text == reference
+    cut = kvwire.Decoder()
+    cut.feed(b"".join(wire)[: len(blob) // 8])
+    with pytest.raises(KVStateError):
+        cut.finish()
+
+
+def test_cloud_killed_mid_kv_device_goes_on(device: Engine, reference: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeserve.handoff import kvwire
+
+    doomed = Cloud()
+    reports = attach(device, doomed.url, kv_handoff=True)
+    wait_for(lambda: device.handoff is not None and device.handoff.kv_fetcher is not None, what="the KV probe")
+    feed = kvwire.Decoder.feed
+
+    def kill_after_first_chunk(self: kvwire.Decoder, chunk: bytes) -> None:
+        feed(self, chunk)
+        doomed.kill()  # the cloud dies with the KV state half sent
+
+    monkeypatch.setattr(kvwire.Decoder, "feed", kill_after_first_chunk)
+    try:
+        result, _ = run(device, route=Route.KV)
+    finally:
+        doomed.kill()
+    report = reports[-1]
+    assert result.text == reference and report.taken_over_by == "local"
+    assert report.kv_wire_bytes > 0

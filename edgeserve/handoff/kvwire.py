@@ -178,12 +178,14 @@ def quantized(blob: bytes) -> bool:
 
 
 class Decoder:
-    """Feed wire chunks as they arrive; ``finish()`` returns the state blob."""
+    """Feed wire chunks as they arrive; each whole record is decoded at once (dequantization overlaps
+    the transfer), and ``finish()`` returns the state blob."""
 
     def __init__(self) -> None:
         self._z = zlib.decompressobj()
         self._magic = b""
-        self._raw = bytearray()
+        self._raw = bytearray()  # decompressed, not yet a whole record
+        self._out = bytearray()
         self.wire_bytes = 0
 
     def feed(self, chunk: bytes) -> None:
@@ -198,22 +200,23 @@ class Decoder:
             self._raw += self._z.decompress(chunk)
         except zlib.error as exc:
             raise KVStateError(f"corrupt KV wire stream: {exc}") from None
+        self._records()
+
+    def _records(self) -> None:
+        raw, pos = self._raw, 0
+        while pos + _REC.size <= len(raw):
+            kind, length = _REC.unpack_from(raw, pos)
+            if pos + _REC.size + length > len(raw):
+                break
+            body = bytes(raw[pos + _REC.size : pos + _REC.size + length])
+            self._out += body if kind == 0 else _tensor(body)
+            pos += _REC.size + length
+        del raw[:pos]
 
     def finish(self) -> bytes:
-        if self._magic != WIRE_MAGIC or not self._z.eof:
+        if self._magic != WIRE_MAGIC or not self._z.eof or self._raw:
             raise KVStateError("the KV wire stream ended early")
-        out = bytearray()
-        raw, pos = bytes(self._raw), 0
-        while pos < len(raw):
-            if pos + _REC.size > len(raw):
-                raise KVStateError("truncated KV wire record")
-            kind, length = _REC.unpack_from(raw, pos)
-            body = raw[pos + _REC.size : pos + _REC.size + length]
-            if len(body) != length:
-                raise KVStateError("truncated KV wire record")
-            out += body if kind == 0 else _tensor(body)
-            pos += _REC.size + length
-        return bytes(out)
+        return bytes(self._out)
 
 
 def _tensor(body: bytes) -> bytes:
