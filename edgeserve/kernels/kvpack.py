@@ -36,6 +36,8 @@ VERSION = 1
 _HEADER = struct.Struct("<4sB3xIII")
 #: The largest magnitude of a quantized value (symmetric: -127..127).
 QMAX = 127
+#: Tokens per step of quantize/dequantize.
+_CHUNK = 32
 
 Array = np.ndarray[Any, Any]
 
@@ -49,18 +51,33 @@ def scales_of(x: Array) -> Array:
 
 def quantize(x: Array) -> tuple[Array, Array]:
     """float16/float32 ``x [tokens, heads, head_dim]`` -> (q int8 of that shape, float32 scales ``[tokens, heads]``)."""
-    _check_input(x)
-    scales = scales_of(x)
-    safe = np.where(scales > 0, scales, 1.0).astype(np.float64)
-    q = np.rint(x.astype(np.float64) / safe[..., None])
-    q = np.where(scales[..., None] > 0, np.clip(q, -QMAX, QMAX), 0.0)
-    return q.astype(np.int8), scales
+    if x.ndim != 3 or x.dtype not in (np.float16, np.float32):
+        raise KVStateError(f"KV quantize wants float16/float32 [tokens, heads, head_dim], got {x.dtype} {x.shape}")
+    q = np.empty(x.shape, dtype=np.int8)
+    scales = np.empty(x.shape[:2], dtype=np.float32)
+    for t in range(0, x.shape[0], _CHUNK):  # a few hundred KB at a time: the float64 pass stays in cache
+        chunk = x[t : t + _CHUNK].astype(np.float32)
+        s = scales_of(chunk)
+        if not np.isfinite(s).all():  # max|row| is inf or NaN if any element is
+            raise KVStateError("KV block holds inf or NaN: it cannot be quantized")
+        scales[t : t + _CHUNK] = s
+        # A zero (or underflowed) scale divides by 1: its row is 0 (or < 1e-43) and rounds to 0.
+        y = chunk.astype(np.float64)
+        y /= np.where(s > 0, s, np.float32(1)).astype(np.float64)[..., None]
+        np.rint(y, out=y)
+        np.clip(y, -QMAX, QMAX, out=y)
+        q[t : t + _CHUNK] = y
+    return q, scales
 
 
 def dequantize(q: Array, scales: Array, dtype: Any = np.float16) -> Array:
     """``q * scale`` per row, in ``dtype`` (float16 by default, the KV caches' own type)."""
     _check_pair(q, scales)
-    out: Array = (q.astype(np.float64) * scales.astype(np.float64)[..., None]).astype(dtype)
+    out = np.empty(q.shape, dtype=dtype)
+    for t in range(0, q.shape[0], _CHUNK):
+        y = q[t : t + _CHUNK].astype(np.float64)
+        y *= scales[t : t + _CHUNK].astype(np.float64)[..., None]
+        out[t : t + _CHUNK] = y
     return out
 
 
@@ -91,13 +108,6 @@ def unpack(data: bytes) -> tuple[Array, Array]:
     scales = np.frombuffer(data, dtype="<f4", count=n_scales, offset=_HEADER.size).astype(np.float32)
     q = np.frombuffer(data, dtype=np.int8, count=n_q, offset=_HEADER.size + 4 * n_scales)
     return q.reshape(tokens, heads, head_dim).copy(), scales.reshape(tokens, heads)
-
-
-def _check_input(x: Array) -> None:
-    if x.ndim != 3 or x.dtype not in (np.float16, np.float32):
-        raise KVStateError(f"KV quantize wants float16/float32 [tokens, heads, head_dim], got {x.dtype} {x.shape}")
-    if not np.isfinite(x).all():
-        raise KVStateError("KV block holds inf or NaN: it cannot be quantized")
 
 
 def _check_pair(q: Array, scales: Array) -> None:
