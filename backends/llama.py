@@ -1,22 +1,28 @@
 """llama.cpp through llama-cpp-python: the default backend.
 
-The high-level ``Llama`` object is used for what it does well (loading, batched ``eval`` with KV
-bookkeeping); sampling is our own llama.cpp sampler chain, so that every ``SamplingParams`` field
-(logit_bias included) runs natively and nothing Python-side touches the 262k-entry logits. The
-chain object is the request's sampler: its RNG and penalty history survive a park.
+It drives llama.cpp through llama-cpp-python's low-level API: one context whose unified KV cache
+holds several sequences (llama.cpp's sequence ids are the backend's *slots*), and one
+``llama_batch`` per decode call carrying a token of every sequence, so N sequences cost one pass
+over the weights (continuous batching, as llama-server's parallel slots). Sampling is our own
+llama.cpp sampler chain, so every ``SamplingParams`` field (logit_bias included) runs natively and
+nothing Python-side touches the 262k-entry logits; the chain object is the request's sampler: its
+RNG and penalty history survive a park.
 
-Sequences: the context holds one at a time (``max_sequences=1``); parking copies that sequence's
-KV state out with ``llama_state_seq_get_data`` (no logits, no output buffers: ~18 KB a token for
-Gemma 3 270M) and restoring copies it back. What a released or parked sequence leaves in the
-context stays there as the prefix cache for the next ``open``.
+Parking copies one slot's KV state out with ``llama_state_seq_get_data`` (no logits, no output
+buffers: ~18 KB a token for Gemma 3 270M) and restoring copies it into a free slot. What a
+released or parked sequence leaves in its slot stays there as a prefix cache for the next
+``open``, which takes the slot sharing the longest prefix with its prompt (or copies that prefix
+from another slot, a cell-sharing copy in a unified cache).
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,7 +45,10 @@ STATE_MAGIC = b"EDGESERVE-KV2\n"
 
 
 def load(model: ResolvedModel, settings: ModelSettings, progress: ProgressCallback | None = None) -> LlamaBackend:
+    import llama_cpp
+
     _route_llama_logs()
+    llama_cpp.llama_backend_init()  # idempotent; the high-level Llama class does it the same way
     return LlamaBackend(model, settings)
 
 
@@ -70,31 +79,56 @@ def _route_llama_logs() -> None:
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
+@dataclass
+class _Slot:
+    """One llama.cpp sequence id: the tokens its KV cells hold (positions 0..n-1), and the engine
+    sequence using it (None: free; its tokens are then a prefix cache)."""
+
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    owner: SeqId | None = None
+    #: When it was last freed (the least recently freed residue is dropped first).
+    freed: int = 0
+
+
 class LlamaBackend:
     def __init__(self, model: ResolvedModel, settings: ModelSettings) -> None:
         import llama_cpp
+        from llama_cpp import _internals
 
         if model.path.is_dir():
             raise ModelNotFoundError(f"{model.path} is a folder; the llama backend needs a .gguf file")
         self._lib = llama_cpp
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0x7FFFFFFF if settings.gpu_layers == -1 else settings.gpu_layers
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=str(model.path),
-                n_ctx=settings.n_ctx,
-                n_batch=settings.n_batch,
-                n_ubatch=settings.n_batch,
-                n_threads=settings.threads,
-                n_threads_batch=settings.threads,
-                n_gpu_layers=settings.gpu_layers,
-                flash_attn=settings.flash_attn,
-                verbose=False,
-            )
+            self._model = _internals.LlamaModel(path_model=str(model.path), params=model_params, verbose=False)
         except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "Failed to load model from file"
             raise BackendError(f"llama.cpp could not load {model.path}: {exc}") from exc
-        llm = self._llm
-        self._vocab = llm._model.vocab
-        self._ctx = llm._ctx
-        self._n_vocab = llm.n_vocab()
+        meta = self._model.metadata()
+        n_ctx = min(settings.n_ctx, self._model.n_ctx_train() or settings.n_ctx)
+        self._kv_token_bytes = _kv_bytes_per_token(meta)
+        n_slots = settings.parallel or _auto_slots(n_ctx, self._kv_token_bytes)
+        ctx_params = llama_cpp.llama_context_default_params()
+        # One unified cache of n_slots x n_ctx cells: any sequence may use up to n_ctx of them.
+        ctx_params.n_ctx = n_ctx * n_slots
+        ctx_params.n_seq_max = n_slots
+        ctx_params.kv_unified = True
+        ctx_params.n_batch = ctx_params.n_ubatch = max(settings.n_batch, n_slots)
+        ctx_params.n_threads = ctx_params.n_threads_batch = settings.threads
+        ctx_params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        ctx_params.no_perf = True
+        try:
+            self._ctx = _internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            self._model.close()
+            raise BackendError(f"llama.cpp could not create a context for {model.path}: {exc}") from exc
+        self._n_batch = int(ctx_params.n_batch)
+        self._batch = _internals.LlamaBatch(n_tokens=self._n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._vocab = self._model.vocab
+        self._n_vocab = self._model.n_vocab()
         self._piece = ctypes.create_string_buffer(256)
         # Threads: a fixed --threads pins the count; otherwise it is the most the tuner may use, and
         # the tuner follows the measured decode step time (edgeserve.threads: contention on a busy
@@ -103,32 +137,39 @@ class LlamaBackend:
         self._tuner = None if settings.threads_pinned else ThreadTuner(settings.threads)
         if self._tuner is not None:
             self._set_threads(self._tuner.threads)
-        #: The sequence whose KV state the context holds (one at a time); None: free, and what the
-        #: context holds (``input_ids[:n_tokens]``) is a prefix cache for the next ``open``.
-        self._open: SeqId | None = None
-        meta = llm.metadata
-        bos = llm.token_bos()
+        self._slots = [_Slot(i) for i in range(n_slots)]
+        self._by_seq: dict[SeqId, _Slot] = {}
+        self._frees = itertools.count(1)
+        bos = self._model.token_bos()
         self._caps = Capabilities(
             backend="llama",
             model=model.name,
-            n_ctx=llm.n_ctx(),
+            n_ctx=n_ctx,
             n_vocab=self._n_vocab,
             eog_token_ids=self._eog_ids(),
             bos_token_id=bos if bos >= 0 else None,
             chat_template=meta.get("tokenizer.chat_template") or None,
             bos_token=self._special_text(bos),
-            eos_token=self._special_text(llm.token_eos()),
+            eos_token=self._special_text(self._model.token_eos()),
             architecture=meta.get("general.architecture", ""),
             kv_state=True,
             device="cpu" if not llama_cpp.llama_supports_gpu_offload() else "gpu",
-            max_sequences=1,
+            max_sequences=n_slots,
+            max_batch=n_slots,
+            kv_bytes=n_slots * n_ctx * self._kv_token_bytes,
         )
         self._fingerprint = {
             "architecture": self._caps.architecture,
             "n_vocab": self._n_vocab,
-            "n_params": int(llama_cpp.llama_model_n_params(llm._model.model)),
-            "size": int(llama_cpp.llama_model_size(llm._model.model)),
+            "n_params": int(llama_cpp.llama_model_n_params(self._model.model)),
+            "size": int(llama_cpp.llama_model_size(self._model.model)),
         }
+        log.info(
+            "llama.cpp: %d sequence slots of %d tokens, KV budget %.0f MiB",
+            n_slots,
+            n_ctx,
+            self._caps.kv_bytes / 2**20,
+        )
 
     # ---- Backend protocol -------------------------------------------------------------------
 
@@ -136,78 +177,94 @@ class LlamaBackend:
         return self._caps
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         return b"".join(self._token_bytes(t) for t in tokens)
 
     def open(self, seq: SeqId, prompt: Sequence[int], *, reuse: bool = True) -> int:
-        self._check_free(seq)
-        llm = self._llm
-        n_cached = int(llm.n_tokens) if reuse else 0
+        self._check_new(seq)
         # The prompt's last token is always evaluated by the first decode step.
-        keep = min(common_prefix(llm.input_ids[:n_cached].tolist(), prompt), len(prompt) - 1)
-        if not self._ctx.kv_cache_seq_rm(-1, keep, -1):
-            keep = 0  # this memory type cannot drop a tail: start over
-            self._ctx.kv_cache_seq_rm(-1, 0, -1)
-        llm.n_tokens = keep
-        self._open = seq
-        return keep
+        limit = len(prompt) - 1
+        best, keep = None, 0
+        if reuse:
+            for slot in self._slots:
+                n = min(common_prefix(slot.tokens, prompt), limit)
+                if n > keep:
+                    best, keep = slot, n
+        slot = best if best is not None and best.owner is None else self._free_slot()
+        if slot is best:
+            self._truncate(slot, keep)
+        else:
+            self._truncate(slot, 0)
+            if best is not None and keep:  # share the prefix another slot holds (no copy of the data)
+                self._ctx.kv_cache_seq_cp(best.index, slot.index, 0, keep)
+                slot.tokens = list(prompt[:keep])
+        slot.owner = seq
+        self._by_seq[seq] = slot
+        return len(slot.tokens)
 
     def prefill(self, seq: SeqId, tokens: Sequence[int]) -> None:
-        self._check_open(seq)
-        if tokens:
-            self._llm.eval(list(tokens))
+        slot = self._slot(seq)
+        for i in range(0, len(tokens), self._n_batch):
+            chunk = tokens[i : i + self._n_batch]
+            self._run([(slot, t, False) for t in chunk])
+            slot.tokens.extend(chunk)
 
     def decode(self, steps: Sequence[Step]) -> list[int]:
+        slots = [self._slot(step.seq) for step in steps]
+        if len(set(map(id, slots))) != len(slots):
+            raise BackendError("a decode call carries each sequence at most once")
+        started = time.perf_counter()
+        self._run([(slot, step.token, True) for slot, step in zip(slots, steps, strict=True)])
+        # The tuner compares step times at one batch width: a wider batch is slower, not contended.
+        tuner = self._tuner if len(steps) == 1 else None
+        if tuner is not None and (threads := tuner.observe(time.perf_counter() - started)):
+            self._set_threads(threads)
         out = []
-        for step in steps:  # one context holds one sequence: steps run one after another
-            self._check_open(step.seq)
-            started = time.perf_counter()
-            self._llm.eval([step.token])
-            if self._tuner is not None and (threads := self._tuner.observe(time.perf_counter() - started)):
-                self._set_threads(threads)
+        for i, (slot, step) in enumerate(zip(slots, steps, strict=True)):
+            slot.tokens.append(step.token)
             if step.constraint is not None:
-                row = self._lib.llama_get_logits_ith(self._ctx.ctx, -1)
+                row = self._lib.llama_get_logits_ith(self._ctx.ctx, i)
                 step.constraint.mask(np.ctypeslib.as_array(row, shape=(self._n_vocab,)))
-            out.append(int(step.sampler.sample(self._ctx, -1)))  # type: ignore[attr-defined]
+            out.append(int(step.sampler.sample(self._ctx, i)))  # type: ignore[attr-defined]
         return out
 
     def park(self, seq: SeqId) -> bytes:
-        self._check_open(seq)
+        slot = self._slot(seq)
         lib, ctx = self._lib, self._ctx.ctx
-        size = lib.llama_state_seq_get_size(ctx, 0)
+        size = lib.llama_state_seq_get_size(ctx, slot.index)
         buf = (ctypes.c_uint8 * size)()
-        written = lib.llama_state_seq_get_data(ctx, buf, size, 0)
-        n = int(self._llm.n_tokens)
-        blob = pack_state(STATE_MAGIC, self._fingerprint, self._llm.input_ids[:n].tolist(), bytes(buf)[:written])
-        # The KV state stays in the context as a prefix cache until another sequence needs it.
-        self._open = None
+        written = lib.llama_state_seq_get_data(ctx, buf, size, slot.index)
+        blob = pack_state(STATE_MAGIC, self._fingerprint, slot.tokens, bytes(buf)[:written])
+        # The KV state stays in the slot as a prefix cache until another sequence needs it.
+        self.release(seq)
         return blob
 
     def restore(self, seq: SeqId, blob: bytes) -> list[int]:
-        self._check_free(seq)
+        self._check_new(seq)
         tokens, data = unpack_state(
             blob, STATE_MAGIC, self._fingerprint, n_ctx=self._caps.n_ctx, n_vocab=self._n_vocab, what="llama.cpp"
         )
-        self._ctx.kv_cache_seq_rm(-1, 0, -1)
-        llm = self._llm
-        llm.n_tokens = 0
+        slot = self._free_slot()
+        self._truncate(slot, 0)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if self._lib.llama_state_seq_set_data(self._ctx.ctx, buf, len(data), 0) == 0:
+        if self._lib.llama_state_seq_set_data(self._ctx.ctx, buf, len(data), slot.index) == 0:
             raise KVStateError("llama.cpp rejected the KV state")
-        llm.input_ids[: len(tokens)] = tokens
-        llm.n_tokens = len(tokens)
-        self._open = seq
+        slot.tokens, slot.owner = list(tokens), seq
+        self._by_seq[seq] = slot
         return tokens
 
     def release(self, seq: SeqId) -> None:
-        if self._open == seq:
-            self._open = None  # its KV state stays as the prefix cache
+        slot = self._by_seq.pop(seq, None)
+        if slot is not None:  # its KV state stays as a prefix cache
+            slot.owner, slot.freed = None, next(self._frees)
 
     def close(self) -> None:
-        self._open = None
-        self._llm.close()
+        self._by_seq.clear()
+        self._batch.close()
+        self._ctx.close()
+        self._model.close()
 
     @property
     def threads(self) -> int:
@@ -220,13 +277,56 @@ class LlamaBackend:
         self._threads = threads
         log.debug("llama.cpp threads: %d", threads)
 
-    def _check_free(self, seq: SeqId) -> None:
-        if self._open is not None:
-            raise BackendError(f"llama.cpp holds one sequence at a time; sequence {self._open} is open")
+    # ---- slots ------------------------------------------------------------------------------
 
-    def _check_open(self, seq: SeqId) -> None:
-        if self._open != seq:
+    def _run(self, entries: Sequence[tuple[_Slot, int, bool]]) -> None:
+        """Evaluate (slot, token, wants logits) entries in one ``llama_decode``, each token at the
+        end of its slot (callers extend ``slot.tokens`` afterwards). When the cache has no room
+        for the batch, the prefix caches of free slots go first, then it fails."""
+        batch = self._batch.batch
+        batch.n_tokens = len(entries)
+        ends: dict[int, int] = {}
+        for i, (slot, token, logits) in enumerate(entries):
+            pos = ends.get(slot.index, len(slot.tokens))
+            ends[slot.index] = pos + 1
+            batch.token[i], batch.pos[i] = token, pos
+            batch.seq_id[i][0], batch.n_seq_id[i] = slot.index, 1
+            batch.logits[i] = logits
+        rc = self._lib.llama_decode(self._ctx.ctx, batch)
+        if rc == 1 and self._drop_residues():
+            rc = self._lib.llama_decode(self._ctx.ctx, batch)
+        if rc != 0:
+            raise BackendError(f"llama_decode failed ({rc}): {'no KV cache room' if rc == 1 else 'see the log'}")
+
+    def _drop_residues(self) -> bool:
+        dropped = False
+        for slot in self._slots:
+            if slot.owner is None and slot.tokens:
+                self._truncate(slot, 0)
+                dropped = True
+        return dropped
+
+    def _truncate(self, slot: _Slot, keep: int) -> None:
+        if keep < len(slot.tokens):
+            self._ctx.kv_cache_seq_rm(slot.index, keep, -1)
+            del slot.tokens[keep:]
+
+    def _free_slot(self) -> _Slot:
+        """A free slot, the one whose prefix cache was freed longest ago (an empty one first)."""
+        free = [slot for slot in self._slots if slot.owner is None]
+        if not free:
+            raise BackendError(f"all {len(self._slots)} sequence slots are open; park or release one first")
+        return min(free, key=lambda slot: (bool(slot.tokens), slot.freed))
+
+    def _slot(self, seq: SeqId) -> _Slot:
+        slot = self._by_seq.get(seq)
+        if slot is None:
             raise BackendError(f"sequence {seq} is not open")
+        return slot
+
+    def _check_new(self, seq: SeqId) -> None:
+        if seq in self._by_seq:
+            raise BackendError(f"sequence {seq} is already open")
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -277,3 +377,31 @@ class LlamaBackend:
         # Checking each id once at load costs ~0.1 s and saves a call per decoded token.
         is_eog = self._lib.llama_vocab_is_eog
         return frozenset(t for t in range(self._n_vocab) if is_eog(self._vocab, t))
+
+
+def _kv_bytes_per_token(meta: dict[str, str]) -> int:
+    """KV cache bytes one token takes (f16 keys and values in every layer), from the GGUF
+    metadata; an upper bound where layers use a sliding window."""
+    arch = meta.get("general.architecture", "")
+
+    def num(key: str, default: int = 0) -> int:
+        try:
+            return int(meta.get(f"{arch}.{key}", default))
+        except ValueError:
+            return default
+
+    n_head = max(num("attention.head_count", 1), 1)
+    head_dim = num("embedding_length") // n_head
+    n_kv = num("attention.head_count_kv", n_head)
+    k = num("attention.key_length", head_dim)
+    v = num("attention.value_length", head_dim)
+    return max(num("block_count", 1) * n_kv * (k + v) * 2, 1)
+
+
+def _auto_slots(n_ctx: int, token_bytes: int, most: int = 8) -> int:
+    """Sequence slots for ``--parallel`` unset: up to ``most``, as half the free memory allows a
+    full context each (the engine then batches as many as its measured decode rate justifies)."""
+    import psutil
+
+    budget = psutil.virtual_memory().available // 2
+    return int(max(1, min(most, budget // max(n_ctx * token_bytes, 1))))

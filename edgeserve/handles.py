@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 
 from edgeserve.errors import BackendError
 from edgeserve.running import Request
@@ -38,6 +39,15 @@ class Handle:
     def cancel(self) -> None:
         """Remove the request if it waits, stop it within a decode step if it runs; a no-op once ended."""
         self._cancel(self._request)
+
+
+class PrefillJob(Handle):
+    """A prefill-only job (``Engine.prefill_state``): ``future`` resolves to the KV state blob, or
+    to the error that stopped it (``EngineClosedError`` when cancelled or closed first)."""
+
+    def __init__(self, request: Request, cancel: Callable[[Request], None], future: Future[bytes]) -> None:
+        super().__init__(request, cancel)
+        self.future = future
 
 
 class RequestHandle(Handle):

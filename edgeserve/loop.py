@@ -1,11 +1,15 @@
-"""The device side of the engine: one thread owns the backend and runs requests in small units.
+"""The device side of the engine: one thread owns the backend and runs a batch of requests.
 
-A unit is a prefill chunk or one decode step; between two units the loop asks the scheduler what
-runs next (``edgeserve.scheduler``). Under ``srpt`` a shorter request displaces the running one at
-a token boundary: the displaced sequence stays open while the backend has room, or is parked to
-host memory until it runs again (least recently run first). A request's running state
-(``edgeserve.running.Running``) belongs to this loop, not to the backend, so it resumes with the
-text it would have produced without the pause.
+Each turn of the loop is one unit of work on the batch: a prefill chunk of one request, then one
+decode step of every request past its prefill, in a single backend call (continuous batching:
+requests join and leave the batch at any token). Between two turns the loop asks the scheduler
+(``edgeserve.scheduler``) what runs: free places in the batch are filled in the policy's order
+(shortest predicted first under ``sjf``/``srpt``), and under ``srpt`` a shorter arrival displaces
+the longest-remaining request of a full batch at a token boundary. A displaced sequence stays open
+while the backend has room, or is parked to host memory until it runs again (least recently run
+first). How wide the batch may be is ``edgeserve.width.BatchWidth``'s call. A request's running
+state (``edgeserve.running.Running``) belongs to this loop, not to the backend, so it resumes with
+the text it would have produced without the pause.
 
 Thread rules: the methods above ``# ---- the loop`` may be called from any thread and take
 ``_cond``; everything below runs on the loop thread only. Fields marked "loop thread only" are
@@ -15,6 +19,7 @@ never touched elsewhere, so the backend needs no locking.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import threading
@@ -23,13 +28,14 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 from edgeserve.backend import Backend, SeqId, Step
-from edgeserve.errors import BackendError, EdgeserveError, EngineClosedError
+from edgeserve.errors import BackendError, EdgeserveError, EngineClosedError, KVStateError
 from edgeserve.running import UNKNOWN_TOKENS, Request, Running, Where, empty_result, final
 from edgeserve.scheduler import Entry, QueueView, Scheduler
 from edgeserve.service import ServiceModel
 from edgeserve.settings import EngineSettings
 from edgeserve.textstream import TextStream
 from edgeserve.types import Capabilities, ErrorEvent, FinalEvent, FinishReason
+from edgeserve.width import BatchWidth
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -38,7 +44,7 @@ NaturalEnd = Callable[[Request, int, float], None]
 
 
 class EngineLoop:
-    """Owns the backend's thread, the admission queue and the running requests."""
+    """Owns the backend's thread, the admission queue and the running batch."""
 
     def __init__(
         self,
@@ -48,6 +54,7 @@ class EngineLoop:
         aging_s: float,
         clock: Callable[[], float],
         on_natural_end: NaturalEnd,
+        fixed_width: bool = False,
     ) -> None:
         self.backend = backend
         self.settings = settings
@@ -59,6 +66,10 @@ class EngineLoop:
         )
         #: Measured prefill and decode rates: the scheduler's costs come from them.
         self.service = ServiceModel()
+        caps = self.capabilities
+        self.width = BatchWidth(
+            min(caps.max_batch, caps.max_sequences), floor_tok_s=settings.parallel_floor_tok_s, fixed=fixed_width
+        )
         #: Seconds one park and one restore take (running averages; None until one is measured).
         self._park_s: float | None = None
         self._restore_s: float | None = None
@@ -68,7 +79,8 @@ class EngineLoop:
         self._cond = threading.Condition()
         # Guarded by _cond:
         self._control: collections.deque[Callable[[], None]] = collections.deque()
-        self._current: Request | None = None
+        #: The requests that get the device, in the order they joined (at most ``width.limit()``).
+        self._batch: list[Request] = []
         #: Started requests cancelled while they waited to resume: the loop frees their KV state.
         self._dropped: list[Request] = []
         self._closed = False
@@ -89,10 +101,7 @@ class EngineLoop:
             request.cost = self.service.decode_equivalents(len(request.prompt_tokens), min(answer, request.max_tokens))
             if len(self._scheduler) >= self._scheduler.capacity:
                 self._scheduler.retry_after_s = self._drain_estimate_s()
-            entry = Entry(
-                request.request_id, request.submitted, request, request.priority, request.predicted_tokens, request.cost
-            )
-            self._scheduler.add(entry)
+            self._scheduler.add(_entry(request, request.cost))
             self._cond.notify()
 
     def call(self, fn: Callable[[Backend], R]) -> R:
@@ -135,32 +144,38 @@ class EngineLoop:
     @property
     def busy(self) -> bool:
         with self._cond:
-            return self._current is not None
+            return bool(self._batch)
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch now."""
+        with self._cond:
+            return len(self._batch)
 
     def snapshot(self) -> list[QueueView]:
         with self._cond:
             return self._scheduler.snapshot(self._clock())
 
     def close(self) -> None:
-        """Stop taking requests, fail the waiting ones, cancel the running one, join the thread."""
+        """Stop taking requests, fail the waiting ones, cancel the running ones, join the thread."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
-            if self._current is not None:
-                self._current.cancelled.set()
+            for request in self._batch:
+                request.cancelled.set()
             self._cond.notify_all()
         self._thread.join()
 
     def _drain_estimate_s(self) -> float:
         """Seconds a refused client should wait: from the work queued and running, at the measured
-        decode rate. Called with ``_cond`` held, only when the queue is full."""
+        rate. Called with ``_cond`` held, only when the queue is full."""
         backlog = self._scheduler.backlog_cost()
-        current = self._current
-        if current is not None and current.run is not None:
-            backlog += current.run.remaining_cost(self.service)
+        for request in self._batch:
+            if request.run is not None:
+                backlog += request.run.remaining_cost(self.service)
         # Seconds per unit of predicted cost, as measured on requests that ended (it absorbs the
-        # predictor's bias and per-request overhead); the decode rate until one has.
+        # predictor's bias, per-request overhead and the batching gain); the decode rate until then.
         per_unit = self._seconds_per_cost or 1.0 / self.service.decode_tok_s
         return max(1.0, backlog * per_unit)
 
@@ -182,8 +197,8 @@ class EngineLoop:
     def _loop(self) -> None:
         try:
             while (work := self._next_work()) is not None:
-                if isinstance(work, Request):
-                    self._advance(work)
+                if isinstance(work, list):
+                    self._turn(work)
                 else:
                     work()
         except BaseException:  # a bug in the loop itself: refuse new work and answer everyone
@@ -193,9 +208,9 @@ class EngineLoop:
         finally:
             self._shut_down()
 
-    def _next_work(self) -> Request | Callable[[], None] | None:
-        """What the loop does next: a control job, dropped requests to free, or one unit of a
-        request (the current one, or one that displaces it). None once the engine is closed."""
+    def _next_work(self) -> list[Request] | Callable[[], None] | None:
+        """What the loop does next: a control job, dropped requests to free, or a turn of the batch
+        (filled from the queue, and displaced by shorter arrivals). None once the engine is closed."""
         with self._cond:
             while True:
                 if self._closed:
@@ -203,62 +218,98 @@ class EngineLoop:
                 if self._dropped:
                     dropped, self._dropped = self._dropped, []
                     return lambda: self._free_dropped(dropped)
-                if self._current is None and self._control:
+                if not self._batch and self._control:
                     return self._control.popleft()
                 now = self._clock()
-                if self._current is not None:
-                    if self._scheduler.preemptive:
-                        self._maybe_preempt(self._current, now)
-                    return self._current
-                entry = self._scheduler.next(now)
-                if entry is not None:
-                    self._switch_to(entry.item, now)
-                    return entry.item
+                limit = self.width.limit()
+                while len(self._batch) < limit and (entry := self._scheduler.next(now)) is not None:
+                    self._join(entry.item, now)
+                if self._scheduler.preemptive and self._batch:
+                    self._maybe_preempt(now)
+                if self._batch:
+                    return list(self._batch)
                 self._cond.wait()
 
-    def _maybe_preempt(self, current: Request, now: float) -> None:
-        """Displace ``current`` by a shorter waiting request, if the policy says so (``_cond`` held)."""
-        run = current.run
-        if run is None or run.finish is not None or now - run.slice_started < self.settings.preempt_quantum_s:
-            return
-        if len(self._open) >= self.capabilities.max_sequences and self._n_parked >= self.settings.max_parked:
-            return  # displacing it would mean parking one more than allowed
-        remaining = Entry(
-            current.request_id,
-            current.submitted,
-            current,
-            current.priority,
-            current.predicted_tokens,
-            run.remaining_cost(self.service),
-        )
-        switch_cost = self._switch_s() * self.service.decode_tok_s
-        if self._scheduler.preempts(remaining, now, switch_cost=switch_cost) is None:
-            return
-        self._scheduler.add(remaining, readmit=True)
-        entry = self._scheduler.next(now)
-        assert entry is not None and entry.item is not current
-        run.preemptions += 1
-        self._switch_to(entry.item, now)
-
-    def _switch_to(self, request: Request, now: float) -> None:
-        self._current = request
+    def _join(self, request: Request, now: float) -> None:
+        self._batch.append(request)
         if request.run is not None:
             request.run.slice_started = now
 
-    def _advance(self, request: Request) -> None:
-        """One unit of work on ``request``: open or restore it, then one prefill chunk or one decode step."""
-        try:
-            run = request.run or self._start(request)
-            if request.cancelled.is_set():
-                run.finish = FinishReason.CANCELLED
-            else:
-                self._make_open(run)
-                self._work(run)
-        except Exception as exc:
-            self._fail(request, exc)
+    def _maybe_preempt(self, now: float) -> None:
+        """Displace the longest-remaining request of a full batch by a shorter waiting one, if the
+        policy says so (``_cond`` held). One displacement per turn: the next turn looks again."""
+        if len(self._batch) < self.width.limit():
             return
-        if run.finish is not None:
-            self._end(run)
+        if len(self._open) >= self.capabilities.max_sequences and self._n_parked >= self.settings.max_parked:
+            return  # displacing one would mean parking one more than allowed
+        candidates = [
+            _entry(request, run.remaining_cost(self.service))
+            for request in self._batch
+            if (run := request.run) is not None
+            and run.finish is None
+            and now - run.slice_started >= self.settings.preempt_quantum_s
+        ]
+        if not candidates:
+            return
+        victim = max(candidates, key=lambda entry: entry.effective_cost)
+        switch_cost = self._switch_s() * self.service.decode_tok_s
+        if self._scheduler.preempts(victim, now, switch_cost=switch_cost) is None:
+            return
+        self._scheduler.add(victim, readmit=True)
+        entry = self._scheduler.next(now)
+        assert entry is not None and entry.item is not victim.item
+        assert victim.item.run is not None
+        victim.item.run.preemptions += 1
+        self._batch.remove(victim.item)
+        self._join(entry.item, now)
+
+    def _turn(self, batch: list[Request]) -> None:
+        """One unit of work on the batch: start and open what needs it, one prefill chunk (the
+        request with the least work left first), then one decode step of every request past its
+        prefill, in one backend call."""
+        ready: list[Running] = []
+        for request in batch:
+            try:
+                run = request.run or self._start(request)
+                if request.cancelled.is_set():
+                    run.finish = FinishReason.CANCELLED
+                else:
+                    self._make_open(run, batch)
+                    ready.append(run)
+            except Exception as exc:
+                self._fail(request, exc)
+                continue
+            if run.finish is not None:
+                self._end(run)
+        prefilling = [run for run in ready if run.prefilled < len(run.request.prompt_tokens) - 1]
+        decoding = [run for run in ready if run.prefilled >= len(run.request.prompt_tokens) - 1]
+        if prefilling:
+            run = min(prefilling, key=lambda run: run.remaining_cost(self.service))
+            self._guarded([run], functools.partial(self._prefill, run, chunk=self._chunk(bool(decoding))))
+        exports = [run for run in decoding if run.request.export is not None]
+        for run in exports:
+            self._guarded([run], functools.partial(self._export, run))
+        steps = [run for run in decoding if run.request.export is None]
+        if steps:
+            self._guarded(steps, functools.partial(self._decode, steps))
+
+    def _chunk(self, beside_decodes: bool) -> int:
+        """Prompt tokens in one prefill chunk: smaller while other requests wait for their next
+        token, so a long prompt does not stall everyone's stream for a whole chunk."""
+        chunk = self.settings.prefill_chunk
+        return max(16, chunk // 4) if beside_decodes else chunk
+
+    def _guarded(self, runs: list[Running], work: Callable[[], None]) -> None:
+        """Run backend work for ``runs``; a failure fails them (only them); ended ones end."""
+        try:
+            work()
+        except Exception as exc:
+            for run in runs:
+                self._fail(run.request, exc)
+            return
+        for run in runs:
+            if run.finish is not None:
+                self._end(run)
 
     def _start(self, request: Request) -> Running:
         params = request.params
@@ -276,17 +327,21 @@ class EngineLoop:
         request.run = run
         return run
 
-    def _make_open(self, run: Running) -> None:
-        """Give ``run`` an open sequence: parking the least recently run other one if all slots are taken."""
+    def _make_open(self, run: Running, batch: list[Request]) -> None:
+        """Give ``run`` an open sequence: parking the least recently run one outside ``batch`` if
+        all the backend's slots are taken."""
         if run.where is Where.OPEN:
             self._open.move_to_end(run.seq)
             return
         while len(self._open) >= self.capabilities.max_sequences:
-            victim = next(iter(self._open.values())).run
-            assert victim is not None and victim is not run
+            victim = next((r.run for r in self._open.values() if r not in batch), None)
+            if victim is None:
+                raise BackendError("no sequence slot is free for this request")
             self._park(victim)
         request = run.request
-        if run.where is Where.NEW:
+        if run.where is Where.NEW and request.kv_state is not None:
+            self._open_from_state(run, request.kv_state)
+        elif run.where is Where.NEW:
             # A seed promises reproducible text, which only an identical evaluation path gives.
             run.cached = run.prefilled = self.backend.open(
                 run.seq, request.prompt_tokens, reuse=request.params.seed is None
@@ -303,6 +358,19 @@ class EngineLoop:
         run.where = Where.OPEN
         self._open[run.seq] = request
 
+    def _open_from_state(self, run: Running, blob: bytes) -> None:
+        """Start a request from a KV state made elsewhere (``Engine.prefill_state``, another
+        process): it must cover a prefix of the prompt short of its last token."""
+        tokens = self.backend.restore(run.seq, blob)
+        prompt = run.request.prompt_tokens
+        if len(tokens) >= len(prompt) or prompt[: len(tokens)] != tokens:
+            self.backend.release(run.seq)
+            raise KVStateError(
+                f"the KV state covers {len(tokens)} tokens that are not a prefix of this prompt "
+                f"({len(prompt)} tokens) short of its last token"
+            )
+        run.cached = run.prefilled = len(tokens)
+
     def _park(self, run: Running) -> None:
         t0 = self._clock()
         blob = self.backend.park(run.seq)
@@ -315,51 +383,76 @@ class EngineLoop:
         self._park_s = _average(self._park_s, took)
 
     def _switch_s(self) -> float:
-        """What displacing the running request costs: a park now and a restore later. A restore
+        """What displacing a running request costs: a park now and a restore later. A restore
         costs about what a park does (a copy each way) until one is measured; nothing before either."""
         park = self._park_s or 0.0
         return park + (self._restore_s if self._restore_s is not None else park)
 
-    def _work(self, run: Running) -> None:
-        request = run.request
-        prompt = request.prompt_tokens
+    def _prefill(self, run: Running, *, chunk: int) -> None:
+        prompt = run.request.prompt_tokens
         t0 = self._clock()
-        if run.prefilled < len(prompt) - 1:
-            chunk = prompt[run.prefilled : min(run.prefilled + self.settings.prefill_chunk, len(prompt) - 1)]
-            self.backend.prefill(run.seq, chunk)
-            run.prefilled += len(chunk)
-            took = self._clock() - t0
-            run.active_s += took
-            self.service.observe_prefill(len(chunk), took)
-            return
-        assert run.pending is not None
-        (token,) = self.backend.decode([Step(run.seq, run.pending, run.sampler, request.constraint)])
+        tokens = prompt[run.prefilled : min(run.prefilled + chunk, len(prompt) - 1)]
+        self.backend.prefill(run.seq, tokens)
+        run.prefilled += len(tokens)
+        took = self._clock() - t0
+        run.active_s += took
+        self.service.observe_prefill(len(tokens), took)
+
+    def _export(self, run: Running) -> None:
+        """A prefill-only request (``Engine.prefill_state``) has its prompt: hand its KV state over."""
+        export = run.request.export
+        assert export is not None
+        blob = self.backend.park(run.seq)
+        del self._open[run.seq]
+        run.where = Where.RELEASED  # the blob leaves with the caller; the slot is free
+        run.sampler.close()
+        export(blob)
+        run.finish = FinishReason.STOP
+
+    def _decode(self, runs: list[Running]) -> None:
+        """One decode step of every run, in one backend call."""
+        steps = []
+        for run in runs:
+            assert run.pending is not None
+            steps.append(Step(run.seq, run.pending, run.sampler, run.request.constraint))
+        t0 = self._clock()
+        tokens = self.backend.decode(steps)
         now = self._clock()
-        run.active_s += now - t0
-        first = run.first_at is None
-        if first:
-            run.first_at = now
-            run.prefilled = len(prompt)
-        run.accept(token, self.backend.detokenize)
-        counted = token not in run.eog
-        if not first and counted:  # the decode span: an end-of-generation step is not output
-            run.decode_s += now - t0
-            self.service.observe_decode(1, now - t0)
+        took = now - t0
+        self.width.observe(len(steps), took)
+        share = took / len(steps)  # what each request's service costs the device
+        counted = 0
+        for run, token in zip(runs, tokens, strict=True):
+            run.active_s += share
+            first = run.first_at is None
+            if first:
+                run.first_at = now
+                run.prefilled = len(run.request.prompt_tokens)
+            run.accept(token, self.backend.detokenize)
+            if not first and token not in run.eog:  # the decode span: an end-of-generation step is not output
+                run.decode_s += took
+                counted += 1
+        if counted == len(runs):
+            self.service.observe_decode(counted, took)
 
     def _end(self, run: Running) -> None:
-        """Send the final event, free the sequence, and let the next request run."""
+        """Send the final event, free the sequence, and give its place in the batch to the next."""
         request = run.request
         run.flush()
         self._free(run)
         now = self._clock()
         request.sink(FinalEvent(run.result(now)))
+        self._leave(request)
         with self._cond:
-            if self._current is request:
-                self._current = None
             if run.finish is not FinishReason.CANCELLED and request.cost > 0 and run.active_s > 0:
                 self._seconds_per_cost = _average(self._seconds_per_cost, run.active_s / request.cost)
-        if run.finish is FinishReason.STOP:  # a natural end: the answer's real length is known
+        if run.finish is FinishReason.STOP and request.export is None:  # the answer's real length is known
             self._on_natural_end(request, len(run.generated), run.active_s)
+
+    def _leave(self, request: Request) -> None:
+        with self._cond:
+            if request in self._batch:
+                self._batch.remove(request)
 
     def _fail(self, request: Request, exc: Exception) -> None:
         if not isinstance(exc, EdgeserveError):  # a backend library failed: map it here, once
@@ -372,9 +465,7 @@ class EngineLoop:
                 log.debug("could not release sequence %s", request.run.seq, exc_info=True)
                 self._open.pop(request.run.seq, None)
         request.sink(ErrorEvent(exc))
-        with self._cond:
-            if self._current is request:
-                self._current = None
+        self._leave(request)
 
     def _free(self, run: Running) -> None:
         """Release everything a request holds on the device side, once. Its handle may live on in
@@ -403,17 +494,18 @@ class EngineLoop:
     def _shut_down(self) -> None:
         """Closing: answer everything still here, free every sequence, resolve control jobs."""
         with self._cond:
-            current, self._current = self._current, None
+            batch, self._batch = self._batch, []
             dropped, self._dropped = self._dropped, []
             waiting = []
             while (entry := self._scheduler.next(self._clock())) is not None:
                 waiting.append(entry.item)
             control, self._control = list(self._control), collections.deque()
-        if current is not None and current.run is not None:
-            current.run.finish = FinishReason.CANCELLED
-            current.run.flush()
-            self._free(current.run)
-            current.sink(final(current, self._clock()))
+        for request in batch:
+            if request.run is not None:
+                request.run.finish = FinishReason.CANCELLED
+                request.run.flush()
+                self._free(request.run)
+            request.sink(final(request, self._clock()))
         self._free_dropped(dropped)
         for request in waiting:
             if request.run is not None:
@@ -421,6 +513,10 @@ class EngineLoop:
             request.sink(ErrorEvent(EngineClosedError("the engine was closed before this request ended")))
         for job in control:
             job()  # each job resolves its own future; closing must not strand a caller of call()
+
+
+def _entry(request: Request, cost: float) -> Entry[Request]:
+    return Entry(request.request_id, request.submitted, request, request.priority, request.predicted_tokens, cost)
 
 
 def _average(old: float | None, new: float) -> float:

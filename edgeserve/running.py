@@ -50,6 +50,10 @@ class Request:
     cost: float = 0.0
     #: Structured output: the tokens allowed next (request state; it survives a park untouched).
     constraint: Constraint | None = field(default=None, repr=False)
+    #: Start from this KV state (``Backend.park``'s blob) instead of prefilling what it covers.
+    kv_state: bytes | None = field(default=None, repr=False)
+    #: Prefill only: the loop hands the prompt's KV state (all but the last token) to this and ends.
+    export: Callable[[bytes], None] | None = field(default=None, repr=False)
     #: Kept only while a LengthRecorder wants it, and only in memory.
     predictor_input: PredictorInput | None = field(default=None, repr=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
