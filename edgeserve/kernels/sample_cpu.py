@@ -91,7 +91,7 @@ def truncate(logits: Array, top_k: int, top_p: float, min_p: float) -> Array | L
         if ids is not None and ids.size <= SMALL:
             ids = ref.top_p_stage(ids, x[ids].astype(np.float64), top_p)[0]
         else:
-            local = top_p_ids(x if ids is None else x[ids], top_p)
+            local = top_p_ids(x, top_p, top) if ids is None else top_p_ids(x[ids], top_p)
             if local is None:
                 return False
             ids = local if ids is None else ids[local]
@@ -123,10 +123,10 @@ def top_k_ids(x: Array, k: int) -> Array:
     return ref.top_k_stage(cand, x[cand].astype(np.float64), k)[0]
 
 
-def top_p_ids(x: Array, top_p: float) -> Array | None:
-    """Local ids (ascending) of the reference's nucleus of float32 ``x``, or None where it cannot be
-    decided exactly here (see the module docstring)."""
-    top = x.max()
+def top_p_ids(x: Array, top_p: float, top: np.float32 | None = None) -> Array | None:
+    """Local ids (ascending) of the reference's nucleus of float32 ``x`` (whose maximum is ``top``
+    when given), or None where it cannot be decided exactly here (see the module docstring)."""
+    top = x.max() if top is None else top
     weights = np.subtract(x, top)
     np.exp(weights, out=weights)  # float32: only the tail's sum is taken from these
     for span in HEAD_SPANS:
