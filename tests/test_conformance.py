@@ -312,26 +312,29 @@ def test_two_requests_interleaved_token_by_token_equal_their_solo_runs(engine: E
     assert engine.call(interleaved) == solo
 
 
-def test_kv_export_import_reproduces_greedy_output(engine: Engine) -> None:
+def test_a_request_continues_from_an_exported_kv_state_exactly(engine: Engine) -> None:
     prompt = "The three primary colours are"
     # Seeded: evaluated from scratch, the path an exported state reproduces exactly.
     expected = engine.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True, seed=1).text
     tokens = engine.tokenize(prompt)
     blob = engine.export_state(prompt)
     engine.generate("Something else entirely, to overwrite the cache.", max_tokens=2)
-    assert engine.import_state(blob) == tokens[:-1]  # the last is the first decode step's
-    again = engine.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True)
+    again = engine.generate(prompt, max_tokens=12, temperature=0, ignore_eos=True, kv_state=blob)
     assert again.cached_prompt_tokens == len(tokens) - 1  # only the last token is evaluated
     assert again.text == expected
+    longer = engine.generate(prompt + " red,", max_tokens=4, temperature=0, ignore_eos=True, kv_state=blob)
+    assert longer.cached_prompt_tokens == len(tokens) - 1 and longer.completion_tokens == 4
+    with pytest.raises(KVStateError, match="not a prefix"):
+        engine.generate("A different prompt altogether", max_tokens=2, kv_state=blob)
 
 
 def test_kv_state_from_garbage_or_another_backend_is_a_clear_error(engine: Engine, reference: Engine) -> None:
     with pytest.raises(KVStateError):
-        engine.import_state(b"not a state")
+        engine.generate(PROMPT, max_tokens=2, kv_state=b"not a state")
     if engine.capabilities.backend != "llama":
         foreign = reference.export_state("Hi")
         with pytest.raises(KVStateError):
-            engine.import_state(foreign)
+            engine.generate("Hi there", max_tokens=2, kv_state=foreign)
     assert "Berlin" in engine.generate(PROMPT, GREEDY).text
 
 
@@ -343,7 +346,7 @@ def test_kv_state_with_a_forged_header_is_a_clear_error(engine: Engine) -> None:
     for tokens in (["x"], [engine.capabilities.n_vocab], list(range(engine.capabilities.n_ctx + 1))):
         forged = magic_and_head + b"\n" + json.dumps({**header, "tokens": tokens}).encode() + b"\n" + rest
         with pytest.raises(KVStateError):
-            engine.import_state(forged)
+            engine.generate("Hi there", max_tokens=2, kv_state=forged)
     assert "Berlin" in engine.generate(PROMPT, GREEDY).text
 
 

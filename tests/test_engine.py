@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+from concurrent.futures import CancelledError
 
 import pytest
 
@@ -170,21 +171,28 @@ def test_async_consumer_leaving_cancels(engine: Engine) -> None:
 
 def test_kv_state_round_trip_reproduces_greedy_output(engine: Engine) -> None:
     prompt = "The three primary colours are"
-    # Seeded: evaluated from scratch, the path an exported state reproduces (a prompt served from
-    # whatever prefix the cache held is batched differently, and llama.cpp is not batch-invariant).
+    # Seeded: evaluated from scratch, the path an exported state reproduces.
     expected = engine.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True, seed=1).text
-    blob = engine.export_state(prompt)
+    job = engine.prefill_state(prompt)
     engine.generate("Something else entirely, to overwrite the cache.", max_tokens=8)
-    restored = engine.import_state(blob)
-    assert restored == engine.tokenize(prompt)[:-1]
-    again = engine.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
-    assert again.cached_prompt_tokens == len(restored)  # only the last token was evaluated
+    blob = job.future.result()
+    again = engine.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True, kv_state=blob)
+    assert again.cached_prompt_tokens == len(engine.tokenize(prompt)) - 1  # only the last token was evaluated
     assert again.text == expected
+
+
+def test_a_cancelled_prefill_job_frees_its_place(engine: Engine) -> None:
+    busy = engine.submit("Tell me everything.", SamplingParams(max_tokens=30, ignore_eos=True))
+    job = engine.prefill_state("The three primary colours are " * 20)
+    job.cancel()
+    with pytest.raises(CancelledError):
+        job.future.result(timeout=60)
+    assert busy.result().completion_tokens == 30
 
 
 def test_kv_state_from_garbage_is_a_clear_error(engine: Engine) -> None:
     with pytest.raises(KVStateError):
-        engine.import_state(b"not a state")
+        engine.generate(PROMPT, max_tokens=8, kv_state=b"not a state")
     assert "Berlin" in engine.generate(PROMPT, max_tokens=8, temperature=0).text
 
 
