@@ -404,6 +404,17 @@ class Engine:
         return self._loop.queue_depth
 
     @property
+    def parallel(self) -> int:
+        """Sequences the engine decodes together now (``--parallel``, or what the measured decode
+        rate justifies; ``edgeserve.width``)."""
+        return self._loop.width.limit()
+
+    @property
+    def running(self) -> int:
+        """Requests in the running batch now."""
+        return self._loop.running
+
+    @property
     def aging_s(self) -> float:
         """The aging threshold in force (set, or derived from measured short requests)."""
         return self._loop.aging_s
