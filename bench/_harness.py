@@ -203,14 +203,17 @@ def default_gguf() -> str:
 
 
 @contextlib.contextmanager
-def llama_server(binary: str, threads: int, parallel: int, ctx_per_slot: int = 2048) -> Iterator[Served]:
+def llama_server(
+    binary: str, threads: int, parallel: int, ctx_per_slot: int = 2048, flash_attn: str = "on"
+) -> Iterator[Served]:
     """llama.cpp's own ``llama-server`` (bench/build_llama_server.sh) on the default model:
     ``parallel`` slots, continuous batching (its default), first come first served, each slot
-    ``ctx_per_slot`` tokens; flash attention off as edgeserve's default; Gemma's chat template."""
+    ``ctx_per_slot`` tokens; flash attention ``flash_attn`` (on: edgeserve's default); Gemma's chat
+    template."""
     port = free_port()
     cmd = [binary, "-m", default_gguf(), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-c", str(ctx_per_slot * parallel)]
-    cmd += ["-fa", "off", "--no-jinja", "--chat-template", "gemma", "--no-webui", "-lv", "1"]
+    cmd += ["-fa", flash_attn, "--no-jinja", "--chat-template", "gemma", "--no-webui", "-lv", "1"]
     with program(cmd, f"http://127.0.0.1:{port}/health") as proc:
         yield Served(f"http://127.0.0.1:{port}", proc.pid)
 
@@ -299,10 +302,16 @@ class Outcome:
 
 
 async def send(
-    client: httpx.AsyncClient, base: str, job: Job, t0: float, extra: dict[str, Any] | None = None
+    client: httpx.AsyncClient,
+    base: str,
+    job: Job,
+    t0: float,
+    extra: dict[str, Any] | None = None,
+    cut_after: int | None = None,
 ) -> Outcome:
     """One streamed chat completion; TTFT is the first content chunk, latency the last byte. ``extra``
-    adds fields to the request body."""
+    adds fields to the request body. ``cut_after``: the client stops reading and closes the stream
+    once it has that many content chunks (finish_reason "client_cut"), as a user pressing stop."""
     body: dict[str, Any] = {
         "model": "default",
         "messages": [{"role": "user", "content": job.prompt}],
@@ -340,6 +349,9 @@ async def send(
                 seen += 1
                 if first is None:
                     first = time.monotonic()
+                if cut_after is not None and seen >= cut_after:
+                    finish = "client_cut"
+                    break
     end = time.monotonic()
     return Outcome(
         job.job_id,
@@ -365,19 +377,21 @@ async def run_load(
     arrivals: Sequence[float],
     extra: dict[str, Any] | None = None,
     per_job: Sequence[dict[str, Any]] | None = None,
+    cuts: Sequence[int | None] | None = None,
 ) -> list[Outcome]:
     """Send ``jobs[i]`` at ``arrivals[i]`` seconds after the start, all concurrently; ``per_job[i]``
-    adds fields to ``jobs[i]``'s body (after ``extra``)."""
+    adds fields to ``jobs[i]``'s body (after ``extra``); ``cuts[i]``: ``send``'s ``cut_after``."""
     limits = httpx.Limits(max_connections=len(jobs) + 4, max_keepalive_connections=len(jobs) + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         t0 = time.monotonic()
 
-        async def at(job: Job, when: float, own: dict[str, Any]) -> Outcome:
+        async def at(job: Job, when: float, own: dict[str, Any], cut: int | None) -> Outcome:
             await asyncio.sleep(max(0.0, when - (time.monotonic() - t0)))
-            return await send(client, base, job, t0, {**(extra or {}), **own})
+            return await send(client, base, job, t0, {**(extra or {}), **own}, cut)
 
         owns = per_job or [{} for _ in jobs]
-        return list(await asyncio.gather(*(at(j, a, o) for j, a, o in zip(jobs, arrivals, owns, strict=True))))
+        cut_list = list(cuts) if cuts is not None else [None] * len(jobs)
+        return list(await asyncio.gather(*(at(*x) for x in zip(jobs, arrivals, owns, cut_list, strict=True))))
 
 
 def pct(values: Sequence[float], q: float) -> float | None:
