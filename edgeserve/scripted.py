@@ -40,6 +40,10 @@ class ScriptedBackend:
     """Deterministic tokens, controllable time; see the module docstring."""
 
     max_sequences: int = 1
+    #: Sequences one decode call evaluates together (a batched step costs ``step_s`` plus
+    #: ``batch_cost`` of it for each further sequence).
+    max_batch: int = 1
+    batch_cost: float = 0.25
     n_ctx: int = 4096
     #: Seconds each decode step and each prefilled token take.
     step_s: float = 0.0
@@ -49,6 +53,8 @@ class ScriptedBackend:
     #: Raise ``RuntimeError`` on the n-th call (0-based, all methods counted) of this method name.
     fail_on: tuple[str, int] | None = None
     calls: list[tuple[str, SeqId | None]] = field(default_factory=list)
+    #: The sequences of every decode call, in order.
+    batches: list[tuple[SeqId, ...]] = field(default_factory=list)
     _seqs: dict[SeqId, list[int]] = field(default_factory=dict)
     _generated: dict[SeqId, int] = field(default_factory=dict)
     _cache: list[int] = field(default_factory=list)
@@ -68,6 +74,7 @@ class ScriptedBackend:
             architecture="scripted",
             kv_state=True,
             max_sequences=self.max_sequences,
+            max_batch=self.max_batch,
         )
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
@@ -106,12 +113,18 @@ class ScriptedBackend:
         time.sleep(self.prefill_s * len(tokens))
 
     def decode(self, steps: Sequence[Step]) -> list[int]:
+        if len(steps) > self.max_batch:
+            raise BackendError(f"{len(steps)} steps in one call; this backend batches {self.max_batch}")
+        self.batches.append(tuple(step.seq for step in steps))
+        if self.max_batch > 1:
+            time.sleep(self.step_s * (1 + self.batch_cost * (len(steps) - 1)))
         out = []
         for step in steps:
             self._call("decode", step.seq)
             tokens = self._get(step.seq)
             tokens.append(step.token)
-            time.sleep(self.step_s)
+            if self.max_batch == 1:
+                time.sleep(self.step_s)
             logits = self._logits(step.seq, tokens)
             if step.constraint is not None:
                 step.constraint.mask(logits)
