@@ -74,3 +74,11 @@ def test_bad_inputs_are_refused() -> None:
         kvpack.quantize(np.ones((2, 4), np.float32))
     with pytest.raises(KVStateError):
         kvpack.quantize(np.array([[[1.0, np.inf]]], np.float32))
+
+
+def test_describe_names_the_implementation_each_kernel_picks() -> None:
+    from edgeserve.kernels import describe
+
+    here = describe(cuda=False, metal=False)
+    assert here["sample"] == "numpy-fused" and here["kvpack"] == "numpy"
+    assert describe(cuda=True, metal=False)["kvpack"] in ("triton", "numpy")  # triton only where it is installed
