@@ -124,7 +124,9 @@ class GrammarConstraint:
 
     def _settle(self) -> np.ndarray[Any, np.dtype[np.bool_]] | None:
         ahead, self._ahead = self._ahead, None
-        return ahead.result() if ahead is not None else None
+        if ahead is None or ahead.cancelled():  # cancelled: the worker shut down before it ran
+            return None
+        return ahead.result()
 
     def mask(self, logits: np.ndarray[Any, np.dtype[np.float32]]) -> None:
         forbidden = self._settle()
