@@ -87,6 +87,11 @@ class Handoff:
             measured = _without_kv(measured)
         return planner.plan(ask, measured)
 
+    def plan_for(self, prompt: str, params: SamplingParams | None = None) -> planner.Plan:
+        """The route the planner would choose for ``prompt`` now (benchmarks compare it with the best)."""
+        request = self._prepare(prompt, None, params, None, lambda _event: None, _Output(None, None, None))
+        return self.plan(request, "text", True)
+
     # ---- submitting ---------------------------------------------------------------------------
 
     def submit(

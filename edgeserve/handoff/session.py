@@ -183,14 +183,21 @@ class Session:
 
     def _begin(self) -> None:
         self._started = self._clock()
-        tokens = self._request.prompt_tokens
-        self._job = device.start_prefill(self._engine, tokens)
-        self._job.future.add_done_callback(lambda f: self._inbox.put(_DeviceReady(f)))
+        # Without a cancellable prefill job (an engine before ``prefill_state``), a KV route starts the
+        # device's own prefill only if the KV state does not come: a running export cannot be stopped
+        # and would hold the device when the cloud's state arrives.
+        if not (self._plan.route.uses_kv and not device.supports_kv_state(self._engine)):
+            self._start_local()
         if self._cloud_call is not None:
             path, body = self._cloud_call
             self._cloud = CloudStream(self._settings, path, body, self._inbox.put, clock=self._clock)
         if self._kv_start is not None:
             self._kv_close = self._kv_start(self._inbox.put)
+
+    def _start_local(self) -> None:
+        if self._job is None:
+            self._job = device.start_prefill(self._engine, self._request.prompt_tokens)
+            self._job.future.add_done_callback(lambda f: self._inbox.put(_DeviceReady(f)))
 
     def _on(self, message: Message) -> None:
         if isinstance(message, CloudDelta | CloudEnd | CloudFailed):
@@ -251,6 +258,7 @@ class Session:
         self._kv_bytes = message.wire_bytes
         if message.blob is None:
             self._kv_failed = True
+            self._start_local()
             log.info("%s: no KV from the cloud (%s); the device prefills", self._request.request_id, message.error)
             return
         if self._phase != "cloud":
@@ -261,6 +269,7 @@ class Session:
             self._kv_failed = True
             self._phase = "cloud"
             log.warning("%s: the cloud's KV state was refused (%s)", self._request.request_id, exc)
+            self._start_local()
             return
         if self._job is not None:
             self._job.cancel()

@@ -1,0 +1,282 @@
+"""Cloud-device split prefill (issue 15): device-only, token handoff, KV handoff and both, on one machine.
+
+    nice -n 10 .venv/bin/python bench/handoff.py [--quota 0.15] [--delay-ms 20] [--rate-mbit 100]
+
+How the asymmetry is emulated (one 2-core machine, shared):
+- the cloud is ``edgeserve serve`` in its own process on loopback (llama.cpp, 1 thread: with 2 threads
+  and any other busy process llama.cpp collapses, PLATFORM-NOTES), unthrottled;
+- the device is a worker process (this file, ``--worker``) running the engine as a library, inside a
+  cgroup v1 ``cpu`` group with a CPU quota (default 15% of one core) and 1 thread, so it prefills
+  and decodes several times slower than the cloud (the measured ratio is in the JSON);
+- the link is ``_relay.py`` between them: a one-way delay and a rate limit in each direction, and a
+  count of the bytes that crossed it.
+
+Per prompt size (256, 1k, 2k, 4k tokens of README text) and route, one greedy request with a fixed
+answer length (``ignore_eos``): TTFT, p99 and max gap between streamed pieces, total time, cloud
+tokens, bytes over the link (greedy identity with the device-only text is tests/test_handoff.py's
+job: here every run has its own prompt, so that no prefix cache helps it); and the route the planner
+would pick (``--handoff auto``) against the best measured one. Writes bench/results/handoff.json+png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import code_version, pct, serve
+from _relay import Link, relay
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results" / "handoff"
+CGROUP = Path("/sys/fs/cgroup/cpu/edgeserve_bench_handoff_device")
+ROUTES = ("local", "token", "kv", "token+kv")
+
+
+# ---- the device worker (runs inside the cgroup) -------------------------------------------------
+
+
+def _prompt(engine: Any, n: int, tag: str = "") -> str:
+    """``n`` tokens of README text; ``tag`` makes its first line unique, so no prefix cache (the
+    device's or the cloud's, both keep several sequences) has seen it: a new user's prompt."""
+    text = f"Note {tag}:\n" + (ROOT / "README.md").read_text()
+    tokens = engine.tokenize(text, add_bos=False)
+    while len(tokens) < n:
+        tokens += tokens
+    return str(engine.backend.detokenize(tokens[: n - 1]).decode("utf-8", errors="ignore"))
+
+
+def _ask_link(label: str) -> tuple[int, int]:
+    """The driver's byte counters of the link, now (a line out, a line back)."""
+    print(json.dumps({"mark": label}), flush=True)
+    down, up = json.loads(sys.stdin.readline())
+    return int(down), int(up)
+
+
+def _one(engine: Any, prompt: str, route: str, max_tokens: int) -> dict[str, Any]:
+    from edgeserve.handoff import CloudTokenEvent, HandoffReport, Route
+    from edgeserve.types import FinalEvent, TokenEvent
+
+    reports: list[HandoffReport] = []
+    engine.handoff.listeners.append(reports.append)
+    down0, up0 = _ask_link(route)
+    started = time.monotonic()
+    times: list[float] = []
+    cloud_pieces = 0
+    result = None
+    for event in engine.handoff.submit(
+        prompt, temperature=0, max_tokens=max_tokens, ignore_eos=True, route=Route(route)
+    ):
+        now = time.monotonic()
+        if isinstance(event, TokenEvent):
+            times.append(now - started)
+            cloud_pieces += isinstance(event, CloudTokenEvent)
+        elif isinstance(event, FinalEvent):
+            result = event.result
+    total = time.monotonic() - started
+    engine.handoff.listeners.remove(reports.append)
+    down1, up1 = _ask_link(route)
+    assert result is not None
+    report = reports[-1]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return {
+        "route": route,
+        "ttft_s": times[0] if times else None,
+        "gap_p99_s": pct(gaps, 99),
+        "gap_max_s": max(gaps) if gaps else None,
+        "total_s": total,
+        "output_tokens": result.completion_tokens,
+        "cloud_tokens": report.cloud_tokens,
+        "cloud_tokens_kept": report.cloud_tokens_kept,
+        "cloud_pieces_shown": cloud_pieces,
+        "takeover_s": report.takeover_s,
+        "taken_over_by": report.taken_over_by,
+        "kv_wire_bytes": report.kv_wire_bytes,
+        "link_bytes_down": down1 - down0,
+        "link_bytes_up": up1 - up0,
+        "cloud_error": report.cloud_error,
+        "predicted_ttft_s": report.predicted_ttft_s,
+        "text": result.text,
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    from edgeserve.engine import Engine
+    from edgeserve.settings import CloudSettings, EngineSettings, ModelSettings
+
+    model = ModelSettings(model="default", backend="llama", n_ctx=8192, threads=1)
+    cloud = CloudSettings(
+        cloud=args.cloud, handoff="auto", ttft_target_s=args.ttft_target_s, cloud_first_token_timeout_s=120
+    )
+    with Engine.from_settings(model, EngineSettings(policy="fcfs"), cloud=cloud) as engine:
+        deadline = time.monotonic() + 60
+        while engine.handoff.kv_fetcher is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        # Warm-up: the device's rates (measured prefill and decode) and the cloud's, at small cost.
+        engine.generate(_prompt(engine, 300, "warm-up 1"), temperature=0, max_tokens=16, cloud=False)
+        from edgeserve.handoff import Route
+
+        warm = _prompt(engine, 300, "warm-up 2")
+        engine.handoff.submit(warm, temperature=0, max_tokens=8, route=Route.TOKEN).result()
+        for n in args.sizes:
+            plan = engine.handoff.plan_for(_prompt(engine, n, f"plan {n}"))
+            runs = [_one(engine, _prompt(engine, n, f"{n} {route}"), route, args.max_tokens) for route in ROUTES]
+            for run in runs:
+                run.pop("text")
+            service = engine.service
+            cell = {
+                "prompt_tokens": n,
+                "planner": {
+                    "route": plan.route.value,
+                    "reason": plan.reason,
+                    "predicted": {o.route.value: o.ttft_s for o in plan.options},
+                },
+                "device_rates": {"prefill_tok_s": service.prefill_tok_s, "decode_tok_s": service.decode_tok_s},
+                "runs": runs,
+            }
+            print(json.dumps({"cell": cell}), flush=True)
+
+
+# ---- the driver -----------------------------------------------------------------------------------
+
+
+def _cgroup(quota: float) -> None:
+    CGROUP.mkdir(exist_ok=True)
+    (CGROUP / "cpu.cfs_period_us").write_text("100000")
+    (CGROUP / "cpu.cfs_quota_us").write_text(str(int(quota * 100000)))
+
+
+def _in_cgroup() -> None:
+    (CGROUP / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def driver(args: argparse.Namespace) -> dict[str, Any]:
+    link = Link(args.delay_ms / 1000, args.rate_mbit * 1e6 / 8)
+    _cgroup(args.quota)
+    cells: list[dict[str, Any]] = []
+    started = time.monotonic()
+    with serve("fcfs", 1, n_ctx=8192) as cloud, relay(int(cloud.url.rsplit(":", 1)[1]), link) as port:
+        cmd = [sys.executable, __file__, "--worker", "--cloud", f"http://127.0.0.1:{port}"]
+        cmd += ["--sizes", ",".join(map(str, args.sizes)), "--max-tokens", str(args.max_tokens)]
+        cmd += ["--ttft-target-s", str(args.ttft_target_s)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=_in_cgroup
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        for line in proc.stdout:
+            if not line.startswith("{"):
+                continue
+            message = json.loads(line)
+            if "mark" in message:
+                proc.stdin.write(json.dumps(link.counts()) + "\n")
+                proc.stdin.flush()
+            elif "cell" in message:
+                cells.append(message["cell"])
+                print(_row(message["cell"]), file=sys.stderr, flush=True)
+        if proc.wait() != 0:
+            raise RuntimeError("the device worker failed")
+    return {
+        "setup": {
+            "device": f"cgroup v1 cpu quota {args.quota:.0%} of one core, 1 llama.cpp thread (library, in-process)",
+            "cloud": "edgeserve serve on loopback, 1 llama.cpp thread, unthrottled, fcfs",
+            "link": f"relay: {args.delay_ms} ms one way, {args.rate_mbit} Mbit/s each direction",
+            "answer_tokens": args.max_tokens,
+            "sampling": "greedy, ignore_eos",
+            "wall_s": time.monotonic() - started,
+            "code": code_version(),
+        },
+        "cells": cells,
+        "summary": _summary(cells),
+    }
+
+
+def _row(cell: dict[str, Any]) -> str:
+    parts = [f"{cell['prompt_tokens']:>5} tok  planner={cell['planner']['route']:<8}"]
+    for run in cell["runs"]:
+        ttft, gap, takeover = run["ttft_s"] or float("nan"), run["gap_max_s"] or 0, run["takeover_s"] or 0
+        parts.append(f"{run['route']}: ttft {ttft:.2f} gap {gap:.2f} over {takeover:.2f} cloud {run['cloud_tokens']}")
+    return " | ".join(parts)
+
+
+def _summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for cell in cells:
+        runs = {r["route"]: r for r in cell["runs"]}
+        local = runs["local"]
+        tpot = (local["total_s"] - local["ttft_s"]) / max(local["output_tokens"] - 1, 1)
+        best = min(cell["runs"], key=lambda r: (r["ttft_s"] or 1e9, r["cloud_tokens"]))
+        out[str(cell["prompt_tokens"])] = {
+            "device_tpot_s": tpot,
+            "planner_route": cell["planner"]["route"],
+            "best_measured_route": best["route"],
+            **{
+                route: {
+                    "ttft_vs_device_only": (r["ttft_s"] or 0) / local["ttft_s"],
+                    "max_gap_vs_device_tpot": (r["gap_max_s"] or 0) / tpot,
+                    "cloud_tokens_share": r["cloud_tokens"] / max(r["output_tokens"], 1),
+                }
+                for route, r in runs.items()
+            },
+        }
+    return out
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = data["cells"]
+    sizes = [c["prompt_tokens"] for c in cells]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for route in ROUTES:
+        runs = [next(r for r in c["runs"] if r["route"] == route) for c in cells]
+        axes[0].plot(sizes, [r["ttft_s"] for r in runs], marker="o", label=route)
+        axes[1].plot(sizes, [r["gap_max_s"] for r in runs], marker="o", label=route)
+        axes[2].plot(sizes, [r["cloud_tokens"] / max(r["output_tokens"], 1) for r in runs], marker="o", label=route)
+    tpots = [data["summary"][str(n)]["device_tpot_s"] for n in sizes]
+    axes[1].plot(sizes, [2 * t for t in tpots], "k--", label="2x device TPOT")
+    axes[2].axhline(0.1, color="k", linestyle="--", label="10% target")
+    for ax, title in zip(axes, ("TTFT (s)", "max inter-token gap (s)", "cloud tokens / output"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(data["setup"]["link"] + "; " + data["setup"]["device"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cloud", help=argparse.SUPPRESS)
+    parser.add_argument("--quota", type=float, default=0.15, help="Device CPU quota, in cores.")
+    parser.add_argument("--delay-ms", type=float, default=20.0)
+    parser.add_argument("--rate-mbit", type=float, default=100.0)
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024, 2048, 4096])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--ttft-target-s", type=float, default=1.0)
+    parser.add_argument("--name", default="handoff")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    data = driver(args)
+    out = OUT.with_name(args.name)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    plot(data, out.with_suffix(".png"))
+    print(json.dumps(data["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
