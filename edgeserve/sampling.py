@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,20 @@ class Sampler:
         """Pick the next token from ``logits`` ([n_vocab]) and remember it."""
         logits = self.adjusted(logits)
         token = int(np.argmax(logits)) if self.params.greedy else self._draw(logits)
+        self.history.append(token)
+        return token
+
+    @property
+    def plain(self) -> bool:
+        """No bias and no penalty in effect for the next token: a device kernel may take the raw logits."""
+        return self._bias is None and not (self._penalize and self.history)
+
+    def draw_with(self, kernel: Callable[[float], int]) -> int:
+        """Pick the next token with a device kernel instead of the NumPy one: ``kernel`` gets this
+        draw's uniform and returns the token. The generator and the history advance exactly as
+        ``__call__``'s do (one uniform per token), so parking and resuming stay exact across the
+        two paths. Greedy requests take an argmax and never come here."""
+        token = int(kernel(self.rng.random()))
         self.history.append(token)
         return token
 

@@ -147,3 +147,15 @@ def test_extreme_values_still_give_a_distribution(params: SamplingParams) -> Non
     assert all(0 <= t < len(PROBS) for t in draws)
     _, probs = sample.distribution(sample.adjusted(LOGITS))
     assert np.isfinite(probs).all() and probs.sum() == pytest.approx(1.0)
+
+
+def test_a_device_kernel_draws_through_the_same_random_stream() -> None:
+    """draw_with hands the kernel the uniform __call__ would have used: the same tokens."""
+    from edgeserve.kernels import sample_cpu
+
+    params = SamplingParams(temperature=0.9, top_k=3, top_p=0.9, seed=5)
+    host, device = Sampler(params), Sampler(params)
+    assert device.plain
+    picks = [device.draw_with(lambda u: sample_cpu.sample(LOGITS, 3, 0.9, 0.0, 0.9, u)) for _ in range(20)]
+    assert picks == [host(LOGITS) for _ in range(20)] and list(device.history) == list(host.history)
+    assert not Sampler(SamplingParams(logit_bias={1: 2.0})).plain
