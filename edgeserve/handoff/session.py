@@ -43,6 +43,12 @@ from edgeserve.types import ErrorEvent, FinalEvent, FinishReason, GenerationResu
 log = logging.getLogger("edgeserve.handoff")
 
 
+#: A KV state later than this many times its predicted arrival, plus this many seconds, is given up
+#: on as the device's only source: the device starts its own prefill (the KV may still win the race).
+KV_LATE_FACTOR = 2.0
+KV_LATE_S = 1.0
+
+
 @dataclass(frozen=True)
 class CloudTokenEvent(TokenEvent):
     """Text that came from the cloud (``edgeserve chat --cloud`` shows it dimmed)."""
@@ -146,6 +152,7 @@ class Session:
         self._started = self._first = self._last = 0.0
         self._first_set = False
         self._takeover_at: float | None = None
+        self._local_at: float | None = None  # KV routes: when to start the device's own prefill
         self._taken_by: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"handoff-{request.request_id}", daemon=True)
 
@@ -163,14 +170,16 @@ class Session:
         try:
             self._begin()
             while self._phase != "ended":
-                at = self._pacer.next_at()
-                timeout = None if at is None else max(at - self._clock(), 0.0)
+                wake = [t for t in (self._pacer.next_at(), self._local_at) if t is not None]
+                timeout = max(min(wake) - self._clock(), 0.0) if wake else None
                 try:
                     message: Message | None = self._inbox.get(timeout=timeout)
                 except queue.Empty:
                     message = None
                 if message is not None:
                     self._on(message)
+                if self._local_at is not None and self._clock() >= self._local_at:
+                    self._start_local()  # the KV state is late: the device starts on its own
                 self._release(self._clock())
                 if self._ready_to_finish():
                     self._finish()
@@ -183,10 +192,13 @@ class Session:
 
     def _begin(self) -> None:
         self._started = self._clock()
-        # Without a cancellable prefill job (an engine before ``prefill_state``), a KV route starts the
-        # device's own prefill only if the KV state does not come: a running export cannot be stopped
-        # and would hold the device when the cloud's state arrives.
-        if not (self._plan.route.uses_kv and not device.supports_kv_state(self._engine)):
+        # A KV route leaves the device's CPU to loading the cloud's state (decoding the wire, restoring)
+        # and starts the device's own prefill only if the state fails or is late: past twice its
+        # predicted arrival. (Both at once would halve each on a device with one core to spare.)
+        if self._plan.route.uses_kv:
+            takeover = next((o.takeover_s for o in self._plan.options if o.route is self._plan.route), None)
+            self._local_at = self._started + KV_LATE_FACTOR * (takeover or 0.0) + KV_LATE_S
+        else:
             self._start_local()
         if self._cloud_call is not None:
             path, body = self._cloud_call
@@ -195,6 +207,7 @@ class Session:
             self._kv_close = self._kv_start(self._inbox.put)
 
     def _start_local(self) -> None:
+        self._local_at = None
         if self._job is None:
             self._job = device.start_prefill(self._engine, self._request.prompt_tokens)
             self._job.future.add_done_callback(lambda f: self._inbox.put(_DeviceReady(f)))
