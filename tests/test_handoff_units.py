@@ -120,3 +120,25 @@ def test_overlap_filter_suppresses_shown_text_and_never_repeats_on_divergence() 
     g = OverlapFilter(" wor")
     assert g.feed(" wi") == "i" and g.diverged
     assert g.feed("nd") == "nd"
+
+
+def test_serve_chat_and_run_take_the_cloud_flags() -> None:
+    from click.testing import CliRunner
+
+    from edgeserve.cli import main
+
+    for command in ("serve", "chat", "run"):
+        out = CliRunner().invoke(main, [command, "--help"]).output
+        for flag in ("--cloud ", "--cloud-model", "--cloud-api-key", "--handoff [auto|off|always]", "--ttft-target-s"):
+            assert flag in out, (command, flag)
+
+
+def test_cloud_url_is_checked_and_never_echoed() -> None:
+    from pydantic import ValidationError
+
+    from edgeserve.settings import CloudSettings
+
+    assert CloudSettings(cloud="http://gpu:8000/").cloud == "http://gpu:8000"
+    with pytest.raises(ValidationError) as info:
+        CloudSettings(cloud="ftp://user:secret@gpu")
+    assert "secret" not in str(info.value)
