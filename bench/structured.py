@@ -297,6 +297,7 @@ def main() -> None:
     if args.only_overhead:  # compile and validity from the last full run, overhead and its command anew
         kept = json.loads(OUT.read_text())
         report = {**kept, **report, "full_run_command": kept.get("full_run_command", kept["command"])}
+        report["overhead"] = dict(kept.get("overhead", {}))  # backends not named here keep their figures
         args.requests = 0
     for name in args.backends.split(","):
         spec = get_spec(name)
@@ -304,7 +305,7 @@ def main() -> None:
             report["skipped"][name] = f"not installed (pip install 'edgeserve[{spec.extra}]')"
             continue
         with load(name, args.threads) as engine:
-            report["overhead"][name] = overhead(engine, args.tokens, args.reps)
+            report["overhead"][name] = {"command": report["command"], **overhead(engine, args.tokens, args.reps)}
             print(
                 name,
                 json.dumps(report["overhead"][name]["median_decode_tok_s"]),
