@@ -58,11 +58,7 @@ class ModelSettings(_Settings):
         "count whose measured per-sequence decode rate stays above --parallel-floor-tok-s.",
     )
     gpu_layers: int = Field(-1, description="Layers offloaded to a GPU when one is present (-1: all).")
-    flash_attn: bool = Field(
-        True,
-        description="Use flash attention where the backend supports it. On llama.cpp it also makes a sequence's "
-        "logits independent of where its cells sit in the shared KV cache (batch neighbours, prefix-cache slots).",
-    )
+    flash_attn: bool = Field(False, description="Use flash attention where the backend supports it.")
     cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "edgeserve",
         description="Where assembled and converted models are kept (default: ~/.cache/edgeserve).",
