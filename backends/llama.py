@@ -1,7 +1,7 @@
 """llama.cpp through llama-cpp-python: the default backend.
 
-It drives llama.cpp through llama-cpp-python's low-level API: one context whose unified KV cache
-holds several sequences (llama.cpp's sequence ids are the backend's *slots*), and one
+It drives llama.cpp through llama-cpp-python's low-level API: one context whose KV cache holds a
+stream per sequence (llama.cpp's sequence ids are the backend's *slots*), and one
 ``llama_batch`` per decode call carrying a token of every sequence, so N sequences cost one pass
 over the weights (continuous batching, as llama-server's parallel slots). Sampling is our own
 llama.cpp sampler chain, so every ``SamplingParams`` field (logit_bias included) runs natively and
@@ -11,8 +11,7 @@ RNG and penalty history survive a park.
 Parking copies one slot's KV state out with ``llama_state_seq_get_data`` (no logits, no output
 buffers: ~18 KB a token for Gemma 3 270M) and restoring copies it into a free slot. What a
 released or parked sequence leaves in its slot stays there as a prefix cache for the next
-``open``, which takes the slot sharing the longest prefix with its prompt (or copies that prefix
-from another slot, a cell-sharing copy in a unified cache).
+``open``, which takes the free slot sharing the longest prefix with its prompt.
 """
 
 from __future__ import annotations
@@ -101,6 +100,11 @@ class LlamaBackend:
         self._lib = llama_cpp
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0x7FFFFFFF if settings.gpu_layers == -1 else settings.gpu_layers
+        # No repacked weight layouts on the CPU: their matrix kernels take another path for a batch
+        # of rows than for one, so a sequence decoded beside others gave other greedy text than
+        # alone (agreement 0.1-0.8 over 10 tokens here); plain layouts are batch-invariant, and
+        # measured no slower on this CPU (tests/test_conformance.py checks the invariance).
+        model_params.use_extra_bufts = False
         try:
             self._model = _internals.LlamaModel(path_model=str(model.path), params=model_params, verbose=False)
         except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "Failed to load model from file"
@@ -110,10 +114,13 @@ class LlamaBackend:
         self._kv_token_bytes = _kv_bytes_per_token(meta)
         n_slots = settings.parallel or _auto_slots(n_ctx, self._kv_token_bytes)
         ctx_params = llama_cpp.llama_context_default_params()
-        # One unified cache of n_slots x n_ctx cells: any sequence may use up to n_ctx of them.
+        # A KV stream of n_ctx cells per slot, not one unified cache: a sequence attends over its
+        # own cells only, always in position order, so its logits do not depend on what other
+        # sequences did to a shared cache (in a unified one, cells freed by others and reused out
+        # of order changed the summation order, and greedy text with it).
         ctx_params.n_ctx = n_ctx * n_slots
         ctx_params.n_seq_max = n_slots
-        ctx_params.kv_unified = True
+        ctx_params.kv_unified = False
         ctx_params.n_batch = ctx_params.n_ubatch = max(settings.n_batch, n_slots)
         ctx_params.n_threads = ctx_params.n_threads_batch = settings.threads
         ctx_params.flash_attn_type = (
@@ -184,25 +191,21 @@ class LlamaBackend:
 
     def open(self, seq: SeqId, prompt: Sequence[int], *, reuse: bool = True) -> int:
         self._check_new(seq)
-        # The prompt's last token is always evaluated by the first decode step.
-        limit = len(prompt) - 1
-        best, keep = None, 0
+        # The free slot whose prefix cache shares the most with the prompt (never its last token,
+        # which the first decode step evaluates), else the one freed longest ago.
+        free = [slot for slot in self._slots if slot.owner is None]
+        if not free:
+            raise BackendError(f"all {len(self._slots)} sequence slots are open; park or release one first")
+        slot, keep = self._free_slot(), 0
         if reuse:
-            for slot in self._slots:
-                n = min(common_prefix(slot.tokens, prompt), limit)
+            for candidate in free:
+                n = min(common_prefix(candidate.tokens, prompt), len(prompt) - 1)
                 if n > keep:
-                    best, keep = slot, n
-        slot = best if best is not None and best.owner is None else self._free_slot()
-        if slot is best:
-            self._truncate(slot, keep)
-        else:
-            self._truncate(slot, 0)
-            if best is not None and keep:  # share the prefix another slot holds (no copy of the data)
-                self._ctx.kv_cache_seq_cp(best.index, slot.index, 0, keep)
-                slot.tokens = list(prompt[:keep])
+                    slot, keep = candidate, n
+        self._truncate(slot, keep)
         slot.owner = seq
         self._by_seq[seq] = slot
-        return len(slot.tokens)
+        return keep
 
     def prefill(self, seq: SeqId, tokens: Sequence[int]) -> None:
         slot = self._slot(seq)

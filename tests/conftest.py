@@ -30,11 +30,3 @@ def engine(model_settings: ModelSettings, default_model_path: Path) -> Iterator[
     serial = model_settings.model_copy(update={"parallel": 1})
     with Engine.from_settings(serial, EngineSettings(max_queue=8)) as eng:
         yield eng
-
-
-@pytest.fixture(scope="session")
-def batched(model_settings: ModelSettings, default_model_path: Path) -> Iterator[Engine]:
-    """Four sequences decoded together in one batched step (``--parallel 4``)."""
-    wide = model_settings.model_copy(update={"parallel": 4})
-    with Engine.from_settings(wide, EngineSettings(max_queue=16)) as eng:
-        yield eng

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -310,6 +311,42 @@ def test_two_requests_interleaved_token_by_token_equal_their_solo_runs(engine: E
         return out
 
     assert engine.call(interleaved) == solo
+
+
+def test_a_batch_of_four_sequences_in_one_decode_call(engine: Engine, record_property: Any) -> None:
+    caps = engine.capabilities
+    if caps.max_batch < 4:
+        pytest.skip(f"{caps.backend} evaluates {caps.max_batch} sequence per decode call (no batched step)")
+    prompts = ["The three primary colours are", "My favourite animal is", "The three primary colours are", "Hi"]
+    solo = [_decode_manually(engine, p, GREEDY, 10) for p in prompts]
+
+    def batch(b: Backend) -> list[list[int]]:
+        seqs = [3001, 3002, 3003, 3004]
+        samplers = [b.sampler(GREEDY) for _ in seqs]
+        pending = []
+        for seq, prompt in zip(seqs, prompts, strict=True):
+            tokens = engine.tokenize(prompt)
+            b.prefill(seq, tokens[b.open(seq, tokens, reuse=False) : -1])
+            pending.append(tokens[-1])
+        out: list[list[int]] = [[] for _ in seqs]
+        for _ in range(10):
+            pending = b.decode([Step(s, t, sp) for s, t, sp in zip(seqs, pending, samplers, strict=True)])
+            for i, token in enumerate(pending):
+                out[i].append(token)
+        for seq, sampler in zip(seqs, samplers, strict=True):
+            b.release(seq)
+            sampler.close()
+        return out
+
+    together = engine.call(batch)
+    assert together[0] == together[2]  # one prompt twice in a batch: no leak between sequences
+    agreement = [sum(a == c for a, c in zip(x, y, strict=True)) / len(x) for x, y in zip(solo, together, strict=True)]
+    record_property("batched_vs_solo_greedy_agreement", agreement)
+    print(f"\n{caps.backend}: batched vs solo greedy token agreement {agreement}")
+    if caps.device == "cpu":  # batch-invariant kernels (llama: no repacked weights): the very same tokens
+        assert together == solo
+    else:  # GPU kernels may take another path for several rows: a near-tie may flip later on, not at once
+        assert all(x[0] == y[0] for x, y in zip(solo, together, strict=True))
 
 
 def test_a_request_continues_from_an_exported_kv_state_exactly(engine: Engine) -> None:
