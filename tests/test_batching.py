@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from edgeserve import Engine, EngineSettings, ModelSettings, SamplingParams, TokenEvent
 from edgeserve.engine import outcome
 from edgeserve.handles import RequestHandle
