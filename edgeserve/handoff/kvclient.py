@@ -92,6 +92,7 @@ class _Fetch:
         )
         body = {"tokens": self._tokens, "quantize": self._quantize}
         first: float | None = None
+        sent = time.monotonic()
         try:
             with (
                 httpx.Client(timeout=timeout) as client,
@@ -102,7 +103,9 @@ class _Fetch:
                 for chunk in response.iter_bytes():
                     if self._closed.is_set():
                         return
-                    first = first if first is not None else time.monotonic()
+                    if first is None:  # the cloud's prefill is done: that measures its rate too
+                        first = time.monotonic()
+                        self._telemetry.cloud_ttft(len(self._tokens), first - sent)
                     self._decoder.feed(chunk)
             blob = self._decoder.finish()
         except (httpx.HTTPError, OSError, EdgeserveError) as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: Seconds to load a restored KV blob, per token (llama.cpp: ~11 ms for 500 tokens, PLATFORM-NOTES).
@@ -140,10 +141,17 @@ def plan(ask: Ask, m: Measured) -> Plan:
         reason = "fastest first token (none meets the target)"
         if ask.mode != "always" and best.ttft_s >= local.ttft_s:
             return Plan(Route.LOCAL, local.ttft_s, local.ttft_s, 0, "the cloud would not be faster", tuple(found))
-    cap = 0
-    if best.route.uses_tokens:
-        cap = min(math.ceil(best.cloud_tokens * CLOUD_TOKEN_MARGIN) + CLOUD_TOKEN_SLACK, ask.max_tokens)
-    return Plan(best.route, best.ttft_s, local.ttft_s, cap, reason, tuple(found))
+    return Plan(best.route, best.ttft_s, local.ttft_s, _cap(best.route, found, ask.max_tokens), reason, tuple(found))
+
+
+def _cap(route: Route, found: Sequence[Option], max_tokens: int) -> int:
+    """Cloud tokens to ask for: enough to cover until the device's own prefill is done (with margin),
+    even when KV is expected sooner, since a late KV state must not leave the user with nothing to
+    read. The stream is closed at the takeover, so the cap bounds the cloud's cost, not its use."""
+    if not route.uses_tokens:
+        return 0
+    token = next(o for o in found if o.route is Route.TOKEN)
+    return min(math.ceil(token.cloud_tokens * CLOUD_TOKEN_MARGIN) + CLOUD_TOKEN_SLACK, max_tokens)
 
 
 def forced(plan: Plan, route: Route) -> Plan:
@@ -152,7 +160,5 @@ def forced(plan: Plan, route: Route) -> Plan:
     option = next((o for o in plan.options if o.route is route), None)
     if option is None:
         raise ValueError(f"route {route.value} is not possible for this request")
-    cap = 0
-    if route.uses_tokens:
-        cap = math.ceil(option.cloud_tokens * CLOUD_TOKEN_MARGIN) + CLOUD_TOKEN_SLACK
+    cap = _cap(route, plan.options, 1 << 30)
     return Plan(route, option.ttft_s, plan.local_ttft_s, cap, f"forced {route.value}", plan.options)

@@ -45,8 +45,8 @@ log = logging.getLogger("edgeserve.handoff")
 
 #: A KV state later than this many times its predicted arrival, plus this many seconds, is given up
 #: on as the device's only source: the device starts its own prefill (the KV may still win the race).
-KV_LATE_FACTOR = 2.0
-KV_LATE_S = 1.0
+KV_LATE_FACTOR = 3.0
+KV_LATE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -193,8 +193,8 @@ class Session:
     def _begin(self) -> None:
         self._started = self._clock()
         # A KV route leaves the device's CPU to loading the cloud's state (decoding the wire, restoring)
-        # and starts the device's own prefill only if the state fails or is late: past twice its
-        # predicted arrival. (Both at once would halve each on a device with one core to spare.)
+        # and starts the device's own prefill only if the state fails or is late: past three times its
+        # predicted arrival and 2 s. (Both at once would halve each on a device with one core to spare.)
         if self._plan.route.uses_kv:
             takeover = next((o.takeover_s for o in self._plan.options if o.route is self._plan.route), None)
             self._local_at = self._started + KV_LATE_FACTOR * (takeover or 0.0) + KV_LATE_S
