@@ -73,8 +73,14 @@ class ServerMetrics:
         self.resume_s = Counter("edgeserve_resume_seconds", "Seconds restoring parked KV state.", labels, registry=r)
         depth = Gauge("edgeserve_queue_depth", "Requests waiting for the engine.", ("model",), registry=r)
         depth.labels(model).set_function(lambda: engine.queue_depth)
-        running = Gauge("edgeserve_requests_running", "Requests running now (0 or 1).", ("model",), registry=r)
-        running.labels(model).set_function(lambda: float(engine.busy))
+        running = Gauge("edgeserve_requests_running", "Requests in the running batch now.", ("model",), registry=r)
+        running.labels(model).set_function(lambda: engine.running)
+        width = Gauge(
+            "edgeserve_batch_width", "Sequences the engine decodes together now (--parallel).", ("model",), registry=r
+        )
+        width.labels(model).set_function(lambda: engine.parallel)
+        kv = Gauge("edgeserve_kv_budget_bytes", "KV cache memory reserved for open sequences.", ("model",), registry=r)
+        kv.labels(model).set(engine.capabilities.kv_bytes)
         # Created on the first handoff report: a server without a cloud exports none of them.
         self._handoff: tuple[Counter, Histogram, Counter, Counter, Counter] | None = None
 
