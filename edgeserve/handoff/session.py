@@ -208,7 +208,7 @@ class Session:
 
     def _start_local(self) -> None:
         self._local_at = None
-        if self._job is None:
+        if self._job is None and self._phase == "cloud":
             self._job = device.start_prefill(self._engine, self._request.prompt_tokens)
             self._job.future.add_done_callback(lambda f: self._inbox.put(_DeviceReady(f)))
 
@@ -306,6 +306,7 @@ class Session:
         self._overlap = OverlapFilter(seam.overlap)
         self._kept = len(seam.tokens)
         self._takeover_at, self._taken_by, self._phase = self._clock(), source, "device"
+        self._local_at = None  # the device no longer needs its own prefill
         left = self._request.max_tokens - len(seam.tokens)
         if left <= 0:
             self._finish_override = FinishReason.LENGTH
