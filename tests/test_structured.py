@@ -215,10 +215,24 @@ def test_calls_parse_from_text_and_the_splitter_holds_only_calls() -> None:
         '<tool_call>{"name": "f", "arguments": {"x": </tool_call>',
         (),
     )
-    splitter = CallSplitter(True)
-    assert [splitter.push(p) for p in ["<tool", "_call>{"]] == ["", ""] and splitter.held == ["<tool", "_call>{"]
     text_splitter = CallSplitter(True)
     assert [text_splitter.push(p) for p in ["", "Hi", " <b>"]] == ["", "Hi", " <b>"]
+    assert text_splitter.calls() == [] and not text_splitter.started_call
+
+
+def test_a_streamed_call_assembles_to_the_parsed_one() -> None:
+    text = '<tool_call>{"name": "lookup", "arguments": {"key": "caf\u00e9", "n": 7}}</tool_call>'
+    splitter = CallSplitter(True, "req-9")
+    pieces = []
+    for i in range(0, len(text), 3):  # three characters a token
+        assert splitter.push(text[i : i + 3]) == ""
+        pieces += splitter.calls()
+    (call,) = parse_calls(text, "req-9")[1]
+    pieces += splitter.finish([call])
+    assert (pieces[0].id, pieces[0].name, pieces[0].arguments) == (call.id, "lookup", "")
+    assert len(pieces) > 3  # the arguments went out as they came, not at the end
+    assert "".join(p.arguments for p in pieces) == call.arguments == '{"key": "caf\u00e9", "n": 7}'
+    assert {p.index for p in pieces} == {0} and all(p.id is None for p in pieces[1:])
 
 
 def test_a_schema_nested_past_any_checker_is_a_400(engine: Engine) -> None:

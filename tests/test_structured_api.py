@@ -151,6 +151,10 @@ def test_forced_tool_call_streamed_assembles_to_the_non_streamed_call(client: op
     (same,) = streamed.message.tool_calls or []
     assert same.id.startswith("call_")  # ids are per request
     assert (same.function.name, same.function.arguments) == ("get_weather", call.function.arguments)
+    # The arguments stream as they are generated, not in one piece at the end.
+    chunks = client.chat.completions.create(**kwargs, max_tokens=60, temperature=0, seed=1, stream=True)
+    pieces = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert pieces[0].function and pieces[0].function.name == "get_weather" and len(pieces) >= 3
 
 
 def test_tool_results_go_back_as_tool_messages(client: openai.OpenAI) -> None:

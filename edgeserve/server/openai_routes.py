@@ -4,9 +4,10 @@ Streams are Server-Sent Events: one ``data: {chunk}`` per piece of text, a last 
 finish reason, a usage chunk when ``stream_options.include_usage``, then ``data: [DONE]``. A
 backend failure mid-stream becomes ``data: {"error": {...}}`` followed by ``[DONE]``.
 
-With tools, an answer that is a call is held back while it streams and sent at its end as two
-deltas (the call's id and name, then its arguments) and ``finish_reason: "tool_calls"``: parsed from
-the same final text as the non-streamed answer, so both give the same call.
+With tools, an answer that is a call streams as ``delta.tool_calls``: its id and name once the name
+is complete, then its arguments as they are generated, then ``finish_reason: "tool_calls"``. The
+arguments are the model's own text in both forms, so the streamed pieces assemble to the call the
+non-streamed answer gives (``structured.CallSplitter``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from edgeserve.server.context import Context, ServerContext
 from edgeserve.server.generation import EventStreamResponse, events, result_or_disconnect
 from edgeserve.server.http_errors import documented_errors, error_body
 from edgeserve.structured import CallSplitter, expects_calls, with_tool_calls
+from edgeserve.structured.tools import CallDelta
 from edgeserve.types import ErrorEvent, FinalEvent, FinishReason, GenerationResult, SamplingParams, ToolCall
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
@@ -127,17 +129,12 @@ def _calls_out(calls: tuple[ToolCall, ...]) -> list[wire.ToolCallOut] | None:
     return [wire.ToolCallOut(id=c.id, function=wire.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
 
 
-def _call_deltas(calls: tuple[ToolCall, ...]) -> list[wire.Delta]:
-    """Each call as OpenAI streams one: its id and name with empty arguments, then the arguments."""
-    deltas = []
-    for i, c in enumerate(calls):
-        head = wire.ToolCallDelta(
-            index=i, id=c.id, type="function", function=wire.FunctionDelta(name=c.name, arguments="")
-        )
-        deltas.append(wire.Delta(tool_calls=[head]))
-        args = wire.ToolCallDelta(index=i, function=wire.FunctionDelta(arguments=c.arguments))
-        deltas.append(wire.Delta(tool_calls=[args]))
-    return deltas
+def _call_delta(piece: CallDelta) -> wire.Delta:
+    """One piece of a streamed call, as OpenAI streams it: the first names it, the rest carry arguments."""
+    named = piece.id is not None
+    function = wire.FunctionDelta(name=piece.name, arguments=piece.arguments)
+    call = wire.ToolCallDelta(index=piece.index, id=piece.id, type="function" if named else None, function=function)
+    return wire.Delta(tool_calls=[call])
 
 
 def _sse(payload: BaseModel | dict[str, Any], exclude: set[str] | None = None) -> bytes:
@@ -162,11 +159,11 @@ async def _sse_stream(
     endpoint: str,
     include_usage: bool,
     first: BaseModel | None,
-    text_chunk: Callable[[str], BaseModel | None],
+    text_chunk: Callable[[str], list[BaseModel]],
     last_chunk: Callable[[GenerationResult], list[BaseModel]],
     usage_chunk: Callable[[wire.Usage], BaseModel],
 ) -> AsyncGenerator[bytes]:
-    """``text_chunk`` may hold a piece back (None); ``last_chunk`` gives what is left, then the end."""
+    """``text_chunk`` may hold a piece back ([]); ``last_chunk`` gives what is left, then the end."""
     # Without include_usage the usage key is left out entirely, as OpenAI does.
     skip = None if include_usage else {"usage"}
     if first is not None:
@@ -184,8 +181,9 @@ async def _sse_stream(
                 err = event.error
                 kind = err.error_type if isinstance(err, EdgeserveError) else "server_error"
                 yield _sse(error_body(endpoint, str(err), kind))
-            elif event.text and (piece := text_chunk(event.text)) is not None:
-                yield _sse(piece, skip)
+            elif event.text:
+                for piece in text_chunk(event.text):
+                    yield _sse(piece, skip)
     yield b"data: [DONE]\n\n"
 
 
@@ -256,22 +254,24 @@ def _chat_stream(
     created: int,
 ) -> Response:
     model = ctx.model.name
-    splitter = CallSplitter(calls)
+    splitter = CallSplitter(calls, handle.request_id)
 
     def chunk(delta: wire.Delta, finish: wire.FinishReasonWire | None = None) -> wire.ChatCompletionChunk:
         choice = wire.ChunkChoice(delta=delta, finish_reason=finish)
         return wire.ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-    def text_chunk(text: str) -> BaseModel | None:
+    def text_chunk(text: str) -> list[BaseModel]:
         out = splitter.push(text)
-        return chunk(wire.Delta(content=out)) if out else None
+        if out:
+            return [chunk(wire.Delta(content=out))]
+        return [chunk(_call_delta(piece)) for piece in splitter.calls()]
 
     def last_chunks(result: GenerationResult) -> list[BaseModel]:
         if calls:
             result = with_tool_calls(result)
-        out: list[BaseModel] = [chunk(d) for d in _call_deltas(result.tool_calls)]
-        if splitter.held and not result.tool_calls:  # held back as a possible call, and was not one
-            out.append(chunk(wire.Delta(content="".join(splitter.held))))
+        out: list[BaseModel] = [chunk(_call_delta(piece)) for piece in splitter.finish(result.tool_calls)]
+        if splitter.held and not result.tool_calls and not splitter.started_call:
+            out.append(chunk(wire.Delta(content="".join(splitter.held))))  # held back as a possible call: was not
         return [*out, chunk(wire.Delta(), _finish(result))]
 
     stream = _sse_stream(
@@ -311,7 +311,7 @@ async def completions(body: wire.CompletionRequest, request: Request, ctx: Conte
             endpoint,
             bool(body.stream_options and body.stream_options.include_usage),
             first=None,
-            text_chunk=chunk,
+            text_chunk=lambda text: [chunk(text)],
             last_chunk=lambda r: [chunk("", _finish(r))],
             usage_chunk=lambda u: wire.Completion(id=rid, created=created, model=model, choices=[], usage=u),
         )

@@ -13,9 +13,10 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from edgeserve.structured.spec import CALL_CLOSE, CALL_OPEN, Tool
+from edgeserve.structured.spec import CALL_CLOSE, CALL_OPEN, Tool, call_prefix
 from edgeserve.types import FinishReason, GenerationResult, ToolCall
 
 _CALL = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
@@ -71,8 +72,24 @@ def _call(body: str, request_id: str, index: int) -> ToolCall | None:
     arguments = data.get("arguments", data.get("parameters", {}))
     if not isinstance(arguments, dict):
         return None
-    digest = hashlib.sha256(f"{request_id}:{index}".encode()).hexdigest()[:24]
-    return ToolCall(f"call_{digest}", data["name"], json.dumps(arguments, ensure_ascii=False))
+    # The model's own text when the call is in the grammar's form (what a stream sends piece by
+    # piece), else the arguments written anew.
+    prefix = call_prefix(data["name"])[len(CALL_OPEN) :]
+    raw = body[len(prefix) : -1] if body.startswith(prefix) and body.endswith("}") else ""
+    text = raw if raw and _same_json(raw, arguments) else json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(call_id(request_id, index), data["name"], text)
+
+
+def _same_json(text: str, value: Any) -> bool:
+    try:
+        return bool(json.loads(text) == value)
+    except json.JSONDecodeError:
+        return False
+
+
+def call_id(request_id: str, index: int) -> str:
+    """A call's id: from its request, so a streamed answer and its final result name it alike."""
+    return "call_" + hashlib.sha256(f"{request_id}:{index}".encode()).hexdigest()[:24]
 
 
 def with_tool_calls(result: GenerationResult) -> GenerationResult:
@@ -87,20 +104,42 @@ def with_tool_calls(result: GenerationResult) -> GenerationResult:
     return dataclasses.replace(result, text=text, tool_calls=calls, finish_reason=FinishReason.TOOL_CALLS)
 
 
+@dataclass(frozen=True)
+class CallDelta:
+    """A piece of a streamed call: the first names it (``id``, ``name``), the rest extend its
+    arguments (OpenAI's ``delta.tool_calls``)."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
+
+
+_HEAD = re.compile(re.escape(CALL_OPEN) + r'\{"name": "([A-Za-z0-9_-]{1,64})", "arguments": ')
+#: What may still close a call: its arguments' text never ends with it until the end.
+_TAIL = len("}" + CALL_CLOSE)
+
+
 class CallSplitter:
-    """Sorts streamed text into answer text, sent on at once, and a call, held to the end.
+    """Sorts streamed text into answer text, sent on at once, and a call, streamed as ``CallDelta``s.
 
     Under the ``auto`` grammar an answer never starts with ``<`` and a call always does, so the
-    first non-empty piece decides; without a grammar (``tool_choice="none"``) nothing is held."""
+    first non-empty piece decides; without a grammar (``tool_choice="none"``) nothing is held. A
+    call's name goes out once it is complete, its arguments as they come, less the last characters
+    that may be the call's closing ``}</tool_call>``; ``finish`` sends the rest from the final
+    result, whose arguments are the same text (``parse_calls`` keeps the model's own)."""
 
-    def __init__(self, active: bool) -> None:
+    def __init__(self, active: bool, request_id: str = "") -> None:
         self._active = active
         self._decided = not active
+        self._request_id = request_id
         self.holding = False
         self.held: list[str] = []
+        self._name: str | None = None
+        self._sent = 0  # characters of the first call's arguments already sent
 
     def push(self, text: str) -> str:
-        """Text to send now (possibly empty)."""
+        """Answer text to send now (possibly empty); a call's pieces come from ``calls``."""
         if not self._decided and text:
             self._decided = True
             self.holding = text.lstrip().startswith("<")
@@ -108,3 +147,42 @@ class CallSplitter:
             self.held.append(text)
             return ""
         return text
+
+    @property
+    def started_call(self) -> bool:
+        """A call's first piece went out (what follows belongs to it, complete or cut short)."""
+        return self._name is not None
+
+    def calls(self) -> list[CallDelta]:
+        """The pieces of the first call that can go out now."""
+        if not self.holding:
+            return []
+        held = "".join(self.held)
+        head = _HEAD.match(held.lstrip())
+        if head is None:
+            return []
+        out = []
+        if self._name is None:
+            self._name = head.group(1)
+            out.append(CallDelta(0, "", call_id(self._request_id, 0), self._name))
+        arguments = held.lstrip()[head.end() :]
+        safe = len(arguments) - _TAIL
+        if safe > self._sent:
+            out.append(CallDelta(0, arguments[self._sent : safe]))
+            self._sent = safe
+        return out
+
+    def finish(self, calls: Sequence[ToolCall]) -> list[CallDelta]:
+        """What is left of the calls, once the answer is complete."""
+        out = []
+        for i, call in enumerate(calls):
+            if i == 0 and self._name is not None and call.arguments.startswith(self._streamed()):
+                out.append(CallDelta(0, call.arguments[self._sent :]))
+                continue
+            out += [CallDelta(i, "", call.id, call.name), CallDelta(i, call.arguments)]
+        return [d for d in out if d.arguments or d.id]
+
+    def _streamed(self) -> str:
+        held = "".join(self.held).lstrip()
+        head = _HEAD.match(held)
+        return held[head.end() : head.end() + self._sent] if head else ""
