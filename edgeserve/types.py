@@ -29,6 +29,10 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # the backend failed; the stream carries the error
 
 
+#: The smallest repetition penalty (float32 keeps it above 0; see SamplingParams).
+MIN_REPETITION_PENALTY = 1e-30
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. Validated on construction, before any work starts.
@@ -91,9 +95,11 @@ class SamplingParams:
             "seed must be an integer in [0, 2**32)",
             "seed",
         )
+        # Samplers hold it as float32, where a smaller one is 0: then a penalized -inf (a token a
+        # grammar forbids) times 0 is NaN, and the sampler may pick anything.
         _check(
-            _finite(self.repetition_penalty) and self.repetition_penalty > 0,
-            "repetition_penalty must be > 0 (1.0 disables it)",
+            _finite(self.repetition_penalty) and self.repetition_penalty >= MIN_REPETITION_PENALTY,
+            f"repetition_penalty must be >= {MIN_REPETITION_PENALTY} (1.0 disables it)",
             "repetition_penalty",
         )
         _check(
