@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeserve.server.openai_wire import NULL, Documented, Strict, WireRequest
+from edgeserve.types import MIN_REPETITION_PENALTY
 
 StopText = Annotated[str, Field(min_length=1)]
 NAME = {"type": "string", "minLength": 1}
@@ -32,7 +33,7 @@ class OllamaOptions(Strict):
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=-1, lt=2**32, description="-1 (or absent): a fresh seed per request.")
     stop: Annotated[list[StopText], Field(max_length=16)] | None = None
-    repeat_penalty: float | None = Field(None, gt=0)
+    repeat_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
 

@@ -24,6 +24,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
+from edgeserve.types import MIN_REPETITION_PENALTY
+
 TokenId = Annotated[int, Field(ge=0)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
 StopText = Annotated[str, Field(min_length=1)]
@@ -142,7 +144,7 @@ class SamplingFields(WireRequest):
     )
     top_k: int | None = Field(None, ge=0, description="Extension: sample from the k likeliest tokens (0: off).")
     min_p: float | None = Field(None, ge=0, le=1, description="Extension: drop tokens below min_p × the best.")
-    repetition_penalty: float | None = Field(None, gt=0, description="Extension: 1.0 disables it.")
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, description="Extension: 1.0 disables it.")
 
 
 def _text_part_only(schema: dict[str, Any]) -> None:
