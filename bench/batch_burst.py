@@ -353,6 +353,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rhos", type=float, nargs="*", default=[0.74, 0.9], help="Poisson runs (none: skip)")
     ap.add_argument("--name", default="batch_burst")
+    ap.add_argument("--edge-parallel", type=int, nargs="*", default=[], help="also edgeserve --parallel N")
     ap.add_argument("--budget-s", type=float, help="start no draw or Poisson run after this many seconds")
     ap.add_argument("--from", dest="source", type=Path, help="re-plot a saved run, run nothing")
     args = ap.parse_args()
@@ -362,6 +363,8 @@ def main() -> None:
 
     batching = has_parallel_flag()
     configs = (*CONFIGS, CONFIG_EDGE1) if batching else CONFIGS
+    # Fixed widths beside the default, e.g. to tell the batched step from the automatic width choice.
+    configs += tuple(Config(f"{EDGE} --parallel {n}", "edgeserve", n) for n in args.edge_parallel if batching)
     binary = llama_server_binary()
     report: dict[str, Any] = {
         "benchmark": "batch_burst",
@@ -431,7 +434,7 @@ def table(report: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     rows = [{"side": name, **r} for d in report["draws"] for name, r in d["ratios_vs_np4"].items()]
-    names = [n for n in (REF, EDGE, EDGE1) if n in report["draws"][0]["ratios_vs_np4"]]
+    names = list(report["draws"][0]["ratios_vs_np4"])
     sides = [(n, n.replace(" -np 1", "\n-np 1").replace(" --parallel", "\n--parallel")) for n in names]
     metrics_ = [
         ("short_latency_p50", 1.0, "short P50 / llama-server -np 4"),
