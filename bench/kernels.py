@@ -291,17 +291,24 @@ def kv_agreement(new_tokens: int) -> dict[str, Any]:
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     texts = [AGREEMENT_TEXT, "The capital of France is", "Once upon a time", "def fibonacci(n):\n"]
 
-    def prefill(tokens: list[int], round_trip: bool) -> tuple[Any, Any, float]:
+    def prefill(tokens: list[int], trip: str) -> tuple[Any, Any, float]:
+        """The prompt evaluated, then its cache through ``trip``: "none", "float16" (a cast there
+        and back: the control) or "int8" (quantize, pack, unpack, dequantize)."""
         cache = make_prompt_cache(model)
         logits = model(mx.array([tokens]), cache=cache)
         worst = 0.0
-        for layer in cache if round_trip else []:
+        for layer in cache if trip != "none" else []:
             for name in ("keys", "values"):
                 full = getattr(layer, name)  # [1, kv_heads, positions, head_dim]
                 rows = np.array(full[0].astype(mx.float32)).transpose(1, 0, 2)  # [positions, heads, dim]
-                q, scales = kvpack.unpack(kvpack.pack(*kvpack.quantize(rows)))
-                back = kvpack.dequantize(q, scales, np.float32)
-                worst = max(worst, float(np.max(np.abs(back - rows) / np.maximum(scales[..., None], 1e-30))))
+                if trip == "float16":
+                    back = rows.astype(np.float16).astype(np.float32)
+                else:
+                    q, scales = kvpack.unpack(kvpack.pack(*kvpack.quantize(rows)))
+                    back = kvpack.dequantize(q, scales, np.float32)
+                    exact = q * scales.astype(np.float64)[..., None]  # the bound is on q * s, before the cast
+                    error = np.abs(exact - rows) / np.maximum(scales[..., None], 1e-30)
+                    worst = max(worst, float(error.max()))
                 setattr(layer, name, mx.array(back.transpose(1, 0, 2)[None]).astype(full.dtype))
         return cache, logits, worst
 
@@ -315,28 +322,33 @@ def kv_agreement(new_tokens: int) -> dict[str, Any]:
     rows = []
     for text in texts:
         tokens = [2, *tokenizer.encode(text, add_special_tokens=False).ids]
-        cache, logits, _ = prefill(tokens, False)
-        full = decode(cache, logits)
-        cache, logits, worst = prefill(tokens, True)
-        free = decode(cache, logits)
-        cache, logits, _ = prefill(tokens, True)
-        forced = decode(cache, logits, forced=full)
-        same = next((i for i, (a, b) in enumerate(zip(full, free, strict=True)) if a != b), new_tokens)
-        rows.append({
-            "prompt_tokens": len(tokens),
-            "identical_greedy_tokens": same,
-            "greedy_tokens_equal": sum(a == b for a, b in zip(full, free, strict=True)),
-            "teacher_forced_argmax_agreement": sum(a == b for a, b in zip(full, forced, strict=True)) / new_tokens,
-            "max_error_over_scale": worst,
-        })  # fmt: skip
-        print(f"kv round trip: {rows[-1]}", flush=True)
+        full = decode(*prefill(tokens, "none")[:2])
+        row: dict[str, Any] = {"prompt_tokens": len(tokens)}
+        for trip in ("float16", "int8"):
+            cache, logits, worst = prefill(tokens, trip)
+            free = decode(cache, logits)
+            forced = decode(*prefill(tokens, trip)[:2], forced=full)
+            diverged = [i for i, (a, b) in enumerate(zip(full, free, strict=True)) if a != b]
+            row[trip] = {
+                "identical_greedy_tokens": diverged[0] if diverged else new_tokens,
+                "teacher_forced_argmax_agreement": sum(a == b for a, b in zip(full, forced, strict=True)) / new_tokens,
+            }
+        row["int8"]["max_error_over_scale"] = worst
+        rows.append(row)
+        print(f"kv round trip: {row}", flush=True)
+    per = {trip: [r[trip] for r in rows] for trip in ("float16", "int8")}
     return {
         "backend": "mlx (float32 activations, CPU)",
         "folder": folder.name,
         "new_tokens": new_tokens,
         "texts": rows,
-        "identical_greedy_tokens_total": f"{sum(r['identical_greedy_tokens'] for r in rows)}/{new_tokens * len(rows)}",
-        "teacher_forced_agreement_mean": statistics.mean(r["teacher_forced_argmax_agreement"] for r in rows),
+        **{
+            trip: {
+                "identical_greedy_tokens": f"{sum(r['identical_greedy_tokens'] for r in v)}/{new_tokens * len(v)}",
+                "teacher_forced_agreement_mean": statistics.mean(r["teacher_forced_argmax_agreement"] for r in v),
+            }
+            for trip, v in per.items()
+        },
     }
 
 
@@ -380,17 +392,26 @@ def main() -> None:
     ap.add_argument(
         "--kv-agreement", type=int, default=0, metavar="N", help="MLX greedy N tokens after a KV round trip"
     )
-    ap.add_argument("--only-kv-agreement", action="store_true", help="add it to the existing JSON, nothing else")
-    ap.add_argument("--only-e2e-engine", action="store_true", help="add the in-process end to end to the JSON")
+    ap.add_argument("--only", default="", help="comma-separated sections to (re)run into the existing JSON: "
+                    "sampling, e2e, e2e_engine, kv_agreement")  # fmt: skip
     args = ap.parse_args()
     out = Path(__file__).resolve().parent / "kernels.json"
-    if args.only_kv_agreement or args.only_e2e_engine:
+    if args.only:
         report = json.loads(out.read_text())
-        if args.only_kv_agreement:
-            report["kv_round_trip_agreement"] = kv_agreement(args.kv_agreement or 32)
-        if args.only_e2e_engine:
-            report["e2e_engine"] = e2e_engine(args.e2e_reps)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        report.setdefault("reruns", []).append(
+            {"sections": args.only, "code": h.code_version(), "load": os.getloadavg()[0]}
+        )
+        for section in args.only.split(","):
+            if section == "sampling":
+                report["sampling"] = sampling(real_logits(args.positions), args.reps)
+            elif section == "e2e":
+                report["e2e"] = e2e(args.e2e_reps)
+            elif section == "e2e_engine":
+                report["e2e_engine"] = e2e_engine(args.e2e_reps)
+            elif section == "kv_agreement":
+                report["kv_round_trip_agreement"] = kv_agreement(args.kv_agreement or 32)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        plot(report, h.OUT / "kernels.png")
         print(f"wrote {out}")
         return
     report = {

@@ -8,7 +8,7 @@ logits, never by an argsort or argpartition of all of them:
   then runs on those few hundred candidates. The kth largest of a superset that holds every logit
   above it is the kth largest of all, so the kept set is the reference's, exactly.
 - **top-p**: the nucleus lies in a *head* of the logits within ``HEAD_SPANS`` nats of the maximum
-  (ten nats hold 97.6-99.99% of the mass on Gemma 3's real next-token logits). The head is sorted
+  (ten nats hold 97.6-99.99% of the mass on Gemma 3's real next-token logits, sixteen > 99.9%). The head is sorted
   and its probabilities computed in float64 as the reference does; the *tail*'s mass only enters
   the normalizer, summed once from float32 exponentials. That sum is off by at most ``TAIL_REL_ERR``
   of itself (float32 ``x - max`` and ``exp`` rounding for ``|x - max| <= 104``; below that a
@@ -39,7 +39,9 @@ Array = np.ndarray[Any, Any]
 #: Kept sets up to this size go through the reference's float64 tail (bitwise the same draw).
 SMALL = 4096
 #: Nats below the maximum that bound the top-p head, tried in turn; past the last, the reference.
-HEAD_SPANS = (10.0, 20.0)
+#: On Gemma 3's real logits 10 nats hold >= 0.99 of the mass in 78% of rows, 12 in all of them,
+#: 16 hold >= 0.999 in all (heads of median 290, 809, 5,867 tokens).
+HEAD_SPANS = (10.0, 12.0, 14.0, 16.0, 20.0)
 #: The largest head sorted here (a larger one means a flat distribution: the reference sorts it).
 HEAD_MAX = 1 << 16
 #: Relative error bound of the tail mass summed from float32 exponentials (see the docstring).
