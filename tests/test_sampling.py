@@ -136,7 +136,7 @@ def _fields(params: SamplingParams) -> dict[str, Any]:
     "params",
     [
         SamplingParams(temperature=1e-300, top_k=0, top_p=1.0, seed=1),
-        SamplingParams(temperature=1.0, top_k=0, top_p=0.9, seed=1, repetition_penalty=1e-300),
+        SamplingParams(temperature=1.0, top_k=0, top_p=0.9, seed=1, repetition_penalty=1e-30),
     ],
     ids=["tiny-temperature", "tiny-penalty"],
 )
