@@ -49,7 +49,6 @@ class Handoff:
         self.settings = settings
         self.telemetry = Telemetry(clock=clock)
         self._clock = clock
-        self._lock = threading.Lock()
         #: Called with every request's report (the server's metrics listen here).
         self.listeners: list[Callable[[HandoffReport], None]] = []
         #: Starts a KV fetch for a request's tokens (set by ``kvwire`` once the cloud proves to be an
