@@ -81,10 +81,10 @@ def test_a_missing_predictor_artefact_is_a_clear_error_before_loading_the_model(
 
 
 def test_srpt_preempts_a_long_request_on_the_real_model_and_resumes_it_exactly(default_model_path: Path) -> None:
-    """llama.cpp holds one sequence: the long request's KV state is parked to host memory while
-    the short one runs, restored after, and its seeded text is the text it gives alone."""
+    """With one sequence slot (``--parallel 1``) the long request's KV state is parked to host
+    memory while the short one runs, restored after, and its seeded text is the text it gives alone."""
     settings = EngineSettings(policy="srpt", preempt_quantum_s=0.0, aging_s=600.0, max_queue=8)
-    model = ModelSettings(model="default", backend="llama", n_ctx=1024, threads=1)
+    model = ModelSettings(model="default", backend="llama", n_ctx=1024, threads=1, parallel=1)
     params = SamplingParams(max_tokens=48, temperature=0.9, seed=5, ignore_eos=True)
     with Engine.from_settings(model, settings) as engine:
         solo = engine.generate("Once upon a time", params)
