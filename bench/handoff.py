@@ -1,12 +1,13 @@
 """Cloud-device split prefill (issue 15): device-only, token handoff, KV handoff and both, on one machine.
 
-    nice -n 10 .venv/bin/python bench/handoff.py [--quota 0.15] [--delay-ms 20] [--rate-mbit 100]
+    nice -n 10 .venv/bin/python bench/handoff.py [--quota 0.1] [--delay-ms 20] [--rate-mbit 100] [--max-tokens 32]
+    nice -n 10 .venv/bin/python bench/handoff.py --kv-bytes   # KV bytes per token, greedy agreement
 
 How the asymmetry is emulated (one 2-core machine, shared):
 - the cloud is ``edgeserve serve`` in its own process on loopback (llama.cpp, 1 thread: with 2 threads
   and any other busy process llama.cpp collapses, PLATFORM-NOTES), unthrottled;
 - the device is a worker process (this file, ``--worker``) running the engine as a library, inside a
-  cgroup v1 ``cpu`` group with a CPU quota (default 15% of one core) and 1 thread, so it prefills
+  cgroup v1 ``cpu`` group with a CPU quota (default 10% of one core) and 1 thread, so it prefills
   and decodes several times slower than the cloud (the measured ratio is in the JSON);
 - the link is ``_relay.py`` between them: a one-way delay and a rate limit in each direction, and a
   count of the bytes that crossed it.
@@ -144,6 +145,56 @@ def worker(args: argparse.Namespace) -> None:
             print(json.dumps({"cell": cell}), flush=True)
 
 
+# ---- KV bytes per token and greedy agreement after a quantized round trip (no throttling) -------
+
+
+def kv_bytes(args: argparse.Namespace) -> dict[str, Any]:
+    from edgeserve.engine import Engine
+    from edgeserve.handoff import kvwire
+    from edgeserve.settings import EngineSettings, ModelSettings
+
+    model = ModelSettings(model="default", backend="llama", n_ctx=8192, threads=1)
+    rows = []
+    with Engine.from_settings(model, EngineSettings(policy="fcfs")) as engine:
+        for n in args.sizes:
+            prompt = _prompt(engine, n, f"kv {n}")
+            blob = engine.prefill_state(prompt).future.result()
+            started = time.perf_counter()
+            wire = b"".join(kvwire.encode(blob))
+            encode_s = time.perf_counter() - started
+            plain = b"".join(kvwire.encode(blob, quantize=False))
+            decoder = kvwire.Decoder()
+            started = time.perf_counter()
+            decoder.feed(wire)
+            restored = decoder.finish()
+            decode_s = time.perf_counter() - started
+            scratch = engine.generate(prompt, temperature=0, max_tokens=args.max_tokens, ignore_eos=True, cloud=False)
+            handle = engine.submit(
+                prompt, temperature=0, max_tokens=args.max_tokens, ignore_eos=True, kv_state=restored
+            )
+            quantized = handle.result()
+            a, b = engine.tokenize(scratch.text, add_bos=False), engine.tokenize(quantized.text, add_bos=False)
+            agree = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            tokens = len(engine.tokenize(prompt)) - 1  # the blob covers all but the last
+            rows.append(
+                {
+                    "prompt_tokens": tokens + 1,
+                    "raw_bytes_per_token": len(blob) / tokens,
+                    "zlib_only_bytes_per_token": len(plain) / tokens,
+                    "int8_zlib_bytes_per_token": len(wire) / tokens,
+                    "reduction": len(blob) / len(wire),
+                    "quantized": kvwire.quantized(blob),
+                    "encode_s": encode_s,
+                    "decode_s": decode_s,
+                    "greedy_tokens_compared": min(len(a), len(b)),
+                    "greedy_tokens_agreeing_before_first_difference": agree,
+                    "same_text": scratch.text == quantized.text,
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return {"setup": {"threads": 1, "answer_tokens": args.max_tokens, "code": code_version()}, "rows": rows}
+
+
 # ---- the driver -----------------------------------------------------------------------------------
 
 
@@ -265,16 +316,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cloud", help=argparse.SUPPRESS)
-    parser.add_argument("--quota", type=float, default=0.15, help="Device CPU quota, in cores.")
+    parser.add_argument("--kv-bytes", action="store_true", help="Only KV bytes per token and greedy agreement.")
+    parser.add_argument("--quota", type=float, default=0.1, help="Device CPU quota, in cores.")
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024, 2048, 4096])
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--ttft-target-s", type=float, default=1.0)
     parser.add_argument("--name", default="handoff")
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.kv_bytes:
+        out = OUT.with_name(f"{args.name}_kv_bytes.json")
+        out.write_text(json.dumps(kv_bytes(args), indent=2) + "\n")
         return
     data = driver(args)
     out = OUT.with_name(args.name)

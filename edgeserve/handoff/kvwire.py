@@ -12,12 +12,14 @@ the sliding-window one) reads, in ``llama_kv_cache::state_write`` (little-endian
       v_trans=0: per layer: i32 v_type, u64 v_row_bytes, cell_count x v_row_bytes
       v_trans=1: per layer: i32 v_type, u32 el_bytes, u32 n_embd_v, n_embd_v x cell_count x el_bytes
 
-f16 tensors (type 1) become records of int8 values plus float32 scales, one per cell (token); every
-other byte travels verbatim. A payload this parser cannot walk to its exact end (another llama.cpp
+f16 tensors (type 1) become records of int8 values plus float32 scales: values with one scale per cell
+(token), keys with one per channel (see ``Span.key``); every other byte travels verbatim. A payload
+this parser cannot walk to its exact end (another llama.cpp
 layout, another backend) travels verbatim too, only compressed: ``encode`` never guesses.
 
 Wire: ``b"EKVW1\\n"`` + zlib stream of records ``u8 kind | u64 length | bytes`` (kind 0: verbatim,
-kind 1: an f16 tensor as ``u8 transposed | u32 rows | u32 cols | kvpack blob``). The receiver feeds
+kind 1: an f16 tensor as ``u8 flipped | u32 rows | u32 cols | kvpack blob``, flipped: the kvpack
+rows are the stored matrix's columns). The receiver feeds
 chunks to ``Decoder`` as they arrive; decompression is incremental, and the restored blob is whole at
 the end (llama.cpp loads a sequence's state in one call).
 """
@@ -54,6 +56,16 @@ class Span:
     rows: int
     cols: int
     transposed: bool
+    #: Keys are quantized per channel (one scale per embedding channel across the cells), values per
+    #: token: keys carry outlier channels that a per-token scale spreads over every other channel
+    #: (KIVI, ICML'24; measured here: per-token keys changed the first greedy token of README text).
+    key: bool = False
+
+    @property
+    def flip(self) -> bool:
+        """Quantize the transposed view: rows of the quantized matrix are channels for keys, tokens for
+        values (which a transposed V stores as columns)."""
+        return self.transposed != self.key
 
     @property
     def end(self) -> int:
@@ -112,10 +124,10 @@ def _stream(r: _Reader, spans: list[Span]) -> None:
     if v_trans > 1 or not 0 < n_layer <= 1024:
         raise ValueError("not a KV data section")
     for _ in range(n_layer):  # K, then V when not transposed: one row per cell
-        _rows(r, spans, cells)
+        _rows(r, spans, cells, key=True)
     for _ in range(n_layer):
         if not v_trans:
-            _rows(r, spans, cells)
+            _rows(r, spans, cells, key=False)
             continue
         kind, el, n_embd = r.take("<i"), r.take("<I"), r.take("<I")
         if kind == GGML_TYPE_F16 and el == 2:
@@ -123,10 +135,10 @@ def _stream(r: _Reader, spans: list[Span]) -> None:
         r.skip(n_embd * cells * el)
 
 
-def _rows(r: _Reader, spans: list[Span], cells: int) -> None:
+def _rows(r: _Reader, spans: list[Span], cells: int, *, key: bool) -> None:
     kind, row_bytes = r.take("<i"), r.take("<Q")
     if kind == GGML_TYPE_F16 and row_bytes % 2 == 0:
-        spans.append(Span(r.pos, cells, row_bytes // 2, transposed=False))
+        spans.append(Span(r.pos, cells, row_bytes // 2, transposed=False, key=key))
     r.skip(cells * row_bytes)
 
 
@@ -147,9 +159,9 @@ def _records(blob: bytes, quantize: bool) -> Iterator[bytes]:
             yield _REC.pack(0, span.start - pos) + blob[pos : span.start]
         x = np.frombuffer(blob, dtype="<f2", count=span.rows * span.cols, offset=span.start)
         x = x.reshape(span.rows, span.cols)
-        tokens = x.T if span.transposed else x
-        q, scales = kvpack.quantize(np.ascontiguousarray(tokens)[:, None, :])
-        body = _TENSOR.pack(int(span.transposed), span.rows, span.cols) + kvpack.pack(q, scales)
+        rows = x.T if span.flip else x
+        q, scales = kvpack.quantize(np.ascontiguousarray(rows)[:, None, :])
+        body = _TENSOR.pack(int(span.flip), span.rows, span.cols) + kvpack.pack(q, scales)
         yield _REC.pack(1, len(body)) + body
         pos = span.end
     if pos < len(blob):
@@ -220,10 +232,10 @@ class Decoder:
 
 
 def _tensor(body: bytes) -> bytes:
-    transposed, rows, cols = _TENSOR.unpack_from(body)
+    flip, rows, cols = _TENSOR.unpack_from(body)
     q, scales = kvpack.unpack(body[_TENSOR.size :])
     x = kvpack.dequantize(q, scales, np.float16)[:, 0, :]
-    if transposed:
+    if flip:
         x = x.T
     if x.shape != (rows, cols):
         raise KVStateError("KV wire tensor shape mismatch")
