@@ -227,12 +227,12 @@ class Engine:
         params = _params(params, sampling)
         output = (response_format, tools, tool_choice)
         if on_event is not None:
-            request = self._prepare(prompt, messages, params, request_id, on_event, output)
+            request = self.prepare(prompt, messages, params, request_id, on_event, output)
             request.kv_state = kv_state
             self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
             return Handle(request, self._loop.cancel)
         events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
-        request = self._prepare(prompt, messages, params, request_id, events.put, output)
+        request = self.prepare(prompt, messages, params, request_id, events.put, output)
         request.kv_state = kv_state
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
         return RequestHandle(request, self._loop.cancel, events)
@@ -269,7 +269,7 @@ class Engine:
                 holder[0].cancelled.set()
 
         output = (response_format, tools, tool_choice)
-        request = self._prepare(prompt, messages, _params(params, sampling), request_id, sink, output)
+        request = self.prepare(prompt, messages, _params(params, sampling), request_id, sink, output)
         request.kv_state = kv_state
         holder.append(request)
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
@@ -377,7 +377,7 @@ class Engine:
                 future.set_exception(event.error if isinstance(event, ErrorEvent) else CancelledError())
 
         # Greedy and seeded: the prompt is evaluated from scratch, on the path a seeded request takes.
-        request = self._prepare(tokens, None, SamplingParams(temperature=0, seed=0, max_tokens=1), None, sink)
+        request = self.prepare(tokens, None, SamplingParams(temperature=0, seed=0, max_tokens=1), None, sink)
         request.max_tokens = 0
         request.export = export
         self._enqueue(request, priority, 0.0, tokens)
@@ -386,18 +386,6 @@ class Engine:
     def export_state(self, prompt: str | Sequence[int]) -> bytes:
         """``prefill_state``, waited for."""
         return self.prefill_state(prompt).future.result()
-
-    def import_state(self, blob: bytes) -> list[int]:
-        """Load a blob from ``export_state`` as the prefix cache: the next request whose prompt
-        starts with its tokens evaluates only the rest. Returns the tokens it covers."""
-
-        def restore(backend: Backend) -> list[int]:
-            seq = self._loop.new_seq()
-            tokens = backend.restore(seq, blob)
-            backend.release(seq)
-            return tokens
-
-        return self.call(restore)
 
     @property
     def queue_depth(self) -> int:
@@ -450,7 +438,7 @@ class Engine:
 
     # ---- the caller's side ------------------------------------------------------------------
 
-    def _prepare(
+    def prepare(
         self,
         prompt: PromptArg,
         messages: Sequence[Message] | None,

@@ -34,7 +34,7 @@ UNKNOWN_TOKENS = 256.0
 
 @dataclass
 class Request:
-    """What the loop needs to run one request. Built in the caller's thread by ``Engine._prepare``."""
+    """What the loop needs to run one request. Built in the caller's thread by ``Engine.prepare``."""
 
     request_id: str
     prompt_tokens: list[int]

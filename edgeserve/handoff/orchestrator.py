@@ -160,7 +160,7 @@ class Handoff:
         out: _Output,
     ) -> Request:
         # The engine's own validation, rendering and tokenizing: bad input fails here, before any work.
-        return self.engine._prepare(prompt, messages, params, request_id, sink, out)
+        return self.engine.prepare(prompt, messages, params, request_id, sink, out)
 
     def _start(
         self,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from edgeserve.engine import Engine, Handle
+from edgeserve.handles import PrefillJob
 from edgeserve.handoff import device
 from edgeserve.handoff.cloud import CloudDelta, CloudEnd, CloudFailed, CloudMessage, CloudStream
 from edgeserve.handoff.pacer import Pacer
@@ -139,7 +140,7 @@ class Session:
         self._committed = ""  # cloud text released to the user
         self._cloud: CloudStream | None = None
         self._kv_close: Callable[[], None] | None = None
-        self._job: device.PrefillJob | None = None
+        self._job: PrefillJob | None = None
         self._device: Handle | None = None
         self._overlap = OverlapFilter("")
         self._phase = "cloud"  # cloud -> device | cloud_final -> ended
