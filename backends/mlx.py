@@ -113,6 +113,8 @@ class MlxBackend:
         except (OSError, ValueError, KeyError) as exc:
             raise BackendError(f"mlx-lm could not load {folder}: {exc}") from exc
         self._mx = mx
+        #: The fused Metal sampler: False until first asked for, then the kernel or None (no Metal).
+        self._metal: Any = False
         self._make_cache = make_prompt_cache
         text_config = config.get("text_config", config)
         self._n_vocab = int(text_config["vocab_size"])
@@ -212,11 +214,37 @@ class MlxBackend:
         state = self._seqs.get(step.seq)
         out = self._model(self._mx.array([[step.token]]), cache=state.cache)  # [1, 1, n_vocab]
         state.tokens.append(step.token)
-        logits = np.array(out[0, -1].astype(self._mx.float32))  # [n_vocab], evaluated here
+        row = out[0, -1].astype(self._mx.float32)
+        sampler = step.sampler
+        if step.constraint is None and isinstance(sampler, Sampler) and sampler.plain and not sampler.params.greedy:
+            metal = self._metal_sampler()
+            if metal is not None:  # the fused Metal kernel draws on the GPU, from the request's own stream
+                return sampler.draw_with(lambda u: self._draw_on_gpu(metal, row, sampler.params, u))
+        logits = np.array(row)  # [n_vocab], evaluated here
         if step.constraint is not None:
             step.constraint.mask(logits)
         token: int = step.sampler(logits)  # type: ignore[operator]
         return token
+
+    def _metal_sampler(self) -> Any:
+        """``edgeserve.kernels.sample_metal``'s kernel, built once, where Metal is there; else None."""
+        if self._metal is False:
+            from edgeserve.kernels.sample_metal import MetalSampler
+
+            self._metal = MetalSampler() if self._mx.metal.is_available() else None
+        return self._metal
+
+    def _draw_on_gpu(self, metal: Any, row: Any, params: SamplingParams, u: float) -> int:
+        mx = self._mx
+        picked = metal(
+            row[None],
+            mx.array([u], mx.float32),
+            mx.array([params.top_k], mx.int32),
+            mx.array([params.top_p], mx.float32),
+            mx.array([params.min_p], mx.float32),
+            mx.array([params.temperature], mx.float32),
+        )
+        return int(picked[0].item())
 
     def _park(self, seq: SeqId) -> bytes:
         from mlx_lm.models.cache import save_prompt_cache
