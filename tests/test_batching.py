@@ -16,7 +16,7 @@ from edgeserve.engine import outcome
 from edgeserve.handles import RequestHandle
 from edgeserve.scripted import ScriptedBackend
 from edgeserve.types import GenerationResult, StreamEvent
-from edgeserve.width import BatchWidth
+from edgeserve.width import MIN_SAMPLES, RETRY_S, BatchWidth
 
 LONG = SamplingParams(max_tokens=120, temperature=0.9, seed=1, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -111,18 +111,26 @@ def test_aging_bounds_the_wait_of_a_long_request_behind_a_stream_of_short_ones()
 
 def test_the_width_rule() -> None:
     width = BatchWidth(8, floor_tok_s=10.0, fixed=False)
-    assert width.limit() == 8  # nothing measured: every width counts as good
-    width.observe(1, 0.02)  # 50 tok/s alone
-    width.observe(4, 0.05)  # 80 tok/s in all, 20 per sequence
-    assert width.limit() == 8
-    width.observe(8, 0.12)  # 8.3 tok/s per sequence: under the floor
-    assert width.limit() == 7
-    width.observe(6, 0.085)  # 70.6 tok/s in all: less than at 4
-    assert width.limit() == 5
-    assert BatchWidth(8, floor_tok_s=10.0, fixed=True).limit() == 8
+
+    def measure(n: int, step_s: float, now: float = 0.0) -> None:
+        for _ in range(MIN_SAMPLES):
+            width.observe(n, step_s, now)
+
+    assert width.limit(0.0) == 8  # nothing measured: every width counts as good
+    measure(1, 0.02)  # 50 tok/s alone
+    measure(4, 0.05)  # 80 tok/s in all, 20 per sequence
+    assert width.limit(0.0) == 8
+    width.observe(8, 0.12, 0.0)  # 8.3 tok/s per sequence: under the floor, but one step is noise
+    assert width.limit(0.0) == 8
+    measure(8, 0.12)
+    assert width.limit(0.0) == 7
+    measure(6, 0.085)  # 70.6 tok/s in all: less than at 4
+    assert width.limit(0.0) == 5
+    assert width.limit(RETRY_S + 1) == 8  # verdicts expire: a width rejected under contention is tried again
+    assert BatchWidth(8, floor_tok_s=10.0, fixed=True).limit(0.0) == 8
     pinned = BatchWidth(4, floor_tok_s=1e9, fixed=True)
-    pinned.observe(4, 10.0)
-    assert pinned.limit() == 4
+    pinned.observe(4, 10.0, 0.0)
+    assert pinned.limit(0.0) == 4
 
 
 def test_the_engine_narrows_the_batch_when_wider_steps_add_no_throughput() -> None:
@@ -130,7 +138,8 @@ def test_the_engine_narrows_the_batch_when_wider_steps_add_no_throughput() -> No
     backend = _wide(step_s=0.003, batch_cost=1.5)
     with Engine(backend, EngineSettings(policy="fcfs")) as engine:
         assert engine.parallel == 4  # nothing measured yet
-        handles = [engine.submit(f"r{i}", SamplingParams(max_tokens=30, ignore_eos=True)) for i in range(8)]
+        engine.generate("alone", SamplingParams(max_tokens=30, ignore_eos=True))  # the one-sequence rate
+        handles = [engine.submit(f"r{i}", SamplingParams(max_tokens=30, ignore_eos=True)) for i in range(12)]
         for h in handles:
             h.result()
         assert engine.parallel == 1
