@@ -395,7 +395,7 @@ class Engine:
     def parallel(self) -> int:
         """Sequences the engine decodes together now (``--parallel``, or what the measured decode
         rate justifies; ``edgeserve.width``)."""
-        return self._loop.width.limit()
+        return self._loop.width.limit(self._clock())
 
     @property
     def running(self) -> int:

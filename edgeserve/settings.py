@@ -112,7 +112,7 @@ class EngineSettings(_Settings):
     max_parked: int = Field(16, ge=0, description="srpt: requests whose KV state may be parked in host memory at once.")
     prefill_chunk: int = Field(256, ge=1, description="Prompt tokens evaluated between two scheduling decisions.")
     parallel_floor_tok_s: float = Field(
-        10.0,
+        5.0,
         gt=0,
         description="Automatic --parallel: batch no more sequences than keep each above this decode rate "
         "(tokens/s, about reading speed), and only while a wider batch still adds throughput.",
