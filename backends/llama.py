@@ -114,13 +114,14 @@ class LlamaBackend:
         self._kv_token_bytes = _kv_bytes_per_token(meta)
         n_slots = settings.parallel or _auto_slots(n_ctx, self._kv_token_bytes)
         ctx_params = llama_cpp.llama_context_default_params()
-        # A KV stream of n_ctx cells per slot, not one unified cache: a sequence attends over its
-        # own cells only, always in position order, so its logits do not depend on what other
-        # sequences did to a shared cache (in a unified one, cells freed by others and reused out
-        # of order changed the summation order, and greedy text with it).
+        # By default a KV stream of n_ctx cells per slot, not one unified cache: a sequence attends
+        # over its own cells only, always in position order, so its logits do not depend on what
+        # other sequences did to a shared cache (in a unified one, cells freed by others and reused
+        # out of order changed the summation order, and greedy text with it). --kv-unified trades
+        # that for cheaper batched steps.
         ctx_params.n_ctx = n_ctx * n_slots
         ctx_params.n_seq_max = n_slots
-        ctx_params.kv_unified = False
+        ctx_params.kv_unified = settings.kv_unified
         ctx_params.n_batch = ctx_params.n_ubatch = max(settings.n_batch, n_slots)
         ctx_params.n_threads = ctx_params.n_threads_batch = settings.threads
         ctx_params.flash_attn_type = (
