@@ -443,7 +443,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ("gap_p99", 1.0, "p99 token gap / -np 4"),
     ]
     title = (
-        f"Bursts of 24 at 2-core CPU: {len(report['draws'])} draws (dots), medians (bars), "
+        f"Bursts of 24, every server at {report['threads']} threads on a shared 2-core CPU: "
+        f"{len(report['draws'])} draws (dots), medians (bars), "
         "issue-18 targets for edgeserve (red)"
     )
     side_by_side(rows, sides, metrics_, title, path, targets=(TARGETS["short_latency_p50"], 1.0, 1.0))
