@@ -348,7 +348,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1 / 16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx-per-slot", type=int, default=2048, help="llama-server: -c = this x -np")
-    ap.add_argument("--llama-fa", default="on", help="llama-server -fa (on: edgeserve's default)")
+    ap.add_argument("--llama-fa", default="auto", help="llama-server -fa (auto: its own default, on for a CPU)")
     ap.add_argument("--cap", type=int, default=h.UNIFORM_MAX_TOKENS, help="edgeserve's max_tokens, one for all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rhos", type=float, nargs="*", default=[0.74, 0.9], help="Poisson runs (none: skip)")
