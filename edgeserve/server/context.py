@@ -72,12 +72,14 @@ class ServerContext:
         prompt: str | Sequence[int] | None = None,
         messages: Sequence[Message] | None = None,
         priority: int = 0,
+        cloud: bool = True,
         **output: Any,
     ) -> AsyncRequestHandle:
         """Queue a request; bad input and a full queue raise here, before any response starts (and
         ``ErrorBoundary`` counts them). From here on the request's events count it. ``output``:
-        ``response_format``, ``tools`` and ``tool_choice`` (see ``Engine.submit``)."""
-        cloud = cloud_allowed(request)  # the privacy switch: header or body field
+        ``response_format``, ``tools`` and ``tool_choice`` (see ``Engine.submit``). ``cloud``: the
+        body's privacy switch; the header's is read here."""
+        cloud = cloud and cloud_allowed(request.headers)
         handle = self.engine.submit_async(prompt, params, messages=messages, priority=priority, cloud=cloud, **output)
         mark_engine_counts(request.scope)
         if self.settings.log_prompts:

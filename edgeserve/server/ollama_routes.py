@@ -208,11 +208,13 @@ async def generate(body: wire.GenerateRequest, request: Request, ctx: Context) -
         return _loaded(ctx, lambda **kw: wire.GenerateResponse(response="", **kw))
     if body.raw or ctx.engine.capabilities.chat_template is None:
         prompt = body.prompt if body.raw or not body.system else f"{body.system}\n\n{body.prompt}"
-        handle = ctx.submit(request, endpoint, params, prompt=prompt, response_format=response_format)
+        handle = ctx.submit(request, endpoint, params, prompt=prompt, response_format=response_format, cloud=body.cloud)
     else:
         messages: list[Message] = [{"role": "system", "content": body.system}] if body.system else []
         messages.append({"role": "user", "content": body.prompt})
-        handle = ctx.submit(request, endpoint, params, messages=messages, response_format=response_format)
+        handle = ctx.submit(
+            request, endpoint, params, messages=messages, response_format=response_format, cloud=body.cloud
+        )
 
     def make(text: str, result: GenerationResult | None, _calls: tuple[ToolCall, ...]) -> wire.GenerateResponse:
         stats = _stats(result) if result is not None else {"done": False}
@@ -232,7 +234,13 @@ async def chat(body: wire.ChatRequest, request: Request, ctx: Context) -> Respon
         return _loaded(ctx, lambda **kw: wire.ChatResponse(message=wire.OllamaReply(content=""), **kw))
     messages = [m.model_dump(include={"role", "content", "tool_calls"}, exclude_none=True) for m in body.messages]
     handle = ctx.submit(
-        request, endpoint, params, messages=messages, response_format=response_format, tools=body.tools or None
+        request,
+        endpoint,
+        params,
+        messages=messages,
+        response_format=response_format,
+        tools=body.tools or None,
+        cloud=body.cloud,
     )
 
     def make(text: str, result: GenerationResult | None, calls: tuple[ToolCall, ...]) -> wire.ChatResponse:

@@ -46,6 +46,7 @@ class _Request(WireRequest):
         str | dict[str, Any] | None, Documented({"anyOf": [{"enum": ["", "json"]}, {"type": "object"}, NULL]})
     ] = Field(None, description='"json" (any JSON object), or a JSON schema the answer follows.')
     keep_alive: float | str | None = Field(None, description="Accepted; the served model always stays loaded.")
+    cloud: bool = Field(True, description="Extension: false keeps this request off the cloud (--cloud), on the device.")
     think: Annotated[bool | str | None, Documented({"enum": [False, None]})] = Field(
         None, description="Not supported: must be absent or false."
     )

@@ -217,6 +217,7 @@ async def chat_completions(body: wire.ChatCompletionRequest, request: Request, c
         response_format=body.response_format,
         tools=body.tools,
         tool_choice=body.tool_choice,
+        cloud=body.cloud,
     )
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.model.name
     calls = expects_calls(body.tools, body.tool_choice)
@@ -293,7 +294,9 @@ async def completions(body: wire.CompletionRequest, request: Request, ctx: Conte
     ctx.check_model(body.model)
     _refuse_unsupported(body)
     params = _sampling(body, body.max_tokens)
-    handle = ctx.submit(request, endpoint, params, prompt=_completion_prompt(body.prompt), priority=body.priority)
+    handle = ctx.submit(
+        request, endpoint, params, prompt=_completion_prompt(body.prompt), priority=body.priority, cloud=body.cloud
+    )
     rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), ctx.model.name
 
     def chunk(

@@ -142,6 +142,7 @@ class SamplingFields(WireRequest):
     priority: int = Field(
         0, ge=-(2**31), lt=2**31, description="Extension: admission priority for the engine's queue policy."
     )
+    cloud: bool = Field(True, description="Extension: false keeps this request off the cloud (--cloud), on the device.")
     top_k: int | None = Field(None, ge=0, description="Extension: sample from the k likeliest tokens (0: off).")
     min_p: float | None = Field(None, ge=0, le=1, description="Extension: drop tokens below min_p × the best.")
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, description="Extension: 1.0 disables it.")
