@@ -1,0 +1,78 @@
+"""What a batched llama.cpp decode step costs in CPU time against a single one (issue 18).
+
+A step of N sequences is timed with ``time.process_time`` (CPU seconds, so a busy machine's
+waiting does not count), at 1 thread, every sequence holding the same 256-token context, for a KV
+stream per sequence (the default) and for one unified cache (``--kv-unified``). A ratio near N
+means batching saves nothing; llama-server's four slots ran on 0.73x the CPU of one slot in
+``bench/batch_burst_width.json``.
+
+    python bench/batch_step_cost.py [--steps 15] [--widths 1 4 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from edgeserve.backend import Backend, Step
+from edgeserve.engine import Engine
+from edgeserve.settings import ModelSettings
+from edgeserve.types import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def step_cpu_ms(engine: Engine, widths: list[int], steps: int) -> dict[int, float]:
+    def run(backend: Backend) -> dict[int, float]:
+        prompt = backend.tokenize("Once upon a time there was a cat. " * 30, add_bos=True)[:257]
+        out = {}
+        for n in widths:
+            samplers = [backend.sampler(GREEDY) for _ in range(n)]
+            for seq in range(n):
+                backend.prefill(seq, prompt[backend.open(seq, prompt, reuse=False) : -1])
+            pending = [prompt[-1]] * n
+            times = []
+            for _ in range(steps):
+                t0 = time.process_time()
+                pending = backend.decode([Step(s, t, sp) for s, t, sp in zip(range(n), pending, samplers, strict=True)])
+                times.append(time.process_time() - t0)
+            for seq, sampler in enumerate(samplers):
+                backend.release(seq)
+                sampler.close()
+            out[n] = statistics.median(times) * 1000
+        return out
+
+    return engine.call(run)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--widths", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("batch_step_cost.json"))
+    args = ap.parse_args()
+    result: dict[str, object] = {
+        "benchmark": "CPU ms per llama.cpp decode step by batch width, 1 thread",
+        "command": "python bench/batch_step_cost.py " + " ".join(f"--{k} {v}" for k, v in (("steps", args.steps),)),
+        "load_average_at_start": os.getloadavg(),
+    }
+    for unified in (False, True):
+        settings = ModelSettings(threads=1, parallel=max(args.widths), n_ctx=1024, kv_unified=unified)
+        with Engine.from_settings(settings) as engine:
+            ms = step_cpu_ms(engine, args.widths, args.steps)
+        key = "unified" if unified else "stream_per_sequence"
+        result[key] = {
+            "step_cpu_ms": {str(n): round(v, 2) for n, v in ms.items()},
+            "vs_single_step": {str(n): round(v / ms[args.widths[0]], 2) for n, v in ms.items()},
+        }
+        print(key, result[key])
+    result["load_average_at_end"] = os.getloadavg()
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
