@@ -224,7 +224,7 @@ class Engine:
             out: dict[str, Any] = {"response_format": response_format, "tools": tools, "tool_choice": tool_choice}
             route: dict[str, Any] = {"messages": messages, "request_id": request_id, "priority": priority}
             return self.handoff.submit(prompt, params, on_event=on_event, **route, **out, **sampling)
-        params = _params(params, sampling)
+        params = sampling_params(params, sampling)
         output = (response_format, tools, tool_choice)
         if on_event is not None:
             request = self.prepare(prompt, messages, params, request_id, on_event, output)
@@ -269,7 +269,7 @@ class Engine:
                 holder[0].cancelled.set()
 
         output = (response_format, tools, tool_choice)
-        request = self.prepare(prompt, messages, _params(params, sampling), request_id, sink, output)
+        request = self.prepare(prompt, messages, sampling_params(params, sampling), request_id, sink, output)
         request.kv_state = kv_state
         holder.append(request)
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
@@ -550,7 +550,7 @@ def _is_messages(source: object) -> bool:
     return isinstance(source, Sequence) and not isinstance(source, str) and all(hasattr(m, "get") for m in source)
 
 
-def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams | None:
+def sampling_params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams | None:
     if params is not None and sampling:
         raise InvalidParameterError("give either params or sampling keywords, not both", param="params")
     if sampling:

@@ -20,8 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
-from edgeserve.engine import AsyncRequestHandle, Engine, Handle, RequestHandle
-from edgeserve.errors import InvalidParameterError
+from edgeserve.engine import AsyncRequestHandle, Engine, Handle, RequestHandle, sampling_params
 from edgeserve.handoff import planner
 from edgeserve.handoff.cloud import request_body
 from edgeserve.handoff.session import HandoffReport, KvStarter, Session
@@ -112,7 +111,7 @@ class Handoff:
         """Like ``Engine.submit``: a ``RequestHandle`` to iterate, or with ``on_event`` a ``Handle``.
         Structured output (``response_format``, ``tools``) runs on the device alone. ``route``
         overrides the planner's choice (benchmarks and tests compare the routes)."""
-        params = _params(params, sampling)
+        params = sampling_params(params, sampling)
         out = _Output(response_format, tools, tool_choice)
         if on_event is not None:
             request = self._prepare(prompt, messages, params, request_id, on_event, out)
@@ -146,7 +145,7 @@ class Handoff:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         out = _Output(response_format, tools, tool_choice)
-        request = self._prepare(prompt, messages, _params(params, sampling), request_id, sink, out)
+        request = self._prepare(prompt, messages, sampling_params(params, sampling), request_id, sink, out)
         cancel = self._start(request, prompt, messages, priority, cloud_allowed, out, route)
         return AsyncRequestHandle(request, cancel, events)
 
@@ -230,7 +229,7 @@ class Handoff:
             response_format=out.response_format,
             tools=out.tools,
             tool_choice=out.tool_choice,
-            **_no_cloud(self.engine),
+            cloud=False,  # the local route: the engine must not plan it again
         )
         return lambda _request: handle.cancel()
 
@@ -279,18 +278,3 @@ def _local_report(plan: planner.Plan, event: FinalEvent) -> HandoffReport:
         cloud_error=None,
         seam_diverged=False,
     )
-
-
-def _no_cloud(engine: Engine) -> dict[str, Any]:
-    return {"cloud": False} if getattr(engine, "handoff", None) is not None else {}
-
-
-def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams | None:
-    if params is not None and sampling:
-        raise InvalidParameterError("give either params or sampling keywords, not both", param="params")
-    if sampling:
-        try:
-            return SamplingParams(**sampling)
-        except TypeError as exc:
-            raise InvalidParameterError(f"unknown sampling parameter: {exc}", param="params") from exc
-    return params
