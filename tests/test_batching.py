@@ -10,12 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from streams import result as _result
+from streams import started as _started
 
-from edgeserve import Engine, EngineSettings, ModelSettings, SamplingParams, TokenEvent
-from edgeserve.engine import outcome
-from edgeserve.handles import RequestHandle
+from edgeserve import Engine, EngineSettings, ModelSettings, SamplingParams
 from edgeserve.scripted import ScriptedBackend
-from edgeserve.types import GenerationResult, StreamEvent
 from edgeserve.width import MIN_SAMPLES, RETRY_S, BatchWidth
 
 LONG = SamplingParams(max_tokens=120, temperature=0.9, seed=1, ignore_eos=True)
@@ -29,21 +28,6 @@ def _engine(backend: ScriptedBackend, **settings: object) -> Engine:
 
 def _wide(**fields: object) -> ScriptedBackend:
     return ScriptedBackend(**{"max_sequences": 4, "max_batch": 4, "step_s": 0.002, **fields})  # type: ignore[arg-type]
-
-
-def _started(handle: RequestHandle) -> Iterator[StreamEvent]:
-    events = iter(handle)
-    for event in events:
-        if isinstance(event, TokenEvent):
-            return events
-    raise AssertionError("the request ended before its first token")
-
-
-def _result(events: Iterator[StreamEvent]) -> GenerationResult:
-    for event in events:
-        if (result := outcome(event)) is not None:
-            return result
-    raise AssertionError("no final event")
 
 
 def test_a_full_batch_decodes_in_one_call_and_each_text_is_its_solo_text() -> None:

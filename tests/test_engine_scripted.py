@@ -9,15 +9,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from streams import result as _result
+from streams import started as _started
 
-from edgeserve import Engine, EngineSettings, FinishReason, GenerationResult, RequestHandle, SamplingParams, TokenEvent
-from edgeserve.engine import outcome
+from edgeserve import Engine, EngineSettings, FinishReason, SamplingParams, TokenEvent
 from edgeserve.errors import BackendError, EngineClosedError, QueueFullError
 from edgeserve.running import Request, Running
 from edgeserve.sampling import Sampler
 from edgeserve.scripted import ScriptedBackend
 from edgeserve.textstream import TextStream
-from edgeserve.types import StreamEvent
 
 LONG = SamplingParams(max_tokens=200, temperature=0.9, seed=1, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -37,23 +37,6 @@ def backend() -> ScriptedBackend:
 def engine(backend: ScriptedBackend) -> Iterator[Engine]:
     with _engine(backend) as eng:
         yield eng
-
-
-def _started(handle: RequestHandle) -> Iterator[StreamEvent]:
-    """Block until the first token of a request arrives; returns its stream, which the caller keeps
-    (dropping a stream unfinished cancels its request)."""
-    events = iter(handle)
-    for event in events:
-        if isinstance(event, TokenEvent):
-            return events
-    raise AssertionError("the request ended before its first token")
-
-
-def _result(events: Iterator[StreamEvent]) -> GenerationResult:
-    for event in events:
-        if (result := outcome(event)) is not None:
-            return result
-    raise AssertionError("no final event")
 
 
 def test_a_short_request_displaces_a_long_one_which_resumes_exactly(engine: Engine, backend: ScriptedBackend) -> None:
