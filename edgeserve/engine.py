@@ -237,6 +237,13 @@ class Engine:
         self._enqueue(request, priority, predicted_tokens, messages if messages is not None else prompt)
         return RequestHandle(request, self._loop.cancel, events)
 
+    def submit_prepared(self, request: Request, *, priority: int = 0) -> Handle:
+        """Queue a request built by ``prepare`` and then adjusted by a wrapper (the handoff sets its
+        KV state and a constraint that forces the cloud's tokens); its events go to the sink given
+        to ``prepare``."""
+        self._enqueue(request, priority, None, request.prompt_tokens)
+        return Handle(request, self._loop.cancel)
+
     def submit_async(
         self,
         prompt: PromptArg = None,
