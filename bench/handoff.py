@@ -1,6 +1,7 @@
 """Cloud-device split prefill (issue 15): device-only, token handoff, KV handoff and both, on one machine.
 
-    nice -n 10 .venv/bin/python bench/handoff.py [--quota 0.1] [--delay-ms 20] [--rate-mbit 100] [--max-tokens 32]
+    flock /tmp/bench.lock nice -n 5 .venv/bin/python bench/handoff.py [--quota 0.1] [--delay-ms 20] [--rate-mbit 100]
+        [--max-tokens 128]
     nice -n 10 .venv/bin/python bench/handoff.py --kv-bytes   # KV bytes per token, greedy agreement
 
 How the asymmetry is emulated (one 2-core machine, shared):
@@ -8,14 +9,18 @@ How the asymmetry is emulated (one 2-core machine, shared):
   and any other busy process llama.cpp collapses, PLATFORM-NOTES), unthrottled;
 - the device is a worker process (this file, ``--worker``) running the engine as a library, inside a
   cgroup v1 ``cpu`` group with a CPU quota (default 10% of one core) and 1 thread, so it prefills
-  and decodes several times slower than the cloud (the measured ratio is in the JSON);
+  and decodes several times slower than the cloud. The ratio is measured in the run and written to
+  the JSON per prompt size: the device's prefill (device-only TTFT less one decode step) against the
+  cloud's (the KV routes' first KV bytes less the link's round trip);
 - the link is ``_relay.py`` between them: a one-way delay and a rate limit in each direction, and a
   count of the bytes that crossed it.
 
 Per prompt size (256, 1k, 2k, 4k tokens of README text) and route, one greedy request with a fixed
-answer length (``ignore_eos``): TTFT, p99 and max gap between streamed pieces, total time, cloud
-tokens, bytes over the link (greedy identity with the device-only text is tests/test_handoff.py's
-job: here every run has its own prompt, so that no prefix cache helps it); and the route the planner
+answer length (``ignore_eos``; 128 tokens by default: a short chat answer, shorter than typical
+chat answers, ShareGPT's average being a few hundred tokens, so that long answers do not flatter
+the cloud's share): TTFT, p99 and max gap between streamed pieces, total time, cloud tokens, bytes
+over the link (greedy identity with the device-only text is tests/test_handoff.py's job: here every
+run has its own prompt, so that no prefix cache helps it); and the route the planner
 would pick (``--handoff auto``) against the best measured one. Writes bench/results/handoff.json+png.
 """
 
@@ -98,6 +103,7 @@ def _one(engine: Any, prompt: str, route: str, max_tokens: int) -> dict[str, Any
         "cloud_tokens_kept": report.cloud_tokens_kept,
         "cloud_pieces_shown": cloud_pieces,
         "takeover_s": report.takeover_s,
+        "kv_started_s": report.kv_started_s,
         "taken_over_by": report.taken_over_by,
         "kv_wire_bytes": report.kv_wire_bytes,
         "link_bytes_down": down1 - down0,
@@ -246,11 +252,13 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
             "link": f"relay: {args.delay_ms} ms one way, {args.rate_mbit} Mbit/s each direction",
             "answer_tokens": args.max_tokens,
             "sampling": "greedy, ignore_eos",
+            "command": " ".join(["python", *sys.argv]),
+            "link_rtt_s": 2 * args.delay_ms / 1000,
             "wall_s": time.monotonic() - started,
             "code": code_version(),
         },
         "cells": cells,
-        "summary": _summary(cells),
+        "summary": _summary(cells, 2 * args.delay_ms / 1000),
     }
 
 
@@ -262,22 +270,33 @@ def _row(cell: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def _summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(cells: list[dict[str, Any]], rtt_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for cell in cells:
         runs = {r["route"]: r for r in cell["runs"]}
         local = runs["local"]
         tpot = (local["total_s"] - local["ttft_s"]) / max(local["output_tokens"] - 1, 1)
-        best = min(cell["runs"], key=lambda r: (r["ttft_s"] or 1e9, r["cloud_tokens"]))
+        fastest = min(cell["runs"], key=lambda r: (r["ttft_s"] or 1e9, r["cloud_tokens"]))
+        # The planner's own rule, on measured values: within 10% + 0.1 s of the fastest, fewest cloud tokens.
+        near = [r for r in cell["runs"] if (r["ttft_s"] or 1e9) <= fastest["ttft_s"] * 1.1 + 0.1]
+        best = min(near, key=lambda r: (r["cloud_tokens"], r["ttft_s"]))
+        started = [r["kv_started_s"] for r in cell["runs"] if r.get("kv_started_s")]
+        cloud_prefill = min(started) - rtt_s if started else None
+        device_prefill = local["ttft_s"] - tpot
         out[str(cell["prompt_tokens"])] = {
             "device_tpot_s": tpot,
+            "device_prefill_s": device_prefill,
+            "cloud_prefill_s": cloud_prefill,
+            "device_vs_cloud_prefill_time": device_prefill / cloud_prefill if cloud_prefill else None,
             "planner_route": cell["planner"]["route"],
+            "fastest_measured_route": fastest["route"],
             "best_measured_route": best["route"],
             **{
                 route: {
                     "ttft_vs_device_only": (r["ttft_s"] or 0) / local["ttft_s"],
                     "max_gap_vs_device_tpot": (r["gap_max_s"] or 0) / tpot,
                     "cloud_tokens_share": r["cloud_tokens"] / max(r["output_tokens"], 1),
+                    "kv_wire_bytes_per_prompt_token": r["kv_wire_bytes"] / cell["prompt_tokens"],
                 }
                 for route, r in runs.items()
             },
@@ -321,7 +340,7 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024, 2048, 4096])
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=128, help="Answer length (tokens).")
     parser.add_argument("--ttft-target-s", type=float, default=1.0)
     parser.add_argument("--name", default="handoff")
     args = parser.parse_args()

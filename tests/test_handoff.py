@@ -141,6 +141,29 @@ def test_token_handoff_is_seamless_and_equals_the_device_only_text(
     wait_idle(device)
 
 
+def test_penalties_span_the_seam(device: Engine, cloud: Cloud) -> None:
+    """The cloud applies the penalties to its part and the device's sampler counts the cloud's
+    tokens in its history: greedy with penalties, the handed-off text is the device-only text."""
+    penalties = {"temperature": 0, "max_tokens": 48, "repetition_penalty": 1.3, "presence_penalty": 0.4}
+    alone = device.generate(PROMPT, cloud=False, **penalties).text
+    assert alone != device.generate(PROMPT, cloud=False, temperature=0, max_tokens=48).text  # they bite
+    reports = attach(device, cloud.url)
+    assert device.handoff is not None
+    busy(device)
+    streamed = []
+    result = None
+    for event in device.handoff.submit(PROMPT, route=Route.TOKEN, **penalties):
+        if isinstance(event, FinalEvent):
+            result = event.result
+        elif isinstance(event, TokenEvent):
+            streamed.append(f"[{event.text}]" if isinstance(event, CloudTokenEvent) else event.text)
+    assert result is not None and result.text == alone
+    assert "".join(streamed).replace("[", "").replace("]", "") == alone
+    assert reports[-1].route == "token" and reports[-1].cloud_tokens_kept > 0
+    assert result.completion_tokens == 48
+    wait_idle(device)
+
+
 def test_cloud_killed_mid_stream_device_goes_on(device: Engine, reference: str) -> None:
     doomed = Cloud()
     reports = attach(device, doomed.url)

@@ -41,14 +41,37 @@ def test_long_prompt_hands_tokens_off_with_a_cap() -> None:
 def test_kv_handoff_preferred_when_it_meets_the_target_with_fewer_cloud_tokens() -> None:
     m = Measured(**{**SLOW.__dict__, "kv_available": True})
     p = plan(ask(2000), m)
-    # KV arrives at 0.45 + 0.8 + 0.05 s: within 1.5 s, no cloud tokens at all.
+    # KV arrives at 0.45 + 0.8 s (+ the restore): within 1.5 s, no cloud tokens at all.
     assert plan(ask(2000, target=1.5), m).route is Route.KV
     # A tighter target needs the cloud's tokens first, with KV underneath for an early takeover.
     assert p.route is Route.TOKEN_KV
     by_route = {o.route: o for o in p.options}
     assert by_route[Route.TOKEN_KV].cloud_tokens < by_route[Route.TOKEN].cloud_tokens
-    # The cap still covers the device's own prefill: a late KV state must not leave a stall.
-    assert p.cloud_max_tokens == plan(ask(2000), SLOW).cloud_max_tokens
+    # The cloud prefills once: its answer comes one round trip after the KV job's prefill.
+    assert by_route[Route.TOKEN_KV].ttft_s == pytest.approx(by_route[Route.TOKEN].ttft_s + 0.05)
+    # The cap covers until the KV takeover, with margin: far below the token route's.
+    assert p.cloud_max_tokens < plan(ask(2000), SLOW).cloud_max_tokens / 4
+
+
+def test_near_fastest_route_with_fewer_cloud_tokens_wins_when_none_meets_the_target() -> None:
+    m = Measured(**{**SLOW.__dict__, "kv_available": True})
+    p = plan(ask(2000, target=0.1), m)  # nothing reaches 0.1 s
+    by_route = {o.route: o for o in p.options}
+    assert by_route[Route.TOKEN].ttft_s < by_route[Route.TOKEN_KV].ttft_s  # a round trip faster...
+    assert p.route is Route.TOKEN_KV  # ...is not worth ~20x the cloud tokens
+
+
+def test_device_queue_counts_in_the_device_estimates() -> None:
+    idle = plan(ask(150, target=1.0), SLOW)
+    assert idle.route is Route.LOCAL  # 0.75 s of prefill + one step: local meets 1 s
+    queued = plan(ask(150, target=1.0, device_queue_s=4.0), SLOW)
+    assert queued.local_ttft_s == pytest.approx(idle.local_ttft_s + 4.0)
+    assert queued.route is Route.TOKEN  # behind 4 s of other work the cloud answers first
+    # The cloud covers until the device's own prefill, which now starts after the queue.
+    assert queued.cloud_max_tokens > (4.0 + 0.75) * 20
+    m = Measured(**{**SLOW.__dict__, "kv_available": True})
+    kv = {o.route: o for o in plan(ask(2000, device_queue_s=30.0), m).options}[Route.KV]
+    assert kv.takeover_s is not None and kv.takeover_s >= 30.0  # a KV load waits its turn too
 
 
 def test_opt_out_off_and_unreachable_cloud_stay_local() -> None:
@@ -145,3 +168,21 @@ def test_cloud_url_is_checked_and_never_echoed() -> None:
     with pytest.raises(ValidationError) as info:
         CloudSettings(cloud="ftp://user:secret@gpu")
     assert "secret" not in str(info.value)
+
+
+def test_backlog_counts_device_work_down_from_the_event_stream() -> None:
+    from edgeserve.handoff.backlog import Backlog
+    from edgeserve.running import Request
+    from edgeserve.service import ServiceModel
+    from edgeserve.types import ErrorEvent, SamplingParams, StreamEvent, TokenEvent
+
+    seen: list[StreamEvent] = []
+    request = Request("r", list(range(200)), SamplingParams(max_tokens=40), 40, None, 0.0, seen.append)
+    backlog = Backlog()
+    backlog.track(request)
+    service = ServiceModel(prefill_tok_s=100.0, decode_tok_s=10.0)
+    assert backlog.seconds(service, 1) == pytest.approx(200 / 100 + 40 / 10)
+    request.sink(TokenEvent("a", (1,)))  # the prompt is in, one answer token out
+    assert backlog.seconds(service, 2) == pytest.approx(39 / 10 / 2)
+    request.sink(ErrorEvent(RuntimeError("gone")))
+    assert len(backlog) == 0 and backlog.seconds(service, 1) == 0 and len(seen) == 2

@@ -67,6 +67,14 @@ def request_body(
         body["stop"] = list(params.stop)
     if params.seed is not None:
         body["seed"] = params.seed
+    # Penalties only when set: presence and frequency are OpenAI's; repetition_penalty is the extension
+    # vLLM, SGLang and edgeserve take (the device's history holds the cloud's tokens; ``device``).
+    if params.presence_penalty:
+        body["presence_penalty"] = params.presence_penalty
+    if params.frequency_penalty:
+        body["frequency_penalty"] = params.frequency_penalty
+    if params.repetition_penalty != 1.0:
+        body["repetition_penalty"] = params.repetition_penalty
     if messages is not None:
         return "/v1/chat/completions", {**body, "messages": [dict(m) for m in messages]}
     return "/v1/completions", {**body, "prompt": prompt}

@@ -17,7 +17,7 @@ import httpx
 
 from edgeserve.errors import EdgeserveError
 from edgeserve.handoff.kvwire import Decoder, file_sha256
-from edgeserve.handoff.session import KvArrived, KvStarter
+from edgeserve.handoff.session import KvArrived, KvStarted, KvStarter
 from edgeserve.handoff.telemetry import Telemetry
 from edgeserve.settings import CloudSettings
 
@@ -55,7 +55,7 @@ def fetcher(
     """A function that, given a request's tokens, returns the starter of its KV fetch."""
 
     def for_tokens(tokens: Sequence[int]) -> KvStarter:
-        def start(deliver: Callable[[KvArrived], None]) -> Callable[[], None]:
+        def start(deliver: Callable[[KvStarted | KvArrived], None]) -> Callable[[], None]:
             fetch = _Fetch(settings, telemetry, list(tokens), quantize, deliver)
             return fetch.close
 
@@ -71,7 +71,7 @@ class _Fetch:
         telemetry: Telemetry,
         tokens: list[int],
         quantize: bool,
-        deliver: Callable[[KvArrived], None],
+        deliver: Callable[[KvStarted | KvArrived], None],
     ) -> None:
         self._settings, self._telemetry = settings, telemetry
         self._tokens, self._quantize, self._deliver = tokens, quantize, deliver
@@ -106,6 +106,7 @@ class _Fetch:
                     if first is None:  # the cloud's prefill is done: that measures its rate too
                         first = time.monotonic()
                         self._telemetry.cloud_ttft(len(self._tokens), first - sent)
+                        self._deliver(KvStarted())
                     self._decoder.feed(chunk)
             blob = self._decoder.finish()
         except (httpx.HTTPError, OSError, EdgeserveError) as exc:

@@ -3,9 +3,10 @@ then either queues the request on the device as usual or runs a ``Session`` (clo
 takes over). Either way the caller gets the engine's own handle types and event stream.
 
 Which requests may use the cloud at all: text and chat prompts (a token prompt means this model's
-vocabulary, which a cloud need not share), without repetition/presence/frequency penalties or a
-logit bias (the device's penalty history cannot yet include the cloud's tokens, and token ids mean
-nothing to another tokenizer), and not opted out (``cloud_allowed=False``: the privacy switch).
+vocabulary, which a cloud need not share), without a logit bias (token ids mean nothing to another
+tokenizer), and not opted out (``cloud_allowed=False``: the privacy switch). Penalties span the
+seam: the cloud applies them to its part, and the device's sampler takes the cloud's tokens into
+its history (``device.ForcedPrefix``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple
 
 from edgeserve.engine import AsyncRequestHandle, Engine, Handle, RequestHandle, sampling_params
 from edgeserve.handoff import planner
+from edgeserve.handoff.backlog import Backlog
 from edgeserve.handoff.cloud import request_body
 from edgeserve.handoff.session import HandoffReport, KvStarter, Session
 from edgeserve.handoff.telemetry import Telemetry
@@ -47,6 +49,8 @@ class Handoff:
         self.engine = engine
         self.settings = settings
         self.telemetry = Telemetry(clock=clock)
+        #: The device work queued and running (the planner's device estimates wait behind it).
+        self.backlog = Backlog()
         self._clock = clock
         #: Called with every request's report (the server's metrics listen here).
         self.listeners: list[Callable[[HandoffReport], None]] = []
@@ -79,6 +83,7 @@ class Handoff:
             mode=self.settings.handoff,
             cloud_allowed=not why,
             why_not=why,
+            device_queue_s=self.backlog.seconds(self.engine.service, self.engine.parallel),
         )
         measured = self.telemetry.measured(self.engine.service)
         if not (self.settings.kv_handoff and self.kv_fetcher is not None):
@@ -180,6 +185,7 @@ class Handoff:
         # The cloud never generates past the request's own max_tokens.
         plan = replace(plan, cloud_max_tokens=min(plan.cloud_max_tokens, request.max_tokens))
         log.debug("%s: %s (%s)", request.request_id, plan.route.value, plan.reason)
+        self.backlog.track(request, prompt_on_device=not plan.route.uses_kv)
         if plan.route is planner.Route.LOCAL:
             return self._local(request, plan, priority, prompt, messages, out)
         cloud_call = None
@@ -250,8 +256,6 @@ def _why_local(params: SamplingParams, kind: str, cloud_allowed: bool, settings:
         return "a token prompt cannot go to a cloud"
     if kind == "structured":
         return "structured output runs on the device"
-    if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
-        return "penalties cannot span the seam yet"
     if params.logit_bias:
         return "a logit bias names this model's token ids"
     return ""

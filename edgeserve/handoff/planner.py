@@ -1,18 +1,24 @@
 """Per request: answer locally, hand off tokens, hand off KV, or both. Pure: no clock, no I/O.
 
 Every route ends with the device decoding alone; they differ in how the first token reaches the
-user and when the device can take over (all times from the request's arrival):
+user and when the device can take over (all times from the request's arrival; ``q`` is the device
+work queued ahead of this request, which its own prefill and a KV load wait behind):
 
-    local      first token = device prefill + one decode step; takeover = none
-    token      first token = cloud TTFT; takeover = device prefill (then a catch-up on the cloud text)
-    kv         first token = KV arrival + one decode step, where
-               KV arrival = cloud RTT + cloud prefill + prompt KV bytes / link rate + restore
-    token+kv   as token and kv together, but the cloud prefills the prompt twice side by side (its
-               answer and the KV job), so its TTFT and the KV arrival count that prefill twice
+    local      first token = q + device prefill + one decode step; takeover = none
+    token      first token = cloud TTFT; takeover = q + device prefill + catch-up on the cloud text
+    kv         first token = takeover + one decode step, where
+               takeover = max(KV arrival, q) + restore,
+               KV arrival = cloud RTT + cloud prefill + prompt KV bytes / link rate
+    token+kv   the KV job goes first and the cloud's answer follows once the cloud has prefilled
+               (its prefix cache then holds the prompt: one prefill serves both), so the first token
+               comes one round trip after the cloud's prefill; takeover = the earlier of kv's
+               (plus the catch-up) and token's
 
-The cloud tokens a route costs are those the pacer shows before takeover: (takeover - first token)
-times the device's decode rate. Among the routes that meet the TTFT target the planner takes the one
-with the fewest cloud tokens (the cloud's work is what costs money); when none meets it, the fastest.
+The cloud tokens a route costs are those the cloud generates before the takeover closes its
+stream. The cloud decodes far faster than the pacer shows, so that is the cap the planner asks
+for: the tokens shown between the first token and the predicted takeover (at the device's decode
+rate), with a margin. Among the routes that meet the TTFT target the planner takes the one with
+the fewest cloud tokens (the cloud's work is what costs money); when none meets it, the fastest.
 A request that the device alone answers within the target stays local unless the mode is ``always``.
 """
 
@@ -23,12 +29,19 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: Seconds to load a restored KV blob, per token (llama.cpp: ~11 ms for 500 tokens, PLATFORM-NOTES).
+#: Seconds to load a restored KV blob, per token (llama.cpp: ~11 ms for 500 tokens, PLATFORM-NOTES),
+#: on a device that prefills ``RESTORE_REFERENCE_TOK_S``; a slower device loads it slower in proportion
+#: (the decoding of the wire, and the copy into the cache, are CPU work like the prefill).
 RESTORE_S_PER_TOKEN = 2.5e-5
+RESTORE_REFERENCE_TOK_S = 400.0
 #: Cloud tokens asked for beyond the predicted need: the device may be slower than predicted, and a
 #: cloud stream that runs dry before takeover is a stall the user sees.
 CLOUD_TOKEN_MARGIN = 1.5
-CLOUD_TOKEN_SLACK = 8
+CLOUD_TOKEN_SLACK = 4
+#: When no route meets the TTFT target: routes whose first token is within this of the fastest's
+#: (relative, plus absolute seconds) count as fast, and the one with the fewest cloud tokens wins.
+TTFT_TOLERANCE = 0.1
+TTFT_TOLERANCE_S = 0.1
 
 
 class Route(str, enum.Enum):
@@ -75,6 +88,8 @@ class Ask:
     cloud_allowed: bool = True
     #: Why the cloud is not allowed, when it is not.
     why_not: str = ""
+    #: Seconds of device work queued and running ahead of this request (its prefill waits for it).
+    device_queue_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,25 +116,31 @@ def options(ask: Ask, m: Measured) -> list[Option]:
     """The predicted outcome of every route the measurements allow."""
     n = ask.prompt_tokens
     tpot = 1.0 / m.device_decode_tok_s
-    local_prefill = n / m.device_prefill_tok_s
+    queue = max(ask.device_queue_s, 0.0)
+    local_prefill = queue + n / m.device_prefill_tok_s
     out = [Option(Route.LOCAL, local_prefill + tpot, None, 0)]
     if not (ask.cloud_allowed and m.cloud_up):
         return out
     cloud_ttft = m.cloud_rtt_s + n / m.cloud_prefill_tok_s
-    # Catch-up: the device evaluates the cloud text shown so far, a prefill of that many tokens.
-    shown = max(local_prefill - cloud_ttft, 0.0) / tpot
-    token_takeover = local_prefill + shown / m.device_prefill_tok_s
+    token_takeover = _caught_up(local_prefill, cloud_ttft, tpot, m.device_prefill_tok_s)
     out.append(_cloud_option(Route.TOKEN, cloud_ttft, token_takeover, tpot, ask.max_tokens))
     if m.kv_available:
-        transfer = n * m.kv_bytes_per_token / m.link_bytes_s + n * RESTORE_S_PER_TOKEN
-        kv_arrival = cloud_ttft + transfer
-        out.append(Option(Route.KV, kv_arrival + tpot, kv_arrival, 0))
-        # Both at once: the cloud prefills the prompt twice (its answer, and the KV job), side by
-        # side, so each takes twice as long (measured: 1k tokens, TTFT 10.1 s against 5.8 s alone).
-        shared_ttft = m.cloud_rtt_s + 2 * n / m.cloud_prefill_tok_s
-        both = min(token_takeover, shared_ttft + transfer)
-        out.append(_cloud_option(Route.TOKEN_KV, shared_ttft, both, tpot, ask.max_tokens))
+        restore = n * RESTORE_S_PER_TOKEN * max(RESTORE_REFERENCE_TOK_S / m.device_prefill_tok_s, 1.0)
+        kv_ready = max(cloud_ttft + n * m.kv_bytes_per_token / m.link_bytes_s, queue) + restore
+        out.append(Option(Route.KV, kv_ready + tpot, kv_ready, 0))
+        # The answer is asked for once the KV job's first bytes show the cloud has prefilled: one
+        # more round trip, and its own prefill is a prefix-cache hit.
+        both_ttft = cloud_ttft + m.cloud_rtt_s
+        both = min(token_takeover, _caught_up(kv_ready, both_ttft, tpot, m.device_prefill_tok_s))
+        out.append(_cloud_option(Route.TOKEN_KV, both_ttft, both, tpot, ask.max_tokens))
     return out
+
+
+def _caught_up(ready: float, first_token: float, tpot: float, prefill_tok_s: float) -> float:
+    """When the device, with the prompt's KV at ``ready``, has also evaluated the cloud text shown
+    since ``first_token`` (a prefill of that many tokens)."""
+    shown = max(ready - first_token, 0.0) / tpot
+    return ready + shown / prefill_tok_s
 
 
 def _cloud_option(route: Route, ttft: float, takeover: float, tpot: float, max_tokens: int) -> Option:
@@ -142,21 +163,27 @@ def plan(ask: Ask, m: Measured) -> Plan:
         best = min(meeting, key=lambda o: (o.cloud_tokens, o.ttft_s))
         reason = "fewest cloud tokens within the TTFT target"
     else:
-        best = min(remote, key=lambda o: (o.ttft_s, o.cloud_tokens))
-        reason = "fastest first token (none meets the target)"
+        # None meets the target: the fastest, but a first token a round trip later is not worth
+        # many more cloud tokens, so the routes within a tolerance of the fastest compete on those.
+        fastest = min(o.ttft_s for o in remote)
+        close = [o for o in remote if o.ttft_s <= fastest * (1 + TTFT_TOLERANCE) + TTFT_TOLERANCE_S]
+        best = min(close, key=lambda o: (o.cloud_tokens, o.ttft_s))
+        reason = "fastest first token, fewest cloud tokens among the near-fastest (none meets the target)"
         if ask.mode != "always" and best.ttft_s >= local.ttft_s:
             return Plan(Route.LOCAL, local.ttft_s, local.ttft_s, 0, "the cloud would not be faster", tuple(found))
     return Plan(best.route, best.ttft_s, local.ttft_s, _cap(best.route, found, ask.max_tokens), reason, tuple(found))
 
 
 def _cap(route: Route, found: Sequence[Option], max_tokens: int) -> int:
-    """Cloud tokens to ask for: enough to cover until the device's own prefill is done (with margin),
-    even when KV is expected sooner, since a late KV state must not leave the user with nothing to
-    read. The stream is closed at the takeover, so the cap bounds the cloud's cost, not its use."""
+    """Cloud tokens to ask for: those the pacer shows until the route's predicted takeover, with a
+    margin. The cloud decodes faster than the pacer shows, so it generates the whole cap before the
+    takeover closes its stream: the cap is the cloud's cost. (token+kv: if the KV state comes late,
+    the stream can run dry before the device has the prompt; the device then starts its own
+    prefill, ``session.KV_LATE_FACTOR``.)"""
     if not route.uses_tokens:
         return 0
-    token = next(o for o in found if o.route is Route.TOKEN)
-    return min(math.ceil(token.cloud_tokens * CLOUD_TOKEN_MARGIN) + CLOUD_TOKEN_SLACK, max_tokens)
+    option = next(o for o in found if o.route is route)
+    return min(math.ceil(option.cloud_tokens * CLOUD_TOKEN_MARGIN) + CLOUD_TOKEN_SLACK, max_tokens)
 
 
 def forced(plan: Plan, route: Route) -> Plan:

@@ -1,8 +1,11 @@
 """One handed-off request, run on its own thread: the cloud answers first, the device takes over.
 
-At the start, at the same moment: the device's prefill job (``device.start_prefill``), the cloud's
-streamed answer (token handoff) and/or the cloud's KV state (KV handoff). Everything that happens
-then arrives as a message in one inbox, and this thread alone acts on it:
+At the start: the device's prefill job (``device.start_prefill``; on a KV route only if the KV
+state fails or is late), the cloud's streamed answer (token handoff) and/or the cloud's KV state
+(KV handoff). With both, the KV job goes first and the answer is asked for when the KV's first bytes
+show that the cloud has prefilled: the cloud's prefix cache then serves the answer's prefill, so the
+cloud prefills the prompt once, not twice side by side. Everything that happens then arrives as a
+message in one inbox, and this thread alone acts on it:
 
 - a cloud delta goes to the pacer (one delta late: the newest may still change at the seam);
 - the first KV blob ready (the device's own or the cloud's) is the takeover: the cloud stream is
@@ -13,7 +16,9 @@ then arrives as a message in one inbox, and this thread alone acts on it:
   cloud had stopped there. With greedy sampling the text is then the device-only text.
 
 Stop sequences are checked over the whole answer (one ``TextStream`` across both halves);
-``max_tokens`` counts the cloud's covered tokens; usage counts both halves.
+``max_tokens`` counts the cloud's covered tokens; usage counts both halves. With penalties the
+covered tokens are forced as the device's first answer tokens (``device.ForcedPrefix``), so the
+device's penalty history holds the cloud's tokens.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ class HandoffReport:
     kv_wire_bytes: int
     cloud_error: str | None
     seam_diverged: bool
+    #: Seconds from the start to the cloud's KV state's first bytes (the cloud had prefilled).
+    kv_started_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,11 @@ class KvArrived:
 
 
 @dataclass(frozen=True)
+class KvStarted:
+    """The cloud's KV state started to arrive: the cloud has prefilled the prompt."""
+
+
+@dataclass(frozen=True)
 class _DeviceEvent:
     event: StreamEvent
 
@@ -101,9 +113,10 @@ class _Cancel:
     pass
 
 
-Message = CloudMessage | _DeviceReady | KvArrived | _DeviceEvent | _Cancel
-#: Starts a KV fetch that delivers one ``KvArrived``; returns its closer.
-KvStarter = Callable[[Callable[[KvArrived], None]], Callable[[], None]]
+Message = CloudMessage | _DeviceReady | KvStarted | KvArrived | _DeviceEvent | _Cancel
+#: Starts a KV fetch that delivers at most one ``KvStarted`` and then one ``KvArrived``; returns its
+#: closer.
+KvStarter = Callable[[Callable[[KvStarted | KvArrived], None]], Callable[[], None]]
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,7 @@ class Session:
         self._kv_close: Callable[[], None] | None = None
         self._job: PrefillJob | None = None
         self._device: Handle | None = None
+        self._forced = False  # the covered cloud tokens are the device's first answer tokens
         self._overlap = OverlapFilter("")
         self._phase = "cloud"  # cloud -> device | cloud_final -> ended
         self._cloud_finish: str | None = None
@@ -155,6 +169,7 @@ class Session:
         self._takeover_at: float | None = None
         self._local_at: float | None = None  # KV routes: when to start the device's own prefill
         self._taken_by: str | None = None
+        self._kv_started_at: float | None = None
         self._thread = threading.Thread(target=self._run, name=f"handoff-{request.request_id}", daemon=True)
 
     # ---- the caller's side ----------------------------------------------------------------
@@ -181,6 +196,7 @@ class Session:
                     self._on(message)
                 if self._local_at is not None and self._clock() >= self._local_at:
                     self._start_local()  # the KV state is late: the device starts on its own
+                    self._start_cloud()
                 self._release(self._clock())
                 if self._ready_to_finish():
                     self._finish()
@@ -201,11 +217,16 @@ class Session:
             self._local_at = self._started + KV_LATE_FACTOR * (takeover or 0.0) + KV_LATE_S
         else:
             self._start_local()
-        if self._cloud_call is not None:
-            path, body = self._cloud_call
-            self._cloud = CloudStream(self._settings, path, body, self._inbox.put, clock=self._clock)
         if self._kv_start is not None:
             self._kv_close = self._kv_start(self._inbox.put)
+        else:
+            self._start_cloud()
+
+    def _start_cloud(self) -> None:
+        """Ask the cloud for its answer (once; token routes)."""
+        if self._cloud_call is not None and self._cloud is None and self._phase == "cloud":
+            path, body = self._cloud_call
+            self._cloud = CloudStream(self._settings, path, body, self._inbox.put, clock=self._clock)
 
     def _start_local(self) -> None:
         self._local_at = None
@@ -218,6 +239,9 @@ class Session:
             self._on_cloud(message)
         elif isinstance(message, _DeviceReady):
             self._on_local_blob(message.future)
+        elif isinstance(message, KvStarted):
+            self._kv_started_at = self._clock()
+            self._start_cloud()
         elif isinstance(message, KvArrived):
             self._on_kv(message)
         elif isinstance(message, _DeviceEvent):
@@ -273,6 +297,7 @@ class Session:
         if message.blob is None:
             self._kv_failed = True
             self._start_local()
+            self._start_cloud()
             log.info("%s: no KV from the cloud (%s); the device prefills", self._request.request_id, message.error)
             return
         if self._phase != "cloud":
@@ -304,7 +329,9 @@ class Session:
         self._held = None
         for piece in _split(seam.to_show, self._received, len(self._committed)):
             self._pacer.push(Piece(piece, cloud=True))
-        self._overlap = OverlapFilter(seam.overlap)
+        self._forced = bool(seam.tokens) and device.has_penalties(self._request.params)
+        # Forced tokens come back as device text: covered text, which the pacer already has.
+        self._overlap = OverlapFilter(seam.covered + seam.overlap if self._forced else seam.overlap)
         self._kept = len(seam.tokens)
         self._takeover_at, self._taken_by, self._phase = self._clock(), source, "device"
         self._local_at = None  # the device no longer needs its own prefill
@@ -312,15 +339,21 @@ class Session:
         if left <= 0:
             self._finish_override = FinishReason.LENGTH
             return
-        params = replace(self._request.params, max_tokens=left)
-        tokens = [*self._request.prompt_tokens, *seam.tokens]
+        params = replace(self._request.params, max_tokens=self._request.max_tokens if self._forced else left)
+        tokens = self._request.prompt_tokens if self._forced else [*self._request.prompt_tokens, *seam.tokens]
         inbox = self._inbox
 
         def forward(event: StreamEvent) -> None:
             inbox.put(_DeviceEvent(event))
 
         self._device = device.continue_from(
-            self._engine, tokens, params, blob, forward, f"{self._request.request_id}-device"
+            self._engine,
+            tokens,
+            params,
+            blob,
+            forward,
+            f"{self._request.request_id}-device",
+            forced=seam.tokens if self._forced else (),
         )
 
     def _on_device(self, event: StreamEvent) -> None:
@@ -382,7 +415,8 @@ class Session:
         reason = self._finish_override
         if reason is None:
             reason = device_result.finish_reason if device_result is not None else FinishReason.STOP
-        n_out = self._kept + (device_result.completion_tokens if device_result is not None else 0)
+        device_tokens = device_result.completion_tokens if device_result is not None else 0
+        n_out = device_tokens if self._forced and device_result is not None else self._kept + device_tokens
         span = self._last - self._first
         result = GenerationResult(
             request_id=self._request.request_id,
@@ -417,6 +451,7 @@ class Session:
             kv_wire_bytes=self._kv_bytes,
             cloud_error=self._cloud_error,
             seam_diverged=self._overlap.diverged,
+            kv_started_s=None if self._kv_started_at is None else self._kv_started_at - self._started,
         )
 
     def _stop_all(self) -> None:
