@@ -222,7 +222,8 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
     with serve("fcfs", 1, n_ctx=8192) as cloud, relay(int(cloud.url.rsplit(":", 1)[1]), link) as port:
         # The run is niced; the cloud alone (one thread) is put back at the default priority, or a
         # machine shared with other work would leave it no faster than the throttled device.
-        os.setpriority(os.PRIO_PROCESS, cloud.pid, 0)
+        for task in Path(f"/proc/{cloud.pid}/task").iterdir():  # nice is per thread on Linux
+            os.setpriority(os.PRIO_PROCESS, int(task.name), 0)
         cmd = [sys.executable, __file__, "--worker", "--cloud", f"http://127.0.0.1:{port}"]
         cmd += ["--sizes", ",".join(map(str, args.sizes)), "--max-tokens", str(args.max_tokens)]
         cmd += ["--ttft-target-s", str(args.ttft_target_s)]

@@ -37,7 +37,10 @@ RESTORE_REFERENCE_TOK_S = 400.0
 #: Cloud tokens asked for beyond the predicted need: the device may be slower than predicted, and a
 #: cloud stream that runs dry before takeover is a stall the user sees.
 CLOUD_TOKEN_MARGIN = 1.5
-CLOUD_TOKEN_SLACK = 4
+#: token+kv: the takeover waits for the KV state, whose arrival (cloud prefill, link) is predicted
+#: better than the device's own prefill of a long prompt (its rate falls with the prompt's length).
+CLOUD_TOKEN_MARGIN_KV = 1.25
+CLOUD_TOKEN_SLACK = 2
 #: When no route meets the TTFT target: routes whose first token is within this of the fastest's
 #: (relative, plus absolute seconds) count as fast, and the one with the fewest cloud tokens wins.
 TTFT_TOLERANCE = 0.1
@@ -183,7 +186,8 @@ def _cap(route: Route, found: Sequence[Option], max_tokens: int) -> int:
     if not route.uses_tokens:
         return 0
     option = next(o for o in found if o.route is route)
-    return min(math.ceil(option.cloud_tokens * CLOUD_TOKEN_MARGIN) + CLOUD_TOKEN_SLACK, max_tokens)
+    margin = CLOUD_TOKEN_MARGIN_KV if route.uses_kv else CLOUD_TOKEN_MARGIN
+    return min(math.ceil(option.cloud_tokens * margin) + CLOUD_TOKEN_SLACK, max_tokens)
 
 
 def forced(plan: Plan, route: Route) -> Plan:
