@@ -19,16 +19,22 @@ import triton
 import triton.language as tl
 
 
+# Kernel parameters are annotated ``tl.tensor``: Triton's compiler (not its interpreter) looks every
+# annotation up as a global and refuses ``typing.Any``, so ``Any`` here failed every GPU compile.
 @triton.jit
-def _quantize_kernel(x_ptr: Any, q_ptr: Any, s_ptr: Any, head_dim: Any, BLOCK: tl.constexpr) -> None:
+def _quantize_kernel(
+    x_ptr: tl.tensor, q_ptr: tl.tensor, s_ptr: tl.tensor, head_dim: tl.tensor, BLOCK: tl.constexpr
+) -> None:
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < head_dim
     x = tl.load(x_ptr + row * head_dim + offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
-    scale = amax / 127.0
+    # div_rn: a plain "/" compiles to div.approx/div.full.f32 on a GPU (up to 2 ulp off; the
+    # interpreter divides exactly), so scales would not equal the reference's max / 127 bit for bit.
+    scale = tl.div_rn(amax, 127.0)
     safe = tl.where(scale > 0, scale, 1.0)
-    v = x / safe
+    v = tl.div_rn(x, safe)
     f = tl.floor(v)
     d = v - f
     even = (f - 2.0 * tl.floor(f * 0.5)) == 0.0
@@ -40,7 +46,9 @@ def _quantize_kernel(x_ptr: Any, q_ptr: Any, s_ptr: Any, head_dim: Any, BLOCK: t
 
 
 @triton.jit
-def _dequantize_kernel(q_ptr: Any, s_ptr: Any, out_ptr: Any, head_dim: Any, BLOCK: tl.constexpr) -> None:
+def _dequantize_kernel(
+    q_ptr: tl.tensor, s_ptr: tl.tensor, out_ptr: tl.tensor, head_dim: tl.tensor, BLOCK: tl.constexpr
+) -> None:
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < head_dim

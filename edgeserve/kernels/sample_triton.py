@@ -28,31 +28,41 @@ import triton.language as tl
 _FANOUT = 16
 _BLOCK = 1024
 _ROUNDS_KEY = 10  # 16-way rounds to narrow 2**32 + 1 keys to one (9 suffice)
-_INT_MIN = -2147483649  # below every key: "no cut"
+_INT_MIN = tl.constexpr(-2147483649)  # below every key: "no cut" (a plain global does not compile on a GPU)
 
 
+# Kernel parameters are annotated ``tl.tensor``: Triton's compiler (not its interpreter) looks every
+# annotation up as a global and refuses ``typing.Any``, so ``Any`` here failed every GPU compile.
 @triton.jit
-def _key(x: Any) -> Any:
+def _key(x: tl.tensor) -> tl.tensor:
     """int32 with the order of the float32 ``x`` (``+ 0.0`` folds -0.0 into +0.0)."""
     b = (x + 0.0).to(tl.int32, bitcast=True)
     return tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.int64)
 
 
 @triton.jit
-def _value(key: Any) -> Any:
+def _value(key: tl.tensor) -> tl.tensor:
     k = key.to(tl.int32)
     return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _in_top_k(key: Any, idx: Any, kth: Any, kcut: Any) -> Any:
+def _in_top_k(key: tl.tensor, idx: tl.tensor, kth: tl.tensor, kcut: tl.tensor) -> tl.tensor:
     return (key > kth) | ((key == kth) & (idx < kcut))
 
 
 @triton.jit
 def _measure(
-    base: Any, V: Any, piv: Any, m: Any, kth: Any, kcut: Any, tau: Any, MODE: tl.constexpr, BLOCK: tl.constexpr
-) -> Any:
+    base: tl.tensor,
+    V: tl.tensor,
+    piv: tl.tensor,
+    m: tl.tensor,
+    kth: tl.tensor,
+    kcut: tl.tensor,
+    tau: tl.tensor,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+) -> tl.tensor:
     """One pass over the row, one number per pivot ``piv`` ([FANOUT]):
     0: #key >= piv; 1: #(key == kth, id < piv); 2: top-k mass with key > piv;
     3: #(top-k, key == tau, id < piv)."""
@@ -78,7 +88,7 @@ def _measure(
 
 
 @triton.jit
-def _narrow(lo: Any, hi: Any, ok: Any, piv: Any) -> tuple[Any, Any]:
+def _narrow(lo: tl.tensor, hi: tl.tensor, ok: tl.tensor, piv: tl.tensor) -> tuple[tl.tensor, tl.tensor]:
     """Keep the invariant pred(lo) true, pred(hi + 1) false, given pred at the pivots (monotone)."""
     new_lo = tl.max(tl.where(ok, piv, lo), axis=0)
     new_hi = tl.min(tl.where(ok, hi, piv - 1), axis=0)
@@ -86,16 +96,16 @@ def _narrow(lo: Any, hi: Any, ok: Any, piv: Any) -> tuple[Any, Any]:
 
 
 @triton.jit
-def _pivots(lo: Any, hi: Any, FANOUT: tl.constexpr) -> Any:
+def _pivots(lo: tl.tensor, hi: tl.tensor, FANOUT: tl.constexpr) -> tl.tensor:
     i = tl.arange(0, FANOUT).to(tl.int64)
     return lo + ((hi - lo + 1) * i) // FANOUT
 
 
 @triton.jit
 def _sample_kernel(
-    logits_ptr: Any, u_ptr: Any, top_k_ptr: Any, top_p_ptr: Any, min_p_ptr: Any, temp_ptr: Any, out_ptr: Any,
-    kept_ptr: Any, V: Any, WRITE_KEPT: tl.constexpr, FANOUT: tl.constexpr, ROUNDS: tl.constexpr,
-    ROUNDS_IDX: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr: tl.tensor, u_ptr: tl.tensor, top_k_ptr: tl.tensor, top_p_ptr: tl.tensor, min_p_ptr: tl.tensor,
+    temp_ptr: tl.tensor, out_ptr: tl.tensor, kept_ptr: tl.tensor, V: tl.tensor, WRITE_KEPT: tl.constexpr,
+    FANOUT: tl.constexpr, ROUNDS: tl.constexpr, ROUNDS_IDX: tl.constexpr, BLOCK: tl.constexpr,
 ) -> None:  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * V
@@ -130,7 +140,7 @@ def _sample_kernel(
             lo, hi = _narrow(lo, hi, _measure(base, V, piv, m, kth, kcut, kth, 2, BLOCK) >= target, piv)
         tau = lo + 1
         above = tl.max(_measure(base, V, tau + tl.zeros([FANOUT], tl.int64), m, kth, kcut, kth, 2, BLOCK), axis=0)
-        ties = tl.ceil((target - above) / tl.exp(_value(tau) - m))  # ties whose mass before stays < target
+        ties = tl.ceil(tl.div_rn(target - above, tl.exp(_value(tau) - m)))  # ties whose mass before stays < target
         need = tl.maximum(ties, 1.0)
         lo, hi = top * 0, top * 0 + V
         for _ in range(ROUNDS_IDX):
@@ -138,8 +148,9 @@ def _sample_kernel(
             lo, hi = _narrow(lo, hi, _measure(base, V, piv, m, kth, kcut, tau, 3, BLOCK) < need, piv)
         pcut = lo + 1
     min_p = tl.load(min_p_ptr + row)
-    floor = tl.where(min_p > 0, _key(m + tl.log(tl.maximum(min_p, 1e-38))), none)
-    inv_t = 1.0 / tl.load(temp_ptr + row)
+    # The clamp is float32's smallest normal (2**-126): Triton types a smaller literal float64 on a GPU.
+    floor = tl.where(min_p > 0, _key(m + tl.log(tl.maximum(min_p, 1.1754943508222875e-38))), none)
+    inv_t = tl.div_rn(1.0, tl.load(temp_ptr + row))  # IEEE, as the interpreter
     target = tl.load(u_ptr + row) * _kept_mass(base, V, m, inv_t, kth, kcut, tau, pcut, floor, BLOCK)
     running = tl.zeros((), tl.float32)
     found = top * 0 + V
@@ -162,8 +173,17 @@ def _sample_kernel(
 
 @triton.jit
 def _kept_mass(
-    base: Any, V: Any, m: Any, inv_t: Any, kth: Any, kcut: Any, tau: Any, pcut: Any, floor: Any, BLOCK: tl.constexpr
-) -> Any:
+    base: tl.tensor,
+    V: tl.tensor,
+    m: tl.tensor,
+    inv_t: tl.tensor,
+    kth: tl.tensor,
+    kcut: tl.tensor,
+    tau: tl.tensor,
+    pcut: tl.tensor,
+    floor: tl.tensor,
+    BLOCK: tl.constexpr,
+) -> tl.tensor:
     z = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK):
         idx = start + tl.arange(0, BLOCK)
