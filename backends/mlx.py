@@ -20,6 +20,17 @@ runs with mlx 0.32.4; ml-explore/mlx#3126). The loop thread exits on every ``Eng
 Sequences: each open sequence has its own prompt cache (up to ``MAX_SEQUENCES`` at once);
 parking saves one with mlx-lm's ``save_prompt_cache`` (safetensors bytes) and restoring loads it,
 so a resumed sequence continues bit for bit. The last released sequence stays as the prefix cache.
+
+Batched decoding: a decode call of several sequences is one forward over ``[B, 1]`` tokens. Their
+caches are merged into mlx-lm's batch caches (``BatchKVCache``, and ``BatchRotatingKVCache`` for
+Gemma 3's sliding-window layers: left-padded, masked per row, RoPE at each row's own offset), as
+mlx-lm's ``BatchGenerator`` does. The merge is kept while the same sequences decode together, so a
+steady batch costs one forward per step and no copies; a sequence that leaves (release, park) is
+extracted and the rest filtered, and the batch is split back into per-sequence caches only when its
+membership grows or a member is prefilled (``_Batch``). A decode call of one sequence takes the
+unbatched path, unchanged. Padding and the batched matmuls change float rounding, so a batched
+sequence's logits equal its solo ones only up to float differences (tests/test_mlx_batch.py
+measures the greedy agreement).
 """
 
 from __future__ import annotations
@@ -54,7 +65,8 @@ log = logging.getLogger(__name__)
 
 STATE_MAGIC = b"EDGESERVE-MLX-KV1\n"
 #: Sequences open at once: each holds its own prompt cache, which grows with its tokens only.
-MAX_SEQUENCES = 4
+#: All of them may decode in one batched forward.
+MAX_SEQUENCES = 8
 R = TypeVar("R")
 
 
@@ -124,6 +136,8 @@ class MlxBackend:
         self._n_batch = settings.n_batch
         #: Open sequences, and what the last released one left: the prefix cache for the next open.
         self._seqs: Sequences[_Seq] = Sequences(MAX_SEQUENCES)
+        #: The sequences decoding together, their caches merged; None while every cache is its own.
+        self._batch: _Batch | None = None
         architecture = str(text_config.get("model_type", config.get("model_type", "")))
         probe = make_prompt_cache(self._model)
         self._caps = Capabilities(
@@ -140,6 +154,7 @@ class MlxBackend:
             kv_state=True,
             device="gpu" if mx.metal.is_available() else "cpu",
             max_sequences=MAX_SEQUENCES,
+            max_batch=MAX_SEQUENCES,
         )
         n_params = sum(v.size for _, v in _flatten(self._model.parameters()))
         self._fingerprint = {
@@ -168,10 +183,10 @@ class MlxBackend:
         return WORKER.call(lambda: self._open(seq, list(prompt), reuse))
 
     def prefill(self, seq: SeqId, tokens: Sequence[int]) -> None:
-        WORKER.call(lambda: self._extend(self._seqs.get(seq), list(tokens)))
+        WORKER.call(lambda: self._prefill(seq, list(tokens)))
 
     def decode(self, steps: Sequence[Step]) -> list[int]:
-        return WORKER.call(lambda: [self._step(s) for s in steps])
+        return WORKER.call(lambda: self._decode(list(steps)))
 
     def park(self, seq: SeqId) -> bytes:
         return WORKER.call(lambda: self._park(seq))
@@ -180,7 +195,7 @@ class MlxBackend:
         return WORKER.call(lambda: self._restore(seq, blob))
 
     def release(self, seq: SeqId) -> None:
-        self._seqs.release(seq)
+        WORKER.call(lambda: self._release(seq))
 
     def close(self) -> None:
         WORKER.call(self._close)
@@ -199,6 +214,15 @@ class MlxBackend:
         self._seqs.open[seq] = state if keep and state is not None else _Seq(self._make_cache(self._model), [])
         return keep
 
+    def _prefill(self, seq: SeqId, tokens: list[int]) -> None:
+        if self._batch is not None and seq in self._batch.ids:
+            self._unmerge()
+        self._extend(self._seqs.get(seq), tokens)
+
+    def _release(self, seq: SeqId) -> None:
+        self._leave(seq)
+        self._seqs.release(seq)
+
     def _extend(self, state: _Seq, tokens: list[int]) -> None:
         """Add ``tokens`` to a sequence's KV cache, ``n_batch`` at a time, computing no logits (MLX
         is lazy: evaluating only the cache leaves the output layer's matmul out)."""
@@ -209,22 +233,97 @@ class MlxBackend:
             mx.eval([c.state for c in state.cache])
             state.tokens.extend(chunk)
 
+    def _decode(self, steps: list[Step]) -> list[int]:
+        if len(steps) == 1:
+            self._unmerge()
+            return [self._step(steps[0])]
+        ids = [s.seq for s in steps]
+        if len(set(ids)) != len(ids):
+            raise BackendError(f"a decode call names a sequence twice: {ids}")
+        batch = self._batch
+        if batch is None or set(batch.ids) != set(ids):
+            self._unmerge()
+            batch = self._batch = self._merge(ids)
+        row_of = {seq: i for i, seq in enumerate(batch.ids)}  # the engine may list them in another order
+        tokens = [0] * len(ids)
+        for s in steps:
+            tokens[row_of[s.seq]] = s.token
+            self._seqs.get(s.seq).tokens.append(s.token)
+        mx = self._mx
+        rows = self._model(mx.array(tokens)[:, None], cache=batch.cache)[:, -1].astype(mx.float32)  # [B, n_vocab]
+        host: list[np.ndarray[Any, np.dtype[np.float32]]] = []
+
+        def host_row(i: int) -> Callable[[], np.ndarray[Any, np.dtype[np.float32]]]:
+            def get() -> np.ndarray[Any, np.dtype[np.float32]]:
+                if not host:  # every row to the host at once, on the first row that needs it
+                    host.append(np.array(rows))
+                row: np.ndarray[Any, np.dtype[np.float32]] = host[0][i]
+                return row
+
+            return get
+
+        return [self._pick(s, rows[row_of[s.seq]], host_row(row_of[s.seq])) for s in steps]
+
     def _step(self, step: Step) -> int:
         """Evaluate one token; sample the next from its logits."""
         state = self._seqs.get(step.seq)
         out = self._model(self._mx.array([[step.token]]), cache=state.cache)  # [1, 1, n_vocab]
         state.tokens.append(step.token)
         row = out[0, -1].astype(self._mx.float32)
+        return self._pick(step, row, lambda: np.array(row))  # [n_vocab], evaluated when asked
+
+    def _pick(self, step: Step, row: Any, host: Callable[[], np.ndarray[Any, np.dtype[np.float32]]]) -> int:
+        """The token after ``row`` (one sequence's logits, an MLX array), by the step's sampler."""
         sampler = step.sampler
         if step.constraint is None and isinstance(sampler, Sampler) and sampler.plain and not sampler.params.greedy:
             metal = self._metal_sampler()
             if metal is not None:  # the fused Metal kernel draws on the GPU, from the request's own stream
                 return sampler.draw_with(lambda u: self._draw_on_gpu(metal, row, sampler.params, u))
-        logits = np.array(row)  # [n_vocab], evaluated here
+        logits = host()
         if step.constraint is not None:
             step.constraint.mask(logits)
         token: int = step.sampler(logits)  # type: ignore[operator]
         return token
+
+    # ---- the batch: merged caches, split lazily ---------------------------------------------
+
+    def _merge(self, ids: list[SeqId]) -> _Batch:
+        """One batch cache per layer over these sequences' caches (row i is ``ids[i]``). Their own
+        caches are emptied: the batch holds the only copy until ``_unmerge`` or ``_leave``."""
+        states = [self._seqs.get(seq) for seq in ids]
+        layers = zip(*(state.cache for state in states), strict=True)
+        cache = [layer[0].merge(list(layer)) for layer in layers]
+        for state in states:
+            state.cache = []
+        return _Batch(tuple(ids), cache)
+
+    def _unmerge(self) -> None:
+        """Give every member of the batch its own cache back; the batch is gone."""
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            for i, seq in enumerate(batch.ids):
+                self._take_out(batch, i, self._seqs.get(seq))
+
+    def _leave(self, seq: SeqId) -> None:
+        """Take ``seq`` out of the batch with its own cache; the others stay merged (their rows
+        filtered), unless one is left, which needs no batch."""
+        batch = self._batch
+        if batch is None or seq not in batch.ids:
+            return
+        if len(batch.ids) <= 2:
+            self._unmerge()
+            return
+        i = batch.ids.index(seq)
+        self._take_out(batch, i, self._seqs.get(seq))
+        keep = [j for j in range(len(batch.ids)) if j != i]
+        for c in batch.cache:
+            c.filter(keep)
+        self._batch = _Batch(tuple(batch.ids[j] for j in keep), batch.cache)
+
+    def _take_out(self, batch: _Batch, i: int, state: _Seq) -> None:
+        state.cache = [c.extract(i) for c in batch.cache]
+        # Evaluated now, so that the copy no longer holds the batch's arrays.
+        self._mx.eval([c.state for c in state.cache])
 
     def _metal_sampler(self) -> Any:
         """``edgeserve.kernels.sample_metal``'s kernel, built once, where Metal is there; else None."""
@@ -249,6 +348,7 @@ class MlxBackend:
     def _park(self, seq: SeqId) -> bytes:
         from mlx_lm.models.cache import save_prompt_cache
 
+        self._leave(seq)
         state = self._seqs.get(seq)
         with tempfile.TemporaryDirectory(prefix="edgeserve-kv-") as tmp:
             path = Path(tmp) / "kv.safetensors"
@@ -279,6 +379,7 @@ class MlxBackend:
         return tokens
 
     def _close(self) -> None:
+        self._batch = None
         self._seqs.clear()
         self._mx.clear_cache()
 
@@ -300,6 +401,15 @@ class _Seq:
         trim_prompt_cache(self.cache, n)
         del self.tokens[len(self.tokens) - n :]
         return True
+
+
+@dataclass
+class _Batch:
+    """Sequences that decode together: ``cache`` holds one mlx-lm batch cache per layer, row i
+    for ``ids[i]``. While merged, a member's own ``_Seq.cache`` is empty."""
+
+    ids: tuple[SeqId, ...]
+    cache: list[Any]
 
 
 # ---- helpers --------------------------------------------------------------------------------
