@@ -1,6 +1,6 @@
 """Cloud-device split prefill (issue 15): device-only, token handoff, KV handoff and both, on one machine.
 
-    flock /tmp/bench.lock nice -n 5 .venv/bin/python bench/handoff.py [--quota 0.1] [--delay-ms 20] [--rate-mbit 100]
+    flock /tmp/bench.lock nice -n 5 .venv/bin/python bench/handoff.py [--quota 0.12] [--delay-ms 20] [--rate-mbit 100]
         [--max-tokens 128]
     nice -n 10 .venv/bin/python bench/handoff.py --kv-bytes   # KV bytes per token, greedy agreement
 
@@ -8,7 +8,7 @@ How the asymmetry is emulated (one 2-core machine, shared):
 - the cloud is ``edgeserve serve`` in its own process on loopback (llama.cpp, 1 thread: with 2 threads
   and any other busy process llama.cpp collapses, PLATFORM-NOTES), unthrottled;
 - the device is a worker process (this file, ``--worker``) running the engine as a library, inside a
-  cgroup v1 ``cpu`` group with a CPU quota (default 10% of one core) and 1 thread, so it prefills
+  cgroup v1 ``cpu`` group with a CPU quota (default 12% of one core) and 1 thread, so it prefills
   and decodes several times slower than the cloud. The ratio is measured in the run and written to
   the JSON per prompt size: the device's prefill (device-only TTFT less one decode step) against the
   cloud's (the KV routes' first KV bytes less the link's round trip);
@@ -337,7 +337,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cloud", help=argparse.SUPPRESS)
     parser.add_argument("--kv-bytes", action="store_true", help="Only KV bytes per token and greedy agreement.")
-    parser.add_argument("--quota", type=float, default=0.1, help="Device CPU quota, in cores.")
+    parser.add_argument("--quota", type=float, default=0.12, help="Device CPU quota, in cores.")
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[256, 1024, 2048, 4096])
