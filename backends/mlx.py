@@ -140,6 +140,9 @@ class MlxBackend:
         self._batch: _Batch | None = None
         architecture = str(text_config.get("model_type", config.get("model_type", "")))
         probe = make_prompt_cache(self._model)
+        #: mlx-lm can batch the model's caches (Gemma's plain and sliding-window ones can; a
+        #: quantized or chunked cache cannot): else each sequence decodes on its own.
+        self._batchable = all(callable(getattr(c, "merge", None)) for c in probe)
         self._caps = Capabilities(
             backend="mlx",
             model=model.name,
@@ -154,7 +157,7 @@ class MlxBackend:
             kv_state=True,
             device="gpu" if mx.metal.is_available() else "cpu",
             max_sequences=MAX_SEQUENCES,
-            max_batch=MAX_SEQUENCES,
+            max_batch=MAX_SEQUENCES if self._batchable else 1,
         )
         n_params = sum(v.size for _, v in _flatten(self._model.parameters()))
         self._fingerprint = {
@@ -234,9 +237,9 @@ class MlxBackend:
             state.tokens.extend(chunk)
 
     def _decode(self, steps: list[Step]) -> list[int]:
-        if len(steps) == 1:
+        if len(steps) == 1 or not self._batchable:
             self._unmerge()
-            return [self._step(steps[0])]
+            return [self._step(s) for s in steps]
         ids = [s.seq for s in steps]
         if len(set(ids)) != len(ids):
             raise BackendError(f"a decode call names a sequence twice: {ids}")
