@@ -423,6 +423,10 @@ class Engine:
         """The measured prefill and decode rates the scheduler's costs come from."""
         return self._loop.service
 
+    def backlog_s(self) -> float:
+        """Seconds of device work queued and running now, at the measured rates (0 when idle)."""
+        return self._loop.backlog_s()
+
     def snapshot(self) -> list[QueueView]:
         return self._loop.snapshot()
 

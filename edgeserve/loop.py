@@ -167,9 +167,17 @@ class EngineLoop:
             self._cond.notify_all()
         self._thread.join()
 
+    def backlog_s(self) -> float:
+        """Seconds of work queued and running, at the measured rate (0 when idle; any thread)."""
+        with self._cond:
+            return self._work_s()
+
     def _drain_estimate_s(self) -> float:
         """Seconds a refused client should wait: from the work queued and running, at the measured
         rate. Called with ``_cond`` held, only when the queue is full."""
+        return max(1.0, self._work_s())
+
+    def _work_s(self) -> float:
         backlog = self._scheduler.backlog_cost()
         for request in self._batch:
             if request.run is not None:
@@ -177,7 +185,7 @@ class EngineLoop:
         # Seconds per unit of predicted cost, as measured on requests that ended (it absorbs the
         # predictor's bias, per-request overhead and the batching gain); the decode rate until then.
         per_unit = self._seconds_per_cost or 1.0 / self.service.decode_tok_s
-        return max(1.0, backlog * per_unit)
+        return backlog * per_unit
 
     def cancel(self, request: Request) -> None:
         """Remove the request if it waits, stop it within a step if it runs (thread-safe)."""
@@ -396,7 +404,7 @@ class EngineLoop:
         run.prefilled += len(tokens)
         took = self._clock() - t0
         run.active_s += took
-        self.service.observe_prefill(len(tokens), took)
+        self.service.observe_prefill(len(tokens), took, start=run.prefilled - len(tokens))
 
     def _export(self, run: Running) -> None:
         """A prefill-only request (``Engine.prefill_state``) has its prompt: hand its KV state over."""
