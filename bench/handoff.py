@@ -104,6 +104,7 @@ def _one(engine: Any, prompt: str, route: str, max_tokens: int) -> dict[str, Any
         "cloud_pieces_shown": cloud_pieces,
         "takeover_s": report.takeover_s,
         "kv_started_s": report.kv_started_s,
+        "kv_arrived_s": report.kv_arrived_s,
         "taken_over_by": report.taken_over_by,
         "kv_wire_bytes": report.kv_wire_bytes,
         "link_bytes_down": down1 - down0,
@@ -134,7 +135,10 @@ def worker(args: argparse.Namespace) -> None:
         engine.handoff.submit(warm, temperature=0, max_tokens=8, route=Route.TOKEN).result()
         for n in args.sizes:
             plan = engine.handoff.plan_for(_prompt(engine, n, f"plan {n}"))
-            runs = [_one(engine, _prompt(engine, n, f"{n} {route}"), route, args.max_tokens) for route in ROUTES]
+            runs = [
+                _one(engine, _prompt(engine, n, f"{n} {route} {i}"), route, args.max_tokens)
+                for i, route in enumerate(args.routes)
+            ]
             for run in runs:
                 run.pop("text")
             service = engine.service
@@ -226,7 +230,7 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
             os.setpriority(os.PRIO_PROCESS, int(task.name), 0)
         cmd = [sys.executable, __file__, "--worker", "--cloud", f"http://127.0.0.1:{port}"]
         cmd += ["--sizes", ",".join(map(str, args.sizes)), "--max-tokens", str(args.max_tokens)]
-        cmd += ["--ttft-target-s", str(args.ttft_target_s)]
+        cmd += ["--ttft-target-s", str(args.ttft_target_s), "--routes", ",".join(args.routes)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=_in_cgroup
@@ -259,7 +263,7 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
             "code": code_version(),
         },
         "cells": cells,
-        "summary": _summary(cells, 2 * args.delay_ms / 1000),
+        "summary": _summary(cells, 2 * args.delay_ms / 1000) if "local" in args.routes else {},
     }
 
 
@@ -344,6 +348,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="Answer length (tokens).")
     parser.add_argument("--ttft-target-s", type=float, default=1.0)
     parser.add_argument("--name", default="handoff")
+    parser.add_argument(
+        "--routes", type=lambda s: s.split(","), default=list(ROUTES), help="Routes to run, in order (repeats allowed)."
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -355,7 +362,8 @@ def main() -> None:
     data = driver(args)
     out = OUT.with_name(args.name)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    plot(data, out.with_suffix(".png"))
+    if data["summary"]:
+        plot(data, out.with_suffix(".png"))
     print(json.dumps(data["summary"], indent=2))
 
 

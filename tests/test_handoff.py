@@ -309,3 +309,18 @@ def test_cloud_killed_mid_kv_device_goes_on(device: Engine, reference: str, monk
     report = reports[-1]
     assert result.text == reference and report.taken_over_by == "local"
     assert report.kv_wire_bytes > 0
+
+
+def test_planner_counts_device_work_that_bypasses_the_handoff(device: Engine, cloud: Cloud) -> None:
+    attach(device, cloud.url)
+    assert device.handoff is not None
+    wait_idle(device, timeout=60)
+    assert device.backlog_s() == 0
+    before = device.handoff.plan_for(PROMPT).local_ttft_s
+    # Someone else's request, straight to the engine (cloud=False): the handoff never sees it.
+    handle = device.submit("Tell me a story about a dragon.", temperature=0, max_tokens=200, cloud=False)
+    try:
+        assert device.backlog_s() > 0
+        assert device.handoff.plan_for(PROMPT).local_ttft_s > before
+    finally:
+        handle.cancel()

@@ -186,3 +186,42 @@ def test_backlog_counts_device_work_down_from_the_event_stream() -> None:
     assert backlog.seconds(service, 2) == pytest.approx(39 / 10 / 2)
     request.sink(ErrorEvent(RuntimeError("gone")))
     assert len(backlog) == 0 and backlog.seconds(service, 1) == 0 and len(seen) == 2
+
+
+def test_prefill_model_learns_that_long_prompts_prefill_slower() -> None:
+    from edgeserve.service import ServiceModel
+
+    service = ServiceModel()
+    assert service.prefill_coefficients() is None  # nothing measured: the plain rate
+    assert service.prefill_s(800) == pytest.approx(800 / service.prefill_tok_s)
+    a, b = 1 / 400, 2e-5  # a token at position p costs a + b * p seconds
+    for n in (256, 1024, 2048, 4096):  # prompts prefilled in chunks of 512, each timed
+        for start in range(0, n, 512):
+            chunk = min(512, n - start)
+            service.observe_prefill(chunk, a * chunk + b * chunk * (start + chunk / 2), start=start)
+    fit = service.prefill_coefficients()
+    assert fit is not None and fit[0] == pytest.approx(a, rel=1e-6) and fit[1] == pytest.approx(b, rel=1e-6)
+    assert service.prefill_s(4096) == pytest.approx(a * 4096 + b * 4096 * 2048)
+    # The plain average rate would have said far less for a long prompt, far more for a short one.
+    assert 4096 / service.prefill_tok_s < 0.8 * service.prefill_s(4096)
+    assert 100 / service.prefill_tok_s > 1.2 * service.prefill_s(100)
+    # The planner's device estimates take the slope: device-only TTFT grows faster than the length.
+    m = Measured(**{**SLOW.__dict__, "device_prefill_tok_s": 1 / a, "device_prefill_slope_s": b})
+    local = {n: plan(ask(n, mode="off"), m).local_ttft_s for n in (1024, 4096)}
+    assert local[4096] == pytest.approx(a * 4096 + b * 4096 * 4096 / 2 + 1 / 20)
+    assert local[4096] > 5 * local[1024]
+
+
+def test_prefill_model_without_growth_or_spread_keeps_the_plain_rate() -> None:
+    from edgeserve.service import ServiceModel
+
+    same_place = ServiceModel()
+    for _ in range(5):
+        same_place.observe_prefill(512, 1.0)  # one position only: the two terms cannot be told apart
+    assert same_place.prefill_coefficients() is None
+    assert same_place.prefill_s(1024) == pytest.approx(2.0)
+    flat = ServiceModel()
+    for start in (0, 512, 1024, 1536):
+        flat.observe_prefill(512, 1.0, start=start)  # no slowdown with position
+    fit = flat.prefill_coefficients()
+    assert fit is not None and fit[0] == pytest.approx(1 / 512) and fit[1] == pytest.approx(0.0, abs=1e-12)

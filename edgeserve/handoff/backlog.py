@@ -61,9 +61,10 @@ class Backlog:
     def seconds(self, service: ServiceModel, parallel: int) -> float:
         """Predicted seconds before the device starts on a request that arrives now."""
         with self._lock:
-            prompt = sum(w.prompt_left for w in self._work.values())
+            prompts = [w.prompt_left for w in self._work.values()]
             answer = sum(w.answer_left for w in self._work.values())
-        return prompt / service.prefill_tok_s + answer / service.decode_tok_s / max(parallel, 1)
+        prefill = sum(service.prefill_s(n) for n in prompts)
+        return prefill + answer / service.decode_tok_s / max(parallel, 1)
 
     def __len__(self) -> int:
         with self._lock:

@@ -83,12 +83,20 @@ class Handoff:
             mode=self.settings.handoff,
             cloud_allowed=not why,
             why_not=why,
-            device_queue_s=self.backlog.seconds(self.engine.service, self.engine.parallel),
+            device_queue_s=self._device_queue_s(),
         )
         measured = self.telemetry.measured(self.engine.service)
         if not (self.settings.kv_handoff and self.kv_fetcher is not None):
             measured = _without_kv(measured)
         return planner.plan(ask, measured)
+
+    def _device_queue_s(self) -> float:
+        """The device work ahead of a new request: the engine's queue and batch (every request,
+        the handoff's and those submitted with ``cloud=False``), or the handoff's own count when
+        larger (it also holds sessions whose device part has not reached the engine yet: a KV route
+        waiting for its state, whose decoding will share the device)."""
+        handoff = self.backlog.seconds(self.engine.service, self.engine.parallel)
+        return max(self.engine.backlog_s(), handoff)
 
     def plan_for(self, prompt: str, params: SamplingParams | None = None) -> planner.Plan:
         """The route the planner would choose for ``prompt`` now (benchmarks compare it with the best)."""

@@ -77,6 +77,13 @@ class Measured:
     cloud_up: bool = True
     #: The cloud is an edgeserve on the same model (KV handoff possible).
     kv_available: bool = False
+    #: The device's prefill slows with the position: a token at position p costs
+    #: ``1 / device_prefill_tok_s + device_prefill_slope_s * p`` seconds (``ServiceModel.prefill_s``).
+    device_prefill_slope_s: float = 0.0
+
+    def device_prefill_s(self, tokens: float, start: float = 0.0) -> float:
+        """Seconds for the device to evaluate ``tokens`` after ``start`` already in its cache."""
+        return tokens / self.device_prefill_tok_s + self.device_prefill_slope_s * tokens * (start + tokens / 2)
 
 
 @dataclass(frozen=True)
@@ -120,12 +127,12 @@ def options(ask: Ask, m: Measured) -> list[Option]:
     n = ask.prompt_tokens
     tpot = 1.0 / m.device_decode_tok_s
     queue = max(ask.device_queue_s, 0.0)
-    local_prefill = queue + n / m.device_prefill_tok_s
+    local_prefill = queue + m.device_prefill_s(n)
     out = [Option(Route.LOCAL, local_prefill + tpot, None, 0)]
     if not (ask.cloud_allowed and m.cloud_up):
         return out
     cloud_ttft = m.cloud_rtt_s + n / m.cloud_prefill_tok_s
-    token_takeover = _caught_up(local_prefill, cloud_ttft, tpot, m.device_prefill_tok_s)
+    token_takeover = _caught_up(local_prefill, cloud_ttft, tpot, m, n)
     out.append(_cloud_option(Route.TOKEN, cloud_ttft, token_takeover, tpot, ask.max_tokens))
     if m.kv_available:
         restore = n * RESTORE_S_PER_TOKEN * max(RESTORE_REFERENCE_TOK_S / m.device_prefill_tok_s, 1.0)
@@ -134,16 +141,16 @@ def options(ask: Ask, m: Measured) -> list[Option]:
         # The answer is asked for once the KV job's first bytes show the cloud has prefilled: one
         # more round trip, and its own prefill is a prefix-cache hit.
         both_ttft = cloud_ttft + m.cloud_rtt_s
-        both = min(token_takeover, _caught_up(kv_ready, both_ttft, tpot, m.device_prefill_tok_s))
+        both = min(token_takeover, _caught_up(kv_ready, both_ttft, tpot, m, n))
         out.append(_cloud_option(Route.TOKEN_KV, both_ttft, both, tpot, ask.max_tokens))
     return out
 
 
-def _caught_up(ready: float, first_token: float, tpot: float, prefill_tok_s: float) -> float:
-    """When the device, with the prompt's KV at ``ready``, has also evaluated the cloud text shown
-    since ``first_token`` (a prefill of that many tokens)."""
+def _caught_up(ready: float, first_token: float, tpot: float, m: Measured, n: int) -> float:
+    """When the device, with the prompt's KV (``n`` tokens) at ``ready``, has also evaluated the
+    cloud text shown since ``first_token`` (a prefill of that many tokens after the prompt)."""
     shown = max(ready - first_token, 0.0) / tpot
-    return ready + shown / prefill_tok_s
+    return ready + m.device_prefill_s(shown, n)
 
 
 def _cloud_option(route: Route, ttft: float, takeover: float, tpot: float, max_tokens: int) -> Option:

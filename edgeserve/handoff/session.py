@@ -83,6 +83,8 @@ class HandoffReport:
     seam_diverged: bool
     #: Seconds from the start to the cloud's KV state's first bytes (the cloud had prefilled).
     kv_started_s: float | None = None
+    #: Seconds from the start to the whole KV state's arrival (None: none came).
+    kv_arrived_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ class Session:
         self._local_at: float | None = None  # KV routes: when to start the device's own prefill
         self._taken_by: str | None = None
         self._kv_started_at: float | None = None
+        self._kv_arrived_at: float | None = None
         self._thread = threading.Thread(target=self._run, name=f"handoff-{request.request_id}", daemon=True)
 
     # ---- the caller's side ----------------------------------------------------------------
@@ -294,6 +297,7 @@ class Session:
 
     def _on_kv(self, message: KvArrived) -> None:
         self._kv_bytes = message.wire_bytes
+        self._kv_arrived_at = self._clock() if message.blob is not None else None
         if message.blob is None:
             self._kv_failed = True
             self._start_local()
@@ -452,6 +456,7 @@ class Session:
             cloud_error=self._cloud_error,
             seam_diverged=self._overlap.diverged,
             kv_started_s=None if self._kv_started_at is None else self._kv_started_at - self._started,
+            kv_arrived_s=None if self._kv_arrived_at is None else self._kv_arrived_at - self._started,
         )
 
     def _stop_all(self) -> None:

@@ -76,9 +76,13 @@ class Telemetry:
             self._down_until = self._clock() + DOWN_S
 
     def measured(self, service: ServiceModel) -> Measured:
+        # The length model once fitted (a token at position p costs a + b * p s), else the plain rate.
+        fit = service.prefill_coefficients()
+        prefill_tok_s, slope = (1.0 / fit[0], fit[1]) if fit is not None else (service.prefill_tok_s, 0.0)
         with self._lock:
             return Measured(
-                device_prefill_tok_s=service.prefill_tok_s,
+                device_prefill_tok_s=prefill_tok_s,
+                device_prefill_slope_s=slope,
                 device_decode_tok_s=service.decode_tok_s,
                 cloud_rtt_s=self._rtt.value,
                 cloud_prefill_tok_s=self._cloud_prefill.value,
