@@ -20,7 +20,8 @@ where ``$OUT`` is set, else ``bench/kernels_gpu.json``).
    the noise), ratios are unfused / fused.
 
 ``--variants DIR`` also runs earlier copies of the Triton modules found there (each file one
-module) and records whether they compiled and how their results differ.
+module) and records whether they compiled and how their results differ; an earlier sampler is
+timed against the current one in the same run (defaults, top-p, min-p at batch 1 and 8).
 
     PYTHONUNBUFFERED=1 python3 bench/kernels_gpu.py --out $OUT/kernels_gpu.json
     python3 bench/kernels_gpu.py --pytest tests/test_kernels_triton.py tests/test_kernels_cuda.py
@@ -469,8 +470,37 @@ def kv_timing(shapes: dict[str, tuple[int, int, int]], device: str, bench: Any, 
 # ---- earlier copies of the modules --------------------------------------------------------------
 
 
-def variants(folder: Path, device: str, logits: Array) -> dict[str, Any]:
-    """Run each earlier copy: did it compile, and (KV) do its scales equal the reference's?"""
+def sampler_variant(module: Any, device: str, logits: Array, bench: Any) -> dict[str, Any]:
+    """An earlier sampler's token for the defaults at u = 0.5, and its time beside this module's
+    (same run, same GPU) for a few settings at batch 1 and 8."""
+    import torch
+
+    from edgeserve.kernels import sample_triton
+
+    x = torch.from_numpy(logits[:1]).to(device)
+    u = torch.full((1,), 0.5, device=device)
+    params = per_row(COMBOS["defaults (top_k 40, top_p 0.95)"], 1, device)
+    out: dict[str, Any] = {"token": int(module.sample(x, u, *params)[0])}
+    out["token_now"] = int(sample_triton.sample(x, u, *params)[0])
+    timing = []
+    for batch in (1, 8):
+        x = torch.from_numpy(logits[:batch]).to(device)
+        u = torch.full((batch,), 0.5, device=device)
+        for name in ("defaults (top_k 40, top_p 0.95)", "top_p 0.95 (top_k 0)", "min_p 0.05 (top_k 0)"):
+            params = per_row(COMBOS[name], batch, device)
+            then, now = (
+                bench(partial(module.sample, x, u, *params)),
+                bench(partial(sample_triton.sample, x, u, *params)),
+            )
+            ratio = round(then["median_us"] / now["median_us"], 2)
+            timing.append({"batch": batch, "setting": name, "variant": then, "now": now, "variant_over_now": ratio})
+    out["timing"] = timing
+    return out
+
+
+def variants(folder: Path, device: str, logits: Array, bench: Any) -> dict[str, Any]:
+    """Run each earlier copy: did it compile, and (KV) do its scales equal the reference's; an
+    earlier sampler is also timed against this one."""
     import torch
 
     from edgeserve.kernels import kvpack
@@ -487,10 +517,7 @@ def variants(folder: Path, device: str, logits: Array) -> dict[str, Any]:
                 q, s = module.quantize(torch.from_numpy(x).to(device))
                 out[path.name] = {"ran": True, **kv_compare(x, q.cpu().numpy(), s.cpu().numpy(), kvpack.quantize(x))}
             else:
-                x = torch.from_numpy(logits[:1]).to(device)
-                u = torch.full((1,), 0.5, device=device)
-                tokens = module.sample(x, u, *per_row(COMBOS["defaults (top_k 40, top_p 0.95)"], 1, device))
-                out[path.name] = {"ran": True, "token": int(tokens[0])}
+                out[path.name] = {"ran": True, **sampler_variant(module, device, logits, bench)}
         except Exception as exc:  # (recorded: that is the point)
             out[path.name] = {"ran": False, "error": f"{type(exc).__name__}: {str(exc)[-600:]}"}
         print(f"variant {path.name}: {json.dumps(out[path.name])[:400]}")
@@ -625,7 +652,7 @@ def plan(args: argparse.Namespace, cuda: bool, report: dict[str, Any]) -> list[t
     if cuda:
         sections.insert(0, ("copy_ceiling", lambda: copy_bandwidth(bench, device)))
     if args.variants and args.variants.is_dir():
-        sections.append(("variants", lambda: variants(args.variants, device, logits)))
+        sections.append(("variants", lambda: variants(args.variants, device, logits, bench)))
     return sections
 
 
@@ -662,7 +689,11 @@ def print_summary(report: dict[str, Any]) -> None:
             cells = "  ".join(f"{i} {t['median_us']:.1f} us ({t['GB_per_s']} GB/s)" for i, t in r[op].items())
             print(f"kv {op:10s} {r['shape']}: {cells}")
     for name, v in report.get("variants", {}).items():
-        print(f"variant {name}: {json.dumps(v)[:300]}")
+        rows = v.get("timing", []) if isinstance(v, dict) else []
+        print(f"variant {name}: {json.dumps({k: x for k, x in v.items() if k != 'timing'})[:300]}")
+        for r in rows:
+            then, now = r["variant"]["median_us"], r["now"]["median_us"]
+            print(f"  b{r['batch']} {r['setting']:36s} then {then:9.1f} us now {now:9.1f} us x{r['variant_over_now']}")
 
 
 if __name__ == "__main__":

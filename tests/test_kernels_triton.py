@@ -67,8 +67,8 @@ def test_triton_sampler_keeps_the_reference_set_and_draws_from_it() -> None:
     k, p, mp, t = columns[0].astype(np.int32), *(c.astype(np.float32) for c in columns[1:])
     kept = torch.zeros((len(combos), vocab), dtype=torch.int8, device=DEVICE)
     tensors = [torch.from_numpy(a).to(DEVICE) for a in (logits, u, k, p, mp, t)]
-    # 256-logit chunks: 12 programs per row, so the cross-chunk sums and the draw's hand-over run.
-    tokens = sample_triton.sample(*tensors, kept=kept, chunk=256).cpu().numpy()
+    # 512-logit chunks: 6 programs per row, so the cross-chunk sums and the draw's hand-over run.
+    tokens = sample_triton.sample(*tensors, kept=kept, chunk=512).cpu().numpy()
     for row, combo in enumerate(combos):
         ids, probs = sample_ref.distribution(logits[row], *combo)
         assert np.flatnonzero(kept[row].cpu().numpy()).tolist() == ids.tolist(), combo
@@ -78,7 +78,6 @@ def test_triton_sampler_keeps_the_reference_set_and_draws_from_it() -> None:
 
 # Every kernel's signature for a GPU compile: pointers typed as the wrappers pass them, scalars i32.
 _F32, _I64, _I32 = "*fp32", "*i64", "*i32"
-_SEARCH = {"pmax_ptr": _F32, "st_ptr": _I64, "top_k_ptr": _I32, "top_p_ptr": _F32, "part_ptr": _F32, "aux_ptr": _F32}
 _COMPILE_SCRIPT = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
@@ -99,6 +98,9 @@ print("compiled", len(CASES))
 def _compile_cases() -> list[tuple[str, str, dict[str, str], dict[str, Any]]]:
     sizes = {"V": "i32", "NB": "i32"}
     chunk = {"CHUNK": 2048, "NBP": 128}
+    search = {"FANOUT": 128, "NB_STEP": 16, **chunk}
+    state = {"st_in": _I64, "st_out": _I64, "sf_ptr": _F32, "top_k_ptr": _I32, "top_p_ptr": _F32, "part_in": _F32,
+             "aux_in": _F32}  # fmt: skip
     cases: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
         ("kvpack_triton", "_quantize_kernel", {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": _F32, "head_dim": "i32"},
          {"BLOCK": 256}),
@@ -106,21 +108,23 @@ def _compile_cases() -> list[tuple[str, str, dict[str, str], dict[str, Any]]]:
          {"BLOCK": 128}),
         ("sample_triton", "_max_kernel", {"logits_ptr": _F32, "pmax_ptr": _F32, "st_ptr": _I64, **sizes},
          {"CHUNK": 2048, "BLOCK": 128}),
-        ("sample_triton", "_mass_kernel", {"logits_ptr": _F32, "pmax_ptr": _F32, "st_ptr": _I64, "min_p_ptr": _F32,
-         "temp_ptr": _F32, "z_ptr": _F32, "last_ptr": _I32, "kept_ptr": "*i8", **sizes},
-         {"WRITE_KEPT": True, "BLOCK": 128, **chunk}),
         ("sample_triton", "_draw_kernel", {"logits_ptr": _F32, "pmax_ptr": _F32, "st_ptr": _I64, "u_ptr": _F32,
          "min_p_ptr": _F32, "temp_ptr": _F32, "z_ptr": _F32, "found_ptr": _I32, **sizes}, {"BLOCK": 128, **chunk}),
         ("sample_triton", "_pick_kernel", {"found_ptr": _I32, "last_ptr": _I32, "out_ptr": _I32, **sizes},
          {"NBP": 128}),
     ]  # fmt: skip
-    for mode in range(4):  # every search mode, the first and a later round
-        measure = {"logits_ptr": _F32, **_SEARCH, **sizes}
-        cases.append(("sample_triton", "_measure_kernel", measure,
-                      {"MODE": mode, "FIRST": mode % 2 == 0, "FANOUT": 128, "BLOCK": 32, **chunk}))  # fmt: skip
-        narrow = {"pmax_ptr": _F32, "st_ptr": _I64, "sf_ptr": _F32, **_SEARCH, **sizes}  # the wrapper's order
-        search = {"MODE": mode, "FIRST": mode % 2 == 1, "LAST": True, "FANOUT": 128, "NB_STEP": 16, "NBP": 128}
-        cases.append(("sample_triton", "_narrow_kernel", narrow, search))
+    mass = {"logits_ptr": _F32, "pmax_ptr": _F32, **state, "min_p_ptr": _F32, "temp_ptr": _F32, "z_ptr": _F32,
+            "last_ptr": _I32, "kept_ptr": "*i8", **sizes}  # fmt: skip
+    step = {"logits_ptr": _F32, "pmax_ptr": _F32, **state, "part_out": _F32, "aux_out": _F32, **sizes}
+    for prev in (-1, 3):  # no search; after top-p's last round
+        cases.append(
+            ("sample_triton", "_mass_kernel", mass, {"PREV": prev, "WRITE_KEPT": True, "BLOCK": 128, **search})
+        )
+    for mode in range(4):  # every search measured and narrowed, a first round and a later one
+        rounds = {"PREV": mode - 1, "PREV_LAST": mode % 2 == 0, "MODE": mode, "FIRST": mode % 2 == 0}
+        cases.append(("sample_triton", "_step_kernel", step, {**rounds, "BLOCK": 32, **search}))
+        cases.append(("sample_triton", "_step_kernel", step, {**rounds, "PREV": mode, "PREV_LAST": False,
+                      "FIRST": False, "BLOCK": 32, **search}))  # fmt: skip
     return cases
 
 

@@ -38,9 +38,6 @@ _MBLOCK = 32  # logits per step of a search: a [FANOUT, 32] tile (128 wide spill
 _CHUNK = 2048  # logits per program: 128 programs for a 262,144 vocabulary
 _NB_STEP = 16  # chunk partials summed per step by the narrowing program
 _INT_MIN = tl.constexpr(-2147483649)  # below every key: "no cut" (a plain global does not compile on a GPU)
-_NONE = -2147483649
-# The state row: [lo, hi, kth, kcut, tau, pcut, -, -] (int64) and [target, -, -, -] (float32).
-_LO, _HI, _KTH, _KCUT, _TAU, _PCUT = 0, 1, 2, 3, 4, 5
 # Search modes: 0 the top-k key, 1 the top-k ties by id, 2 the top-p key, 3 the top-p ties by id.
 _KEY_K, _IDX_K, _KEY_P, _IDX_P = 0, 1, 2, 3
 
@@ -114,108 +111,134 @@ def _max_kernel(logits_ptr: tl.tensor, pmax_ptr: tl.tensor, st_ptr: tl.tensor, V
 
 
 @triton.jit
-def _measure_kernel(
-    logits_ptr: tl.tensor, pmax_ptr: tl.tensor, st_ptr: tl.tensor, top_k_ptr: tl.tensor, top_p_ptr: tl.tensor,
-    part_ptr: tl.tensor, aux_ptr: tl.tensor, V: tl.tensor, NB: tl.tensor, MODE: tl.constexpr, FIRST: tl.constexpr,
-    FANOUT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr,
+def _measure(
+    base: tl.tensor, V: tl.tensor, b: tl.tensor, lo: tl.tensor, hi: tl.tensor, m: tl.tensor, kth: tl.tensor,
+    kcut: tl.tensor, tau: tl.tensor, MODE: tl.constexpr, FANOUT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor]:  # fmt: skip
+    """Chunk ``b``'s number per pivot and one more for a round of search MODE:
+    0: #key >= piv; 1: #(key == kth, id < piv), extra #(key > kth); 2: top-k mass with key > piv,
+    extra all the top-k mass; 3: #(top-k, key == tau, id < piv), extra top-k mass with key > tau."""
+    piv = lo + ((hi - lo + 1) * tl.arange(0, FANOUT).to(tl.int64)) // FANOUT
+    acc = tl.zeros([FANOUT], dtype=tl.float32)
+    extra = tl.zeros((), dtype=tl.float32)
+    for s in range(0, CHUNK, BLOCK):
+        idx = b * CHUNK + s + tl.arange(0, BLOCK)
+        valid = idx < V
+        x = tl.load(base + idx, mask=valid, other=float("-inf"))
+        key = _key(x)
+        if MODE == 0:
+            hit = valid[None, :] & (key[None, :] >= piv[:, None])
+            acc += tl.sum(hit.to(tl.float32), axis=1)
+        elif MODE == 1:
+            hit = valid[None, :] & (key == kth)[None, :] & (idx[None, :] < piv[:, None])
+            acc += tl.sum(hit.to(tl.float32), axis=1)
+            extra += tl.sum((valid & (key > kth)).to(tl.float32), axis=0)
+        elif MODE == 2:
+            w = tl.where(valid & _in_top_k(key, idx, kth, kcut), tl.exp(x - m), 0.0)
+            acc += tl.sum(tl.where(key[None, :] > piv[:, None], w[None, :], 0.0), axis=1)
+            extra += tl.sum(w, axis=0)
+        else:
+            member = valid & _in_top_k(key, idx, kth, kcut)
+            tie = member & (key == tau)
+            acc += tl.sum((tie[None, :] & (idx[None, :] < piv[:, None])).to(tl.float32), axis=1)
+            extra += tl.sum(tl.where(member & (key > tau), tl.exp(x - m), 0.0), axis=0)
+    return acc, extra
+
+
+@triton.jit
+def _advance(
+    st_in: tl.tensor, sf_ptr: tl.tensor, top_k_ptr: tl.tensor, top_p_ptr: tl.tensor, part_ptr: tl.tensor,
+    aux_ptr: tl.tensor, row: tl.tensor, m: tl.tensor, V: tl.tensor, NB: tl.tensor, leader: tl.tensor,
+    PREV: tl.constexpr, PREV_LAST: tl.constexpr, FANOUT: tl.constexpr, NB_STEP: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor, tl.tensor, tl.tensor, tl.tensor, tl.tensor]:  # fmt: skip
+    """The row's state after narrowing the round of search PREV measured last (none when PREV < 0).
+    The chunks' partials are added in a fixed order, so every program of the row gets the same state
+    and pred(lo) true, pred(hi + 1) false still hold (pred is monotone); a search's last round sets
+    its result: kth = lo, kcut = lo + 1, tau = lo + 1 or pcut = lo + 1."""
+    s = st_in + row * 8
+    lo, hi = tl.load(s + 0), tl.load(s + 1)
+    kth, kcut, tau, pcut = tl.load(s + 2), tl.load(s + 3), tl.load(s + 4), tl.load(s + 5)
+    if PREV >= 0:  # noqa: SIM102 (a compile-time branch around a run-time one: Triton cannot "and" them)
+        if _active(top_k_ptr, top_p_ptr, row, V, PREV):
+            piv = lo + ((hi - lo + 1) * tl.arange(0, FANOUT).to(tl.int64)) // FANOUT
+            acc = tl.zeros([FANOUT], dtype=tl.float32)
+            extra = tl.zeros((), dtype=tl.float32)
+            for b0 in range(0, NB, NB_STEP):
+                j = b0 + tl.arange(0, NB_STEP)
+                tile = tl.load(part_ptr + (row * NB + j[:, None]) * FANOUT + tl.arange(0, FANOUT)[None, :],
+                               mask=(j < NB)[:, None], other=0.0)  # fmt: skip
+                acc += tl.sum(tile, axis=0)
+                extra += tl.sum(tl.load(aux_ptr + row * NB + j, mask=j < NB, other=0.0), axis=0)
+            if PREV == 0:
+                ok = acc >= tl.load(top_k_ptr + row).to(tl.float32)
+            elif PREV == 1:  # ties taken: as many as top-k still needs after the keys above kth
+                ok = acc < tl.load(top_k_ptr + row).to(tl.float32) - extra
+            elif PREV == 2:
+                target = tl.load(top_p_ptr + row) * extra
+                if leader:
+                    tl.store(sf_ptr + row, target)
+                ok = acc >= target
+            else:  # ties whose mass before stays below target (at least one)
+                ties = tl.ceil(tl.div_rn(tl.load(sf_ptr + row) - extra, tl.exp(_value(tau) - m)))
+                ok = acc < tl.maximum(ties, 1.0)
+            new_lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo), axis=0))
+            hi = tl.minimum(hi, tl.min(tl.where(ok, hi, piv - 1), axis=0))
+            lo = new_lo
+            if PREV_LAST:
+                if PREV == 0:
+                    kth = lo
+                elif PREV == 1:
+                    kcut = lo + 1
+                elif PREV == 2:
+                    tau = lo + 1
+                else:
+                    pcut = lo + 1
+    return lo, hi, kth, kcut, tau, pcut
+
+
+@triton.jit
+def _store_state(st_out: tl.tensor, row: tl.tensor, lo: tl.tensor, hi: tl.tensor, kth: tl.tensor, kcut: tl.tensor,
+                 tau: tl.tensor, pcut: tl.tensor) -> None:  # fmt: skip
+    s = st_out + row * 8
+    tl.store(s + 0, lo)
+    tl.store(s + 1, hi)
+    tl.store(s + 2, kth)
+    tl.store(s + 3, kcut)
+    tl.store(s + 4, tau)
+    tl.store(s + 5, pcut)
+
+
+@triton.jit
+def _step_kernel(
+    logits_ptr: tl.tensor, pmax_ptr: tl.tensor, st_in: tl.tensor, st_out: tl.tensor, sf_ptr: tl.tensor,
+    top_k_ptr: tl.tensor, top_p_ptr: tl.tensor, part_in: tl.tensor, aux_in: tl.tensor, part_out: tl.tensor,
+    aux_out: tl.tensor, V: tl.tensor, NB: tl.tensor, PREV: tl.constexpr, PREV_LAST: tl.constexpr,
+    MODE: tl.constexpr, FIRST: tl.constexpr, FANOUT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    NBP: tl.constexpr, NB_STEP: tl.constexpr,
 ) -> None:  # fmt: skip
-    """One chunk's number per pivot (``part``) and one more (``aux``) for a round of search MODE:
-    0: #key >= piv; 1: #(key == kth, id < piv), aux #(key > kth); 2: top-k mass with key > piv,
-    aux all the top-k mass; 3: #(top-k, key == tau, id < piv), aux top-k mass with key > tau."""
+    """One launch per search round: narrow the previous round (every program of the row alike, from
+    the chunks' partials), then measure this chunk at this round's pivots. Chunk 0 keeps the state
+    (``st_in`` -> ``st_out``, two buffers, since the other programs still read ``st_in``)."""
     row = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
+    m = _row_max(pmax_ptr, row, NB, NBP)
+    lo, hi, kth, kcut, tau, pcut = _advance(
+        st_in, sf_ptr, top_k_ptr, top_p_ptr, part_in, aux_in, row, m, V, NB, b == 0, PREV, PREV_LAST, FANOUT, NB_STEP
+    )
+    if FIRST:
+        lo, hi = _start(m, V, MODE)
     if _active(top_k_ptr, top_p_ptr, row, V, MODE):
-        base = logits_ptr + row * V
-        m = _row_max(pmax_ptr, row, NB, NBP)
-        if FIRST:
-            lo, hi = _start(m, V, MODE)
-        else:
-            lo, hi = tl.load(st_ptr + row * 8 + 0), tl.load(st_ptr + row * 8 + 1)
-        piv = lo + ((hi - lo + 1) * tl.arange(0, FANOUT).to(tl.int64)) // FANOUT
-        kth, kcut = tl.load(st_ptr + row * 8 + 2), tl.load(st_ptr + row * 8 + 3)
-        tau = tl.load(st_ptr + row * 8 + 4)
-        acc = tl.zeros([FANOUT], dtype=tl.float32)
-        extra = tl.zeros((), dtype=tl.float32)
-        for s in range(0, CHUNK, BLOCK):
-            idx = b * CHUNK + s + tl.arange(0, BLOCK)
-            valid = idx < V
-            x = tl.load(base + idx, mask=valid, other=float("-inf"))
-            key = _key(x)
-            if MODE == 0:
-                hit = valid[None, :] & (key[None, :] >= piv[:, None])
-                acc += tl.sum(hit.to(tl.float32), axis=1)
-            elif MODE == 1:
-                hit = valid[None, :] & (key == kth)[None, :] & (idx[None, :] < piv[:, None])
-                acc += tl.sum(hit.to(tl.float32), axis=1)
-                extra += tl.sum((valid & (key > kth)).to(tl.float32), axis=0)
-            elif MODE == 2:
-                w = tl.where(valid & _in_top_k(key, idx, kth, kcut), tl.exp(x - m), 0.0)
-                acc += tl.sum(tl.where(key[None, :] > piv[:, None], w[None, :], 0.0), axis=1)
-                extra += tl.sum(w, axis=0)
-            else:
-                member = valid & _in_top_k(key, idx, kth, kcut)
-                tie = member & (key == tau)
-                acc += tl.sum((tie[None, :] & (idx[None, :] < piv[:, None])).to(tl.float32), axis=1)
-                extra += tl.sum(tl.where(member & (key > tau), tl.exp(x - m), 0.0), axis=0)
-        tl.store(part_ptr + (row * NB + b) * FANOUT + tl.arange(0, FANOUT), acc)
-        tl.store(aux_ptr + row * NB + b, extra)
+        acc, extra = _measure(logits_ptr + row * V, V, b, lo, hi, m, kth, kcut, tau, MODE, FANOUT, CHUNK, BLOCK)
+        tl.store(part_out + (row * NB + b) * FANOUT + tl.arange(0, FANOUT), acc)
+        tl.store(aux_out + row * NB + b, extra)
+    if b == 0:
+        _store_state(st_out, row, lo, hi, kth, kcut, tau, pcut)
 
 
 @triton.jit
-def _narrow_kernel(
-    pmax_ptr: tl.tensor, st_ptr: tl.tensor, sf_ptr: tl.tensor, top_k_ptr: tl.tensor, top_p_ptr: tl.tensor,
-    part_ptr: tl.tensor, aux_ptr: tl.tensor, V: tl.tensor, NB: tl.tensor, MODE: tl.constexpr, FIRST: tl.constexpr,
-    LAST: tl.constexpr, FANOUT: tl.constexpr, NB_STEP: tl.constexpr, NBP: tl.constexpr,
-) -> None:  # fmt: skip
-    """Add the chunks' partials in a fixed order and keep the invariant pred(lo) true, pred(hi + 1)
-    false (pred is monotone); the last round stores the search's result in the row's state."""
-    row = tl.program_id(0).to(tl.int64)
-    if _active(top_k_ptr, top_p_ptr, row, V, MODE):
-        m = _row_max(pmax_ptr, row, NB, NBP)
-        if FIRST:
-            lo, hi = _start(m, V, MODE)
-        else:
-            lo, hi = tl.load(st_ptr + row * 8 + 0), tl.load(st_ptr + row * 8 + 1)
-        piv = lo + ((hi - lo + 1) * tl.arange(0, FANOUT).to(tl.int64)) // FANOUT
-        acc = tl.zeros([FANOUT], dtype=tl.float32)
-        extra = tl.zeros((), dtype=tl.float32)
-        for b0 in range(0, NB, NB_STEP):
-            j = b0 + tl.arange(0, NB_STEP)
-            tile = tl.load(part_ptr + (row * NB + j[:, None]) * FANOUT + tl.arange(0, FANOUT)[None, :],
-                           mask=(j < NB)[:, None], other=0.0)  # fmt: skip
-            acc += tl.sum(tile, axis=0)
-            extra += tl.sum(tl.load(aux_ptr + row * NB + j, mask=j < NB, other=0.0), axis=0)
-        if MODE == 0:
-            ok = acc >= tl.load(top_k_ptr + row).to(tl.float32)
-        elif MODE == 1:  # ties taken: as many as top-k still needs after the keys above kth
-            ok = acc < tl.load(top_k_ptr + row).to(tl.float32) - extra
-        elif MODE == 2:
-            target = tl.load(top_p_ptr + row) * extra
-            tl.store(sf_ptr + row * 4, target)
-            ok = acc >= target
-        else:  # ties whose mass before stays below target (at least one)
-            tau = tl.load(st_ptr + row * 8 + 4)
-            ties = tl.ceil(tl.div_rn(tl.load(sf_ptr + row * 4) - extra, tl.exp(_value(tau) - m)))
-            ok = acc < tl.maximum(ties, 1.0)
-        new_lo = tl.maximum(lo, tl.max(tl.where(ok, piv, lo), axis=0))
-        new_hi = tl.minimum(hi, tl.min(tl.where(ok, hi, piv - 1), axis=0))
-        tl.store(st_ptr + row * 8 + 0, new_lo)
-        tl.store(st_ptr + row * 8 + 1, new_hi)
-        if LAST:
-            # 0 -> kth = lo; 1 -> kcut = lo + 1; 2 -> tau = lo + 1; 3 -> pcut = lo + 1
-            if MODE == 0:
-                tl.store(st_ptr + row * 8 + 2, new_lo)
-            else:
-                tl.store(st_ptr + row * 8 + 2 + MODE, new_lo + 1)
-
-
-@triton.jit
-def _kept(
-    x: tl.tensor, idx: tl.tensor, valid: tl.tensor, st_ptr: tl.tensor, row: tl.tensor, floor: tl.tensor
-) -> tl.tensor:
+def _kept(x: tl.tensor, idx: tl.tensor, valid: tl.tensor, kth: tl.tensor, kcut: tl.tensor, tau: tl.tensor,
+          pcut: tl.tensor, floor: tl.tensor) -> tl.tensor:  # fmt: skip
     key = _key(x)
-    kth, kcut = tl.load(st_ptr + row * 8 + 2), tl.load(st_ptr + row * 8 + 3)
-    tau, pcut = tl.load(st_ptr + row * 8 + 4), tl.load(st_ptr + row * 8 + 5)
     return valid & _in_top_k(key, idx, kth, kcut) & ((key > tau) | ((key == tau) & (idx < pcut))) & (key >= floor)
 
 
@@ -228,15 +251,23 @@ def _floor(m: tl.tensor, min_p_ptr: tl.tensor, row: tl.tensor) -> tl.tensor:
 
 @triton.jit
 def _mass_kernel(
-    logits_ptr: tl.tensor, pmax_ptr: tl.tensor, st_ptr: tl.tensor, min_p_ptr: tl.tensor, temp_ptr: tl.tensor,
-    z_ptr: tl.tensor, last_ptr: tl.tensor, kept_ptr: tl.tensor, V: tl.tensor, NB: tl.tensor,
-    WRITE_KEPT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr,
+    logits_ptr: tl.tensor, pmax_ptr: tl.tensor, st_in: tl.tensor, st_out: tl.tensor, sf_ptr: tl.tensor,
+    top_k_ptr: tl.tensor, top_p_ptr: tl.tensor, part_in: tl.tensor, aux_in: tl.tensor, min_p_ptr: tl.tensor,
+    temp_ptr: tl.tensor, z_ptr: tl.tensor, last_ptr: tl.tensor, kept_ptr: tl.tensor, V: tl.tensor, NB: tl.tensor,
+    PREV: tl.constexpr, WRITE_KEPT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr,
+    FANOUT: tl.constexpr, NB_STEP: tl.constexpr,
 ) -> None:  # fmt: skip
-    """Each chunk's kept mass after temperature and its last kept id; writes the kept set if asked."""
+    """Narrow the last search round, then each chunk's kept mass after temperature and its last kept
+    id; writes the kept set if asked."""
     row = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
     base = logits_ptr + row * V
     m = _row_max(pmax_ptr, row, NB, NBP)
+    lo, hi, kth, kcut, tau, pcut = _advance(
+        st_in, sf_ptr, top_k_ptr, top_p_ptr, part_in, aux_in, row, m, V, NB, b == 0, PREV, True, FANOUT, NB_STEP
+    )
+    if b == 0:
+        _store_state(st_out, row, lo, hi, kth, kcut, tau, pcut)
     floor = _floor(m, min_p_ptr, row)
     inv_t = tl.div_rn(1.0, tl.load(temp_ptr + row))  # IEEE, as the interpreter
     z = tl.zeros((), tl.float32)
@@ -245,7 +276,7 @@ def _mass_kernel(
         idx = b * CHUNK + s + tl.arange(0, BLOCK)
         valid = idx < V
         x = tl.load(base + idx, mask=valid, other=float("-inf"))
-        kept = _kept(x, idx, valid, st_ptr, row, floor)
+        kept = _kept(x, idx, valid, kth, kcut, tau, pcut, floor)
         if WRITE_KEPT:
             tl.store(kept_ptr + row * V + idx, kept.to(tl.int8), mask=valid)
         z += tl.sum(tl.where(kept, tl.exp((x - m) * inv_t), 0.0), axis=0)
@@ -273,11 +304,13 @@ def _draw_kernel(
         m = _row_max(pmax_ptr, row, NB, NBP)
         floor = _floor(m, min_p_ptr, row)
         inv_t = tl.div_rn(1.0, tl.load(temp_ptr + row))
+        s8 = st_ptr + row * 8
+        kth, kcut, tau, pcut = tl.load(s8 + 2), tl.load(s8 + 3), tl.load(s8 + 4), tl.load(s8 + 5)
         for s in range(0, CHUNK, BLOCK):
             idx = b * CHUNK + s + tl.arange(0, BLOCK)
             valid = idx < V
             x = tl.load(base + idx, mask=valid, other=float("-inf"))
-            kept = _kept(x, idx, valid, st_ptr, row, floor)
+            kept = _kept(x, idx, valid, kth, kcut, tau, pcut, floor)
             w = tl.where(kept, tl.exp((x - m) * inv_t), 0.0)
             cdf = tl.cumsum(w, axis=0) + running
             found = tl.minimum(found, tl.min(tl.where(kept & (cdf > target), idx, V), axis=0))
@@ -304,19 +337,16 @@ def _rounds(width: int) -> int:
     return rounds
 
 
-def _search(mode: int, rounds: int, bufs: dict[str, Any], args: dict[str, Any]) -> None:
-    rows, nb = args["rows"], args["NB"]
-    common = (bufs["pmax"], bufs["st"], args["top_k"], args["top_p"])
-    for r in range(rounds):
-        first, last = r == 0, r == rounds - 1
-        _measure_kernel[(rows, nb)](
-            args["logits"], *common, bufs["part"], bufs["aux"], args["V"], nb, MODE=mode, FIRST=first,
-            FANOUT=_FANOUT, CHUNK=args["CHUNK"], BLOCK=_MBLOCK, NBP=args["NBP"],
-        )  # fmt: skip
-        _narrow_kernel[(rows,)](
-            bufs["pmax"], bufs["st"], bufs["sf"], args["top_k"], args["top_p"], bufs["part"], bufs["aux"],
-            args["V"], nb, MODE=mode, FIRST=first, LAST=last, FANOUT=_FANOUT, NB_STEP=_NB_STEP, NBP=args["NBP"],
-        )  # fmt: skip
+def _schedule(vocab: int, top_k_on: bool, top_p_on: bool) -> list[tuple[int, bool, bool]]:
+    """(search mode, first round, last round) for every round, in order."""
+    searches = ([(_KEY_K, 2**32), (_IDX_K, vocab + 1)] if top_k_on else []) + (
+        [(_KEY_P, 2**32), (_IDX_P, vocab + 1)] if top_p_on else []
+    )
+    out = []
+    for mode, width in searches:
+        n = _rounds(width)
+        out += [(mode, r == 0, r == n - 1) for r in range(n)]
+    return out
 
 
 def sample(
@@ -329,48 +359,34 @@ def sample(
     import torch
 
     rows, vocab = logits.shape
-    logits = logits.contiguous()
-    dev = logits.device
+    logits, dev = logits.contiguous(), logits.device
     nb = triton.cdiv(vocab, chunk)
-    # One host read decides which searches run at all (a batch without top-p launches none of its).
-    flags = torch.stack([((top_k > 0) & (top_k < vocab)).any(), (top_p < 1.0).any()]).tolist()
-    bufs = {
-        "pmax": torch.empty((rows, nb), dtype=torch.float32, device=dev),
-        "st": torch.empty((rows, 8), dtype=torch.int64, device=dev),
-        "sf": torch.empty((rows, 4), dtype=torch.float32, device=dev),
-        "part": torch.empty((rows, nb, _FANOUT), dtype=torch.float32, device=dev),
-        "aux": torch.empty((rows, nb), dtype=torch.float32, device=dev),
-        "z": torch.empty((rows, nb), dtype=torch.float32, device=dev),
-        "last": torch.empty((rows, nb), dtype=torch.int32, device=dev),
-        "found": torch.empty((rows, nb), dtype=torch.int32, device=dev),
-    }
     nbp = max(16, triton.next_power_of_2(nb))
-    args = {
-        "logits": logits,
-        "top_k": top_k,
-        "top_p": top_p,
-        "V": vocab,
-        "NB": nb,
-        "rows": rows,
-        "CHUNK": chunk,
-        "NBP": nbp,
-    }
-    _max_kernel[(rows, nb)](logits, bufs["pmax"], bufs["st"], vocab, nb, CHUNK=chunk, BLOCK=_BLOCK)
-    key_rounds, idx_rounds = _rounds(2**32), _rounds(vocab + 1)
-    if flags[0]:
-        _search(_KEY_K, key_rounds, bufs, args)
-        _search(_IDX_K, idx_rounds, bufs, args)
-    if flags[1]:
-        _search(_KEY_P, key_rounds, bufs, args)
-        _search(_IDX_P, idx_rounds, bufs, args)
+    # One host read decides which searches run at all (a batch without top-p launches none of its).
+    top_k_on, top_p_on = torch.stack([((top_k > 0) & (top_k < vocab)).any(), (top_p < 1.0).any()]).tolist()
+    f32 = torch.float32
+    pmax, sf = torch.empty((rows, nb), dtype=f32, device=dev), torch.empty(rows, dtype=f32, device=dev)
+    st = torch.empty((2, rows, 8), dtype=torch.int64, device=dev)  # [lo, hi, kth, kcut, tau, pcut, -, -]
+    part = torch.empty((2, rows, nb, _FANOUT), dtype=f32, device=dev)
+    aux, z = torch.empty((2, rows, nb), dtype=f32, device=dev), torch.empty((rows, nb), dtype=f32, device=dev)
+    last, found = (torch.empty((rows, nb), dtype=torch.int32, device=dev) for _ in range(2))
+    _max_kernel[(rows, nb)](logits, pmax, st[0], vocab, nb, CHUNK=chunk, BLOCK=_BLOCK)
+    cur, prev, prev_final = 0, -1, False
+    sizes = {"CHUNK": chunk, "NBP": nbp, "FANOUT": _FANOUT, "NB_STEP": _NB_STEP}
+    for mode, first, final in _schedule(vocab, top_k_on, top_p_on):
+        _step_kernel[(rows, nb)](
+            logits, pmax, st[cur], st[1 - cur], sf, top_k, top_p, part[cur], aux[cur], part[1 - cur], aux[1 - cur],
+            vocab, nb, PREV=prev, PREV_LAST=prev_final, MODE=mode,
+            FIRST=first, BLOCK=_MBLOCK, **sizes,
+        )  # fmt: skip
+        cur, prev, prev_final = 1 - cur, mode, final
     out = torch.empty(rows, dtype=torch.int32, device=dev)
     _mass_kernel[(rows, nb)](
-        logits, bufs["pmax"], bufs["st"], min_p, temperature, bufs["z"], bufs["last"],
-        kept if kept is not None else out, vocab, nb, WRITE_KEPT=kept is not None, CHUNK=chunk, BLOCK=_BLOCK, NBP=nbp,
+        logits, pmax, st[cur], st[1 - cur], sf, top_k, top_p, part[cur], aux[cur], min_p, temperature, z, last,
+        kept if kept is not None else out, vocab, nb, PREV=prev, WRITE_KEPT=kept is not None, BLOCK=_BLOCK, **sizes,
     )  # fmt: skip
     _draw_kernel[(rows, nb)](
-        logits, bufs["pmax"], bufs["st"], u, min_p, temperature, bufs["z"], bufs["found"], vocab, nb,
-        CHUNK=chunk, BLOCK=_BLOCK, NBP=nbp,
-    )  # fmt: skip
-    _pick_kernel[(rows,)](bufs["found"], bufs["last"], out, vocab, nb, NBP=nbp)
+        logits, pmax, st[1 - cur], u, min_p, temperature, z, found, vocab, nb, CHUNK=chunk, BLOCK=_BLOCK, NBP=nbp
+    )
+    _pick_kernel[(rows,)](found, last, out, vocab, nb, NBP=nbp)
     return out
