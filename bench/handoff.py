@@ -12,6 +12,11 @@ How the asymmetry is emulated (one 2-core machine, shared):
   and decodes several times slower than the cloud. The ratio is measured in the run and written to
   the JSON per prompt size: the device's prefill (device-only TTFT less one decode step) against the
   cloud's (the KV routes' first KV bytes less the link's round trip);
+- both keep a KV stream per sequence (``--no-kv-unified``; ``--kv-unified`` to compare): in llama.cpp's
+  unified cache every prefill attends over (and masks) the cells of every sequence still cached, so a
+  prefill's cost grows with what earlier requests left (a 768-token prefill took 2.5x longer beside
+  three cached 1.5k-token prefixes; 1.0x with a stream each): the route run later in a cell, behind
+  one more cached prompt, prefilled slower (token+kv's KV came 1.2-1.9x later than kv's at 1k-4k);
 - the link is ``_relay.py`` between them: a one-way delay and a rate limit in each direction, and a
   count of the bytes that crossed it.
 
@@ -119,7 +124,7 @@ def worker(args: argparse.Namespace) -> None:
     from edgeserve.engine import Engine
     from edgeserve.settings import CloudSettings, EngineSettings, ModelSettings
 
-    model = ModelSettings(model="default", backend="llama", n_ctx=8192, threads=1)
+    model = ModelSettings(model="default", backend="llama", n_ctx=8192, threads=1, kv_unified=args.kv_unified)
     cloud = CloudSettings(
         cloud=args.cloud, handoff="auto", ttft_target_s=args.ttft_target_s, cloud_first_token_timeout_s=120
     )
@@ -223,7 +228,8 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
     _cgroup(args.quota)
     cells: list[dict[str, Any]] = []
     started = time.monotonic()
-    with serve("fcfs", 1, n_ctx=8192) as cloud, relay(int(cloud.url.rsplit(":", 1)[1]), link) as port:
+    unified = ["--kv-unified" if args.kv_unified else "--no-kv-unified"]
+    with serve("fcfs", 1, n_ctx=8192, extra=unified) as cloud, relay(int(cloud.url.rsplit(":", 1)[1]), link) as port:
         # The run is niced; the cloud alone (one thread) is put back at the default priority, or a
         # machine shared with other work would leave it no faster than the throttled device.
         for task in Path(f"/proc/{cloud.pid}/task").iterdir():  # nice is per thread on Linux
@@ -231,6 +237,7 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "--worker", "--cloud", f"http://127.0.0.1:{port}"]
         cmd += ["--sizes", ",".join(map(str, args.sizes)), "--max-tokens", str(args.max_tokens)]
         cmd += ["--ttft-target-s", str(args.ttft_target_s), "--routes", ",".join(args.routes)]
+        cmd += unified
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=_in_cgroup
@@ -251,6 +258,7 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "setup": {
             "device": f"cgroup v1 cpu quota {args.quota:.0%} of one core, 1 llama.cpp thread (library, in-process)",
+            "kv_cache": "unified (one cache for all sequences)" if args.kv_unified else "a stream per sequence",
             "cloud": "edgeserve serve on loopback, 1 llama.cpp thread, unthrottled, nice 0 (the rest of the run: "
             "nice 10), fcfs",
             "load_average_at_start": os.getloadavg(),
@@ -348,6 +356,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="Answer length (tokens).")
     parser.add_argument("--ttft-target-s", type=float, default=1.0)
     parser.add_argument("--name", default="handoff")
+    parser.add_argument(
+        "--kv-unified", action=argparse.BooleanOptionalAction, default=False, help="llama.cpp's unified KV cache."
+    )
     parser.add_argument(
         "--routes", type=lambda s: s.split(","), default=list(ROUTES), help="Routes to run, in order (repeats allowed)."
     )

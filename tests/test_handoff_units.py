@@ -225,3 +225,20 @@ def test_prefill_model_without_growth_or_spread_keeps_the_plain_rate() -> None:
         flat.observe_prefill(512, 1.0, start=start)  # no slowdown with position
     fit = flat.prefill_coefficients()
     assert fit is not None and fit[0] == pytest.approx(1 / 512) and fit[1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_measured_kv_restore_replaces_the_estimate() -> None:
+    from edgeserve.handoff.telemetry import Telemetry
+    from edgeserve.service import ServiceModel
+
+    telemetry = Telemetry()
+    telemetry.kv_available = True
+    m = telemetry.measured(ServiceModel(prefill_tok_s=10.0, decode_tok_s=2.0))
+    assert m.restore_s_per_token is None  # not measured: scaled from the device's prefill rate
+    estimated = {o.route: o for o in plan(ask(4000), m).options}[Route.KV]
+    telemetry.restore(4000, 0.4)  # measured: 0.1 ms a token
+    m = telemetry.measured(ServiceModel(prefill_tok_s=10.0, decode_tok_s=2.0))
+    assert m.restore_s_per_token == pytest.approx(1e-4)
+    measured = {o.route: o for o in plan(ask(4000), m).options}[Route.KV]
+    assert estimated.takeover_s is not None and measured.takeover_s is not None
+    assert estimated.takeover_s - measured.takeover_s == pytest.approx(4000 * 2.5e-5 * 40 - 0.4)

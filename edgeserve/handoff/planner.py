@@ -80,6 +80,9 @@ class Measured:
     #: The device's prefill slows with the position: a token at position p costs
     #: ``1 / device_prefill_tok_s + device_prefill_slope_s * p`` seconds (``ServiceModel.prefill_s``).
     device_prefill_slope_s: float = 0.0
+    #: Seconds per prompt token for the device to load a KV state, as measured (None: not yet; the
+    #: estimate from ``RESTORE_S_PER_TOKEN``).
+    restore_s_per_token: float | None = None
 
     def device_prefill_s(self, tokens: float, start: float = 0.0) -> float:
         """Seconds for the device to evaluate ``tokens`` after ``start`` already in its cache."""
@@ -135,7 +138,7 @@ def options(ask: Ask, m: Measured) -> list[Option]:
     token_takeover = _caught_up(local_prefill, cloud_ttft, tpot, m, n)
     out.append(_cloud_option(Route.TOKEN, cloud_ttft, token_takeover, tpot, ask.max_tokens))
     if m.kv_available:
-        restore = n * RESTORE_S_PER_TOKEN * max(RESTORE_REFERENCE_TOK_S / m.device_prefill_tok_s, 1.0)
+        restore = n * _restore_s_per_token(m)
         kv_ready = max(cloud_ttft + n * m.kv_bytes_per_token / m.link_bytes_s, queue) + restore
         out.append(Option(Route.KV, kv_ready + tpot, kv_ready, 0))
         # The answer is asked for once the KV job's first bytes show the cloud has prefilled: one
@@ -144,6 +147,12 @@ def options(ask: Ask, m: Measured) -> list[Option]:
         both = min(token_takeover, _caught_up(kv_ready, both_ttft, tpot, m, n))
         out.append(_cloud_option(Route.TOKEN_KV, both_ttft, both, tpot, ask.max_tokens))
     return out
+
+
+def _restore_s_per_token(m: Measured) -> float:
+    if m.restore_s_per_token is not None:
+        return m.restore_s_per_token
+    return RESTORE_S_PER_TOKEN * max(RESTORE_REFERENCE_TOK_S / m.device_prefill_tok_s, 1.0)
 
 
 def _caught_up(ready: float, first_token: float, tpot: float, m: Measured, n: int) -> float:

@@ -173,6 +173,8 @@ class Session:
         self._taken_by: str | None = None
         self._kv_started_at: float | None = None
         self._kv_arrived_at: float | None = None
+        self._seam_tokens = 0  # covered cloud tokens the device evaluates after the takeover
+        self._load_timed = False
         self._thread = threading.Thread(target=self._run, name=f"handoff-{request.request_id}", daemon=True)
 
     # ---- the caller's side ----------------------------------------------------------------
@@ -256,7 +258,9 @@ class Session:
         if self._phase != "cloud":
             return
         if isinstance(message, CloudDelta):
-            if not self._received:
+            # With the KV job first (token+kv) its first bytes timed the cloud's prefill; this answer
+            # was asked for later and found the prompt cached: no measure of the prefill rate.
+            if not self._received and self._kv_start is None:
                 self._telemetry.cloud_ttft(len(self._request.prompt_tokens), message.at - self._started)
             self._received.append(message.text)
             if self._held is not None:
@@ -336,7 +340,7 @@ class Session:
         self._forced = bool(seam.tokens) and device.has_penalties(self._request.params)
         # Forced tokens come back as device text: covered text, which the pacer already has.
         self._overlap = OverlapFilter(seam.covered + seam.overlap if self._forced else seam.overlap)
-        self._kept = len(seam.tokens)
+        self._kept = self._seam_tokens = len(seam.tokens)
         self._takeover_at, self._taken_by, self._phase = self._clock(), source, "device"
         self._local_at = None  # the device no longer needs its own prefill
         left = self._request.max_tokens - len(seam.tokens)
@@ -362,6 +366,9 @@ class Session:
 
     def _on_device(self, event: StreamEvent) -> None:
         if isinstance(event, TokenEvent):
+            if not self._load_timed:
+                self._load_timed = True
+                self._time_load()
             if self._phase == "cancelling":
                 return
             text = self._overlap.feed(event.text)
@@ -371,6 +378,17 @@ class Session:
             self._device_result = event.result
         else:
             raise event.error
+
+    def _time_load(self) -> None:
+        """The device's first token after the takeover: the blob's restore took the time since,
+        less the covered cloud tokens' evaluation and one decode step (as the service model
+        predicts them). The planner's KV routes wait for this restore."""
+        if self._takeover_at is None:
+            return
+        service, n, k = self._engine.service, len(self._request.prompt_tokens), self._seam_tokens
+        rest = 0.0 if self._forced else service.prefill_s(k, n)  # forced: the first token is one of them
+        seconds = self._clock() - self._takeover_at - rest - 1.0 / service.decode_tok_s
+        self._telemetry.restore(n, max(seconds, 0.0))
 
     def _cancelled(self) -> None:
         self._pacer.drain()

@@ -44,6 +44,7 @@ class Telemetry:
         self._cloud_prefill = _Ewma(PRIOR_CLOUD_PREFILL_TOK_S)
         self._link = _Ewma(PRIOR_LINK_BYTES_S)
         self._kv_per_token = _Ewma(PRIOR_KV_BYTES_PER_TOKEN)
+        self._restore = _Ewma(0.0)  # seconds per token; unseen: the planner's own estimate
         self.kv_available = False
 
     def cloud_ttft(self, prompt_tokens: int, seconds: float) -> None:
@@ -70,6 +71,12 @@ class Telemetry:
             if seconds > 0 and wire_bytes >= 65536:  # small transfers measure latency, not rate
                 self._link.add(wire_bytes / seconds)
 
+    def restore(self, prompt_tokens: int, seconds: float) -> None:
+        """The device loaded a KV state of ``prompt_tokens`` in ``seconds``."""
+        if prompt_tokens >= RATE_MIN_TOKENS:
+            with self._lock:
+                self._restore.add(seconds / prompt_tokens)
+
     def cloud_failed(self) -> None:
         """A failure keeps the planner off the cloud for ``DOWN_S`` seconds (then it tries again)."""
         with self._lock:
@@ -90,4 +97,5 @@ class Telemetry:
                 kv_bytes_per_token=self._kv_per_token.value,
                 cloud_up=self._clock() >= self._down_until,
                 kv_available=self.kv_available,
+                restore_s_per_token=self._restore.value if self._restore.seen else None,
             )
