@@ -79,12 +79,16 @@ def test_triton_sampler_keeps_the_reference_set_and_draws_from_it() -> None:
 # Every kernel's signature for a GPU compile: pointers typed as the wrappers pass them, scalars i32.
 _F32, _I64, _I32 = "*fp32", "*i64", "*i32"
 _COMPILE_SCRIPT = """
-import sys, triton
+import importlib.util, sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from edgeserve.kernels import kvpack_triton, sample_triton
+modules = {}
+for name in ("kvpack_triton", "sample_triton"):  # by path: edgeserve/__init__ needs the whole install
+    spec = importlib.util.spec_from_file_location(name, f"edgeserve/kernels/{name}.py")
+    modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(modules[name])
 for module, name, signature, constexprs in CASES:
-    fn = getattr({"kvpack_triton": kvpack_triton, "sample_triton": sample_triton}[module], name)
+    fn = getattr(modules[module], name)
     signature = {**signature, **{c: "constexpr" for c in constexprs}}
     try:
         triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
