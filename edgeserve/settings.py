@@ -52,7 +52,7 @@ class ModelSettings(_Settings):
     kv_unified: bool = Field(
         True,
         description="llama.cpp: one KV cache shared by all sequences (as llama-server), not a stream each. A "
-        "batched step of 4 costs 0.67x the CPU of 4 streams here, but a sequence's greedy text may then depend on "
+        "batched step of 8 costs 0.67x the CPU of 8 streams here, but a sequence's greedy text may then depend on "
         "its batch neighbours and on where earlier sequences left cells; --no-kv-unified keeps it exact.",
     )
     parallel: int | None = Field(
