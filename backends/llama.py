@@ -115,10 +115,10 @@ class LlamaBackend:
         n_slots = settings.parallel or _auto_slots(n_ctx, self._kv_token_bytes)
         ctx_params = llama_cpp.llama_context_default_params()
         # By default one unified cache of n_ctx cells per slot, as llama-server: at 2 threads here a
-        # batched step of 8 cost 0.67x the CPU of a KV stream per slot (bench/batch_step_cost_threads2
-        # .json), and 4 streams served 1.5x the CPU per token through the server. The price: a sequence's
-        # cells sit among other sequences' cells, and the summation order, and near-tie greedy
-        # choices with it, then depend on its neighbours. --no-kv-unified gives each slot its own
+        # batched step of 8 cost 0.67x the CPU of a KV stream per slot (equal at 4;
+        # bench/batch_step_cost_threads2.json). The price: a sequence's cells sit among other
+        # sequences' cells, and the summation order, and near-tie greedy choices with it, then
+        # depend on its neighbours. --no-kv-unified gives each slot its own
         # stream, always in position order, and batched text equal to solo text.
         ctx_params.n_ctx = n_ctx * n_slots
         ctx_params.n_seq_max = n_slots
