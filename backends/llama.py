@@ -118,8 +118,8 @@ class LlamaBackend:
         # batched step of 8 cost 0.67x the CPU of a KV stream per slot (equal at 4;
         # bench/batch_step_cost_threads2.json). The price: a sequence's cells sit among other
         # sequences' cells, and the summation order, and near-tie greedy choices with it, then
-        # depend on its neighbours. --no-kv-unified gives each slot its own
-        # stream, always in position order, and batched text equal to solo text.
+        # depend on its neighbours. --no-kv-unified gives each slot its own stream, always in
+        # position order, and batched text equal to solo text.
         ctx_params.n_ctx = n_ctx * n_slots
         ctx_params.n_seq_max = n_slots
         ctx_params.kv_unified = self._unified = settings.kv_unified
