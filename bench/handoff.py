@@ -153,6 +153,8 @@ def worker(args: argparse.Namespace) -> None:
                     "route": plan.route.value,
                     "reason": plan.reason,
                     "predicted": {o.route.value: o.ttft_s for o in plan.options},
+                    "predicted_takeover_s": {o.route.value: o.takeover_s for o in plan.options},
+                    "predicted_cloud_tokens": {o.route.value: o.cloud_tokens for o in plan.options},
                 },
                 "device_rates": {"prefill_tok_s": service.prefill_tok_s, "decode_tok_s": service.decode_tok_s},
                 "runs": runs,

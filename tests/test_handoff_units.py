@@ -242,3 +242,89 @@ def test_measured_kv_restore_replaces_the_estimate() -> None:
     measured = {o.route: o for o in plan(ask(4000), m).options}[Route.KV]
     assert estimated.takeover_s is not None and measured.takeover_s is not None
     assert estimated.takeover_s - measured.takeover_s == pytest.approx(4000 * 2.5e-5 * 40 - 0.4)
+
+
+# Figures of bench/handoff.json (12% of a core against a loopback cloud, 100 Mbit/s, 40 ms RTT), per
+# prompt length: the cloud answer's first token, the KV job's first bytes and its wire bytes and
+# transfer seconds, the token+kv answer after the KV's first bytes, the device's KV restore.
+BENCH = {
+    256: (1.42, 0.871, 2152365, 0.228, 0.26, 0.02),
+    1024: (3.60, 3.053, 4976097, 0.641, 0.25, 0.13),
+    2048: (8.40, 6.897, 6373944, 0.804, 0.68, 0.31),
+    4096: (19.2, 17.74, 9185788, 1.167, 0.58, 0.51),
+}
+
+
+def _bench_measured() -> Measured:
+    from edgeserve.handoff.telemetry import Telemetry
+    from edgeserve.service import ServiceModel
+
+    telemetry = Telemetry()
+    telemetry.kv_available = True
+    telemetry.rtt(0.04)
+    for n, (answer, kv_first, kv_bytes, kv_s, after, restore) in BENCH.items():
+        telemetry.cloud_ttft(n, answer)
+        telemetry.kv_first_bytes(n, kv_first)
+        telemetry.kv_transfer(n, kv_bytes, kv_s)
+        telemetry.answer_after_kv(after)
+        telemetry.restore(n, restore)
+    service = ServiceModel(prefill_tok_s=48.0, decode_tok_s=5.3)
+    a, b = 0.0208, 9.19e-6  # the device's prefill in that run: 26 s at 1k, 162 s at 4k
+    for n in BENCH:
+        for start in range(0, n, 512):
+            chunk = min(512, n - start)
+            service.observe_prefill(chunk, a * chunk + b * chunk * (start + chunk / 2), start=start)
+    return telemetry.measured(service)
+
+
+def test_kv_bytes_follow_the_prompt_length() -> None:
+    m = _bench_measured()
+    # Each measured length predicts itself, between them linearly, beyond them per token.
+    for n, figures in BENCH.items():
+        assert m.kv_bytes(n) == pytest.approx(figures[2])
+    assert BENCH[2048][2] < m.kv_bytes(3072) < BENCH[4096][2]
+    assert m.kv_bytes(8192) == pytest.approx(2 * BENCH[4096][2])
+    assert m.kv_bytes(128) == pytest.approx(BENCH[256][2] / 2)
+    # One average (the old model) overstates a 4k state by over 2x: 8.4 KB a token at 256, 2.2 at 4k.
+    assert 4096 * m.kv_bytes_per_token > 2 * m.kv_bytes(4096)
+    # Nothing measured: the prior per-token figure.
+    assert SLOW.kv_bytes(1000) == pytest.approx(1000 * 5000.0)
+
+
+def test_cloud_prefill_grows_with_the_prompt_length() -> None:
+    from edgeserve.handoff.cloudfit import PrefillSamples
+
+    samples = PrefillSamples()
+    fixed, a, b = 0.3, 2.5e-3, 1e-6
+    for n in (256, 1024, 2048, 4096):
+        samples.add(n, fixed + a * n + b * n * n / 2)
+    fit = samples.fit()
+    assert fit is not None
+    assert (fit.fixed_s, 1 / fit.tok_s, fit.slope_s) == pytest.approx((fixed, a, b), rel=1e-6)
+    one = PrefillSamples()
+    one.add(1000, 2.0)  # one length: a plain rate, no fixed part nor growth
+    assert one.fit() == pytest.approx(type(fit)(0.0, 500.0, 0.0))
+    # Through the telemetry: every route's cloud time matches what was measured at each length
+    # (a single rate overpredicts short prompts and underpredicts long ones).
+    m = _bench_measured()
+    for n, (answer, kv_first, *_) in BENCH.items():
+        assert m.cloud_rtt_s + m.cloud_prefill_s(n) == pytest.approx(answer, rel=0.12)
+        assert m.cloud_rtt_s + m.kv_prefill_s(n) == pytest.approx(kv_first, rel=0.05)
+    assert m.kv_prefill_s(4096) / m.kv_prefill_s(1024) > 4.5  # faster than the length
+
+
+def test_kv_chosen_where_it_was_measured_fastest_and_token_kv_caps_under_ten_percent() -> None:
+    from edgeserve.handoff.planner import forced
+
+    m = _bench_measured()
+    # The bench's best measured route (within 10% + 0.1 s of the fastest, fewest cloud tokens).
+    best = {256: Route.KV, 1024: Route.TOKEN_KV, 2048: Route.KV, 4096: Route.KV}
+    for n, route in best.items():
+        p = plan(Ask(prompt_tokens=n, max_tokens=128, ttft_target_s=1.0), m)
+        assert p.route is route, (n, p.options)
+        by_route = {o.route: o for o in p.options}
+        both = forced(p, Route.TOKEN_KV)
+        # The cap covers the takeover (KV arrival, restore, catch-up) with margin: under 10% of 128.
+        assert both.cloud_max_tokens <= 12, n
+        assert by_route[Route.TOKEN_KV].takeover_s is not None
+        assert both.cloud_max_tokens >= (by_route[Route.TOKEN_KV].takeover_s - both.predicted_ttft_s) * 5.3

@@ -108,7 +108,7 @@ class _Fetch:
                         return
                     if first is None:  # the cloud's prefill is done: that measures its rate too
                         first = time.monotonic()
-                        self._telemetry.cloud_ttft(len(self._tokens), first - sent)
+                        self._telemetry.kv_first_bytes(len(self._tokens), first - sent)
                         self._deliver(KvStarted())
                     self._decoder.feed(chunk)
             blob = self._decoder.finish()

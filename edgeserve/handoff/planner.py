@@ -9,9 +9,11 @@ work queued ahead of this request, which its own prefill and a KV load wait behi
     kv         first token = takeover + one decode step, where
                takeover = max(KV arrival, q) + restore,
                KV arrival = cloud RTT + cloud prefill + prompt KV bytes / link rate
+               (the cloud's prefill grows with the prompt like the device's, a + b*p a token; the
+               KV bytes per token fall with it, so both come from measurements at nearby lengths)
     token+kv   the KV job goes first and the cloud's answer follows once the cloud has prefilled
                (its prefix cache then holds the prompt: one prefill serves both), so the first token
-               comes one round trip after the cloud's prefill; takeover = the earlier of kv's
+               comes one round trip (or as measured) after the cloud's prefill; takeover = the earlier of kv's
                (plus the catch-up) and token's
 
 The cloud tokens a route costs are those the cloud generates before the takeover closes its
@@ -25,6 +27,7 @@ A request that the device alone answers within the target stays local unless the
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,10 +86,51 @@ class Measured:
     #: Seconds per prompt token for the device to load a KV state, as measured (None: not yet; the
     #: estimate from ``RESTORE_S_PER_TOKEN``).
     restore_s_per_token: float | None = None
+    #: The cloud's prefill slows with the position too (``cloud_prefill_tok_s`` is then 1 / a).
+    cloud_prefill_slope_s: float = 0.0
+    #: The same for the cloud's KV job, timed by its first bytes: it takes longer than the answer's
+    #: prefill to its first token on short prompts and less on long ones (bench/handoff.json: 0.5-1.5 s
+    #: apart at 256-4k), so each route is predicted from its own measurements. None: as the answers.
+    kv_prefill_tok_s: float | None = None
+    kv_prefill_slope_s: float = 0.0
+    #: Seconds beyond the round trip that each cloud answer (KV job) costs whatever its length:
+    #: the first decode step, the HTTP answer (``cloudfit``).
+    cloud_fixed_s: float = 0.0
+    kv_fixed_s: float = 0.0
+    #: Measured KV states on the wire, ``(prompt tokens, bytes)`` sorted by length: int8 + zlib
+    #: packs a long state better (8.4 KB a token at 256 tokens, 2.2 KB at 4k), so one average
+    #: overstates long prompts and understates short ones. Empty: ``kv_bytes_per_token``.
+    kv_points: tuple[tuple[float, float], ...] = ()
+    #: token+kv: seconds from the KV job's first bytes to the answer's first token, as measured
+    #: (None: not yet; one round trip).
+    answer_after_kv_s: float | None = None
 
     def device_prefill_s(self, tokens: float, start: float = 0.0) -> float:
         """Seconds for the device to evaluate ``tokens`` after ``start`` already in its cache."""
         return tokens / self.device_prefill_tok_s + self.device_prefill_slope_s * tokens * (start + tokens / 2)
+
+    def cloud_prefill_s(self, tokens: float) -> float:
+        """Seconds beyond the round trip to the cloud's first token for a prompt of ``tokens`` (none cached)."""
+        return self.cloud_fixed_s + tokens / self.cloud_prefill_tok_s + self.cloud_prefill_slope_s * tokens * tokens / 2
+
+    def kv_prefill_s(self, tokens: float) -> float:
+        """Seconds from the KV job's arrival at the cloud to its first bytes, for a prompt of ``tokens``."""
+        if self.kv_prefill_tok_s is None:
+            return self.cloud_prefill_s(tokens)
+        return self.kv_fixed_s + tokens / self.kv_prefill_tok_s + self.kv_prefill_slope_s * tokens * tokens / 2
+
+    def kv_bytes(self, tokens: float) -> float:
+        """Wire bytes of a prompt's KV state: linear between the measured lengths around
+        ``tokens``; beyond them, the nearest measurement's bytes per token."""
+        points = self.kv_points
+        if not points:
+            return tokens * self.kv_bytes_per_token
+        if tokens <= points[0][0]:
+            return tokens * points[0][1] / points[0][0]
+        for (n0, b0), (n1, b1) in itertools.pairwise(points):
+            if tokens <= n1:
+                return b0 + (b1 - b0) * (tokens - n0) / max(n1 - n0, 1e-9)
+        return tokens * points[-1][1] / points[-1][0]
 
 
 @dataclass(frozen=True)
@@ -134,16 +178,17 @@ def options(ask: Ask, m: Measured) -> list[Option]:
     out = [Option(Route.LOCAL, local_prefill + tpot, None, 0)]
     if not (ask.cloud_allowed and m.cloud_up):
         return out
-    cloud_ttft = m.cloud_rtt_s + n / m.cloud_prefill_tok_s
+    cloud_ttft = m.cloud_rtt_s + m.cloud_prefill_s(n)
     token_takeover = _caught_up(local_prefill, cloud_ttft, tpot, m, n)
     out.append(_cloud_option(Route.TOKEN, cloud_ttft, token_takeover, tpot, ask.max_tokens))
     if m.kv_available:
         restore = n * _restore_s_per_token(m)
-        kv_ready = max(cloud_ttft + n * m.kv_bytes_per_token / m.link_bytes_s, queue) + restore
+        kv_first = m.cloud_rtt_s + m.kv_prefill_s(n)
+        kv_ready = max(kv_first + m.kv_bytes(n) / m.link_bytes_s, queue) + restore
         out.append(Option(Route.KV, kv_ready + tpot, kv_ready, 0))
         # The answer is asked for once the KV job's first bytes show the cloud has prefilled: one
         # more round trip, and its own prefill is a prefix-cache hit.
-        both_ttft = cloud_ttft + m.cloud_rtt_s
+        both_ttft = kv_first + (m.cloud_rtt_s if m.answer_after_kv_s is None else m.answer_after_kv_s)
         both = min(token_takeover, _caught_up(kv_ready, both_ttft, tpot, m, n))
         out.append(_cloud_option(Route.TOKEN_KV, both_ttft, both, tpot, ask.max_tokens))
     return out

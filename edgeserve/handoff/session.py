@@ -262,6 +262,8 @@ class Session:
             # was asked for later and found the prompt cached: no measure of the prefill rate.
             if not self._received and self._kv_start is None:
                 self._telemetry.cloud_ttft(len(self._request.prompt_tokens), message.at - self._started)
+            elif not self._received and self._kv_started_at is not None:
+                self._telemetry.answer_after_kv(message.at - self._kv_started_at)
             self._received.append(message.text)
             if self._held is not None:
                 self._pacer.push(Piece(self._held, cloud=True))
