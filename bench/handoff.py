@@ -138,6 +138,10 @@ def worker(args: argparse.Namespace) -> None:
 
         warm = _prompt(engine, 300, "warm-up 2")
         engine.handoff.submit(warm, temperature=0, max_tokens=8, route=Route.TOKEN).result()
+        # ...and the KV routes' (KV bytes, the KV job's first bytes, token+kv's answer after them).
+        for i, route in enumerate((Route.KV, Route.TOKEN_KV)):
+            warm = _prompt(engine, 300, f"warm-up kv {i}")
+            engine.handoff.submit(warm, temperature=0, max_tokens=8, route=route).result()
         for n in args.sizes:
             plan = engine.handoff.plan_for(_prompt(engine, n, f"plan {n}"))
             runs = [

@@ -121,7 +121,7 @@ class Measured:
 
     def kv_bytes(self, tokens: float) -> float:
         """Wire bytes of a prompt's KV state: linear between the measured lengths around
-        ``tokens``; beyond them, the nearest measurement's bytes per token."""
+        ``tokens``; below them, the shortest's bytes per token; above, the last segment extended."""
         points = self.kv_points
         if not points:
             return tokens * self.kv_bytes_per_token
@@ -130,7 +130,12 @@ class Measured:
         for (n0, b0), (n1, b1) in itertools.pairwise(points):
             if tokens <= n1:
                 return b0 + (b1 - b0) * (tokens - n0) / max(n1 - n0, 1e-9)
-        return tokens * points[-1][1] / points[-1][0]
+        if len(points) == 1:
+            return tokens * points[0][1] / points[0][0]
+        # Beyond the longest: the last segment's bytes per further token (a long state packs
+        # better, so its average per token would overstate a longer one).
+        (n0, b0), (n1, b1) = points[-2], points[-1]
+        return b1 + max(b1 - b0, 0.0) / max(n1 - n0, 1e-9) * (tokens - n1)
 
 
 @dataclass(frozen=True)
