@@ -78,8 +78,10 @@ def cloud() -> Iterator[Cloud]:
 
 @pytest.fixture(scope="module")
 def device() -> Iterator[Engine]:
-    """The device engine; each test attaches the handoff it needs (``attach``)."""
-    model = ModelSettings(model="default", backend="llama", n_ctx=2048, threads=1)
+    """The device engine; each test attaches the handoff it needs (``attach``). One sequence at a
+    time, so that ``busy`` holds the device and the cloud answers first whatever the machine's load
+    (with a batch, the handoff's own prefill ran beside it and sometimes won the race)."""
+    model = ModelSettings(model="default", backend="llama", n_ctx=2048, threads=1, parallel=1)
     with Engine.from_settings(model, EngineSettings(policy="fcfs")) as engine:
         yield engine
 
