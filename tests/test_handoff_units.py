@@ -308,6 +308,12 @@ def test_cloud_prefill_grows_with_the_prompt_length() -> None:
     one = PrefillSamples()
     one.add(1000, 2.0)  # one length: a plain rate, no fixed part nor growth
     assert one.fit() == pytest.approx(type(fit)(0.0, 500.0, 0.0))
+    close = PrefillSamples()
+    for n, seconds in ((300, 1.0), (256, 0.95), (300, 1.05)):  # close lengths, noisy: a plain rate
+        close.add(n, seconds)
+    near = close.fit()
+    assert near is not None and near.fixed_s == 0.0 and near.slope_s == 0.0
+    assert 1024 / near.tok_s == pytest.approx(1024 * 3 / (300 + 256 + 300), rel=0.05)
     # Through the telemetry: every route's cloud time matches what was measured at each length
     # (a single rate overpredicts short prompts and underpredicts long ones).
     m = _bench_measured()

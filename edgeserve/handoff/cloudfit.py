@@ -17,6 +17,10 @@ KEEP = 32
 #: Terms tried, the full model first; a fit is kept only if it is physical (no negative cost).
 _TERMS = ((0, 1, 2), (1, 2), (0, 1), (1,))
 _SCALE = 1000.0  # tokens per unit in the fit (conditioning)
+#: Longest over shortest length measured before a fit with more than one term: from two close
+#: lengths (300 and 256 tokens: a warm-up and a first prompt) the fit's growth is noise, and
+#: extrapolated it predicted a 1k prompt at 3-4x its time (bench/handoff.json, 1k cell).
+MIN_SPREAD = 2.0
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,9 @@ class PrefillSamples:
         t = np.array([s[1] for s in self._samples])
         columns = np.stack([np.ones_like(n), n, n * n / 2], axis=1)
         distinct = len(set(n.tolist()))
+        spread = float(n.max() / n.min())
         for terms in _TERMS:
-            if distinct < len(terms):
+            if distinct < len(terms) or (len(terms) > 1 and spread < MIN_SPREAD):
                 continue
             solved, *_ = np.linalg.lstsq(columns[:, terms], t, rcond=None)
             c = dict(zip(terms, solved.tolist(), strict=True))
