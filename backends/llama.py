@@ -269,9 +269,7 @@ class LlamaBackend:
         # ran 2.5x slower), so only the newest prefix cache is kept there: a chat's next turn.
         slot.owner, slot.freed = None, next(self._frees)
         if self._unified:
-            for other in self._slots:
-                if other.owner is None and other is not slot:
-                    self._truncate(other, 0)
+            self._drop_residues(keep=slot)
 
     def close(self) -> None:
         self._by_seq.clear()
@@ -311,10 +309,11 @@ class LlamaBackend:
         if rc != 0:
             raise BackendError(f"llama_decode failed ({rc}): {'no KV cache room' if rc == 1 else 'see the log'}")
 
-    def _drop_residues(self) -> bool:
+    def _drop_residues(self, keep: _Slot | None = None) -> bool:
+        """Empty the prefix caches of the free slots (but ``keep``'s); whether any held one."""
         dropped = False
         for slot in self._slots:
-            if slot.owner is None and slot.tokens:
+            if slot.owner is None and slot.tokens and slot is not keep:
                 self._truncate(slot, 0)
                 dropped = True
         return dropped
