@@ -39,22 +39,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h
+from _combos import CUTS, Combo
 
 from edgeserve.kernels import kvpack, sample_cpu
 
 Row = np.ndarray[Any, Any]
-Combo = tuple[int, float, float, float]
 PROMPTS = ("Once upon a time", "My favourite animal is the", "def fibonacci(n):\n", "The capital of France is")
 # name -> (top_k, top_p, min_p, temperature); temperature 0 is greedy.
-COMBOS: dict[str, Combo] = {
-    "greedy": (0, 1.0, 0.0, 0.0),
-    "top_k 40": (40, 1.0, 0.0, 0.8),
-    "top_p 0.95 (top_k 0)": (0, 0.95, 0.0, 0.8),
-    "defaults (top_k 40, top_p 0.95)": (40, 0.95, 0.0, 0.8),
-    "min_p 0.05 (top_k 0)": (0, 1.0, 0.05, 0.8),
-    "no cut (top_k 0, top_p 1)": (0, 1.0, 0.0, 0.8),
-    "top_p 0.99 (top_k 0)": (0, 0.99, 0.0, 1.0),
-}
+COMBOS: dict[str, Combo] = {"greedy": (0, 1.0, 0.0, 0.0), **CUTS}
 E2E = {
     "greedy": ["--temperature", "0"],
     "defaults (top_k 40, top_p 0.95)": [],

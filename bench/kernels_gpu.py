@@ -48,19 +48,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _combos import CUTS, Combo
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGITS = ROOT / "bench" / "results" / "kernels_gpu_logits.npy"
 Array = np.ndarray[Any, Any]
-Combo = tuple[int, float, float, float]  # top_k, top_p, min_p, temperature
 COMBOS: dict[str, Combo] = {
     "greedy (top_k 1)": (1, 1.0, 0.0, 1.0),
-    "top_k 40": (40, 1.0, 0.0, 0.8),
-    "top_p 0.95 (top_k 0)": (0, 0.95, 0.0, 0.8),
-    "defaults (top_k 40, top_p 0.95)": (40, 0.95, 0.0, 0.8),
-    "min_p 0.05 (top_k 0)": (0, 1.0, 0.05, 0.8),
-    "no cut (top_k 0, top_p 1)": (0, 1.0, 0.0, 0.8),
-    "top_p 0.99 (top_k 0)": (0, 0.99, 0.0, 1.0),
+    **CUTS,
     "all cuts (top_k 100, top_p 0.8, min_p 0.02, T 1.3)": (100, 0.8, 0.02, 1.3),
 }
 SEEDS = (0, 1, 2)
