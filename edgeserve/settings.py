@@ -193,6 +193,13 @@ class CloudSettings(_Settings):
     kv_handoff: bool = Field(
         True, description="Fetch the prompt's KV state from the cloud when it is an edgeserve serve on the same model."
     )
+    cloud_token_share: float = Field(
+        0.10,
+        ge=0,
+        le=1,
+        description="Cloud-token budget: the planner prefers routes whose predicted cloud tokens stay within this "
+        "share of max_tokens, and goes over it only when nothing within it meets the TTFT target.",
+    )
     cloud_connect_timeout_s: float = Field(2.0, gt=0, description="Longest wait to connect to the cloud, in seconds.")
     cloud_first_token_timeout_s: float = Field(
         10.0, gt=0, description="Longest wait for the cloud's first token; then the device goes on alone."
