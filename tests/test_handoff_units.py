@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from edgeserve.handoff.pacer import Pacer
@@ -30,12 +32,18 @@ def test_short_prompt_stays_local() -> None:
     assert p.predicted_ttft_s == pytest.approx(50 / 200 + 1 / 20)
 
 
-def test_long_prompt_hands_tokens_off_with_a_cap() -> None:
+def test_long_prompt_hands_tokens_off_over_the_budget_only_when_it_alone_meets_the_target() -> None:
     p = plan(ask(2000), SLOW)
-    assert p.route is Route.TOKEN
+    assert p.route is Route.TOKEN and p.reason.startswith("over the cloud-token budget")
     assert p.predicted_ttft_s == pytest.approx(0.05 + 2000 / 5000)
-    # ~9.6 s of device prefill at 20 tok/s shown: ~190 tokens, margin 1.5x + 8, capped at max_tokens.
-    assert 190 <= p.cloud_max_tokens <= 256
+    token = p.options[1]
+    # ~9.6 s of device prefill at 20 tok/s shown: ~190 tokens, far over 10% of 256.
+    assert 190 <= token.cloud_tokens <= 256
+    # Topped up: the first ask only fills the pacer's queue; the session asks for more as it runs low.
+    assert p.refill is not None and p.cloud_max_tokens == p.refill.ask(0, 0, 256) < 20
+    # An answer that cannot be continued (chat, penalties) is asked for all at once, with a margin.
+    whole = plan(ask(2000, cloud_continues=False), SLOW)
+    assert whole.refill is None and whole.cloud_max_tokens == 256
 
 
 def test_kv_handoff_preferred_when_it_meets_the_target_with_fewer_cloud_tokens() -> None:
@@ -49,8 +57,8 @@ def test_kv_handoff_preferred_when_it_meets_the_target_with_fewer_cloud_tokens()
     assert by_route[Route.TOKEN_KV].cloud_tokens < by_route[Route.TOKEN].cloud_tokens
     # The cloud prefills once: its answer comes one round trip after the KV job's prefill.
     assert by_route[Route.TOKEN_KV].ttft_s == pytest.approx(by_route[Route.TOKEN].ttft_s + 0.05)
-    # The cap covers until the KV takeover, with margin: far below the token route's.
-    assert p.cloud_max_tokens < plan(ask(2000), SLOW).cloud_max_tokens / 4
+    # The cloud covers until the KV takeover: far fewer tokens than the token route's.
+    assert by_route[Route.TOKEN_KV].cloud_tokens < by_route[Route.TOKEN].cloud_tokens / 4
 
 
 def test_near_fastest_route_with_fewer_cloud_tokens_wins_when_none_meets_the_target() -> None:
@@ -68,7 +76,7 @@ def test_device_queue_counts_in_the_device_estimates() -> None:
     assert queued.local_ttft_s == pytest.approx(idle.local_ttft_s + 4.0)
     assert queued.route is Route.TOKEN  # behind 4 s of other work the cloud answers first
     # The cloud covers until the device's own prefill, which now starts after the queue.
-    assert queued.cloud_max_tokens > (4.0 + 0.75) * 20
+    assert queued.options[1].cloud_tokens > (4.0 + 0.75) * 20
     m = Measured(**{**SLOW.__dict__, "kv_available": True})
     kv = {o.route: o for o in plan(ask(2000, device_queue_s=30.0), m).options}[Route.KV]
     assert kv.takeover_s is not None and kv.takeover_s >= 30.0  # a KV load waits its turn too
@@ -334,7 +342,119 @@ def test_kv_chosen_where_it_was_measured_fastest_and_token_kv_caps_under_ten_per
         assert p.route is route, (n, p.options)
         by_route = {o.route: o for o in p.options}
         both = forced(p, Route.TOKEN_KV)
-        # The cap covers the takeover (KV arrival, restore, catch-up) with margin: under 10% of 128.
+        # The first ask covers the takeover (KV arrival, restore, catch-up): under 10% of 128.
         assert both.cloud_max_tokens <= 12, n
-        assert by_route[Route.TOKEN_KV].takeover_s is not None
-        assert both.cloud_max_tokens >= (by_route[Route.TOKEN_KV].takeover_s - both.predicted_ttft_s) * 5.3
+        takeover = by_route[Route.TOKEN_KV].takeover_s
+        assert takeover is not None
+        assert both.cloud_max_tokens >= (takeover - both.predicted_ttft_s) * 5.3
+    # At 4k the KV load is long: token+kv's tokens until the device's first one, plus the top-ups'
+    # overhead, break the 10% budget, so kv is chosen although token+kv's first token is earlier.
+    at_4k = {o.route: o for o in plan(Ask(prompt_tokens=4096, max_tokens=128, ttft_target_s=1.0), m).options}
+    assert at_4k[Route.TOKEN_KV].cloud_tokens > 12.8 and at_4k[Route.TOKEN_KV].ttft_s < at_4k[Route.KV].ttft_s
+
+
+def test_budget_keeps_an_over_budget_route_out_when_nothing_meets_the_target() -> None:
+    # No KV: the token route's first token is 20x earlier than local's, but it would stream ~190 of
+    # 256 tokens from the cloud and still miss a 0.1 s target: the budget holds.
+    p = plan(ask(2000, target=0.1), SLOW)
+    assert p.route is Route.LOCAL and p.reason == "every cloud route breaks the cloud-token budget"
+    # A user who allows the cloud most of the answer gets it.
+    assert plan(ask(2000, target=0.1, cloud_token_share=1.0), SLOW).route is Route.TOKEN
+    # ``always`` uses the cloud whatever the budget: the route with the fewest cloud tokens.
+    assert plan(ask(2000, target=0.1, mode="always"), SLOW).route is Route.TOKEN
+
+
+def test_token_kv_whose_answer_comes_after_the_kv_state_is_kv() -> None:
+    from edgeserve.handoff.planner import forced
+
+    # The cloud answers 3 s after its KV job's first bytes (busy sending the state), the state is in
+    # ~1 s after them: the answer would show nothing, so it is not asked for and kv wins the tie.
+    m = Measured(**{**SLOW.__dict__, "kv_available": True, "answer_after_kv_s": 3.0})
+    p = plan(ask(2000, target=0.1), m)
+    by_route = {o.route: o for o in p.options}
+    assert p.route is Route.KV
+    assert by_route[Route.TOKEN_KV].ttft_s == by_route[Route.KV].ttft_s
+    assert by_route[Route.TOKEN_KV].cloud_tokens == 0 and forced(p, Route.TOKEN_KV).cloud_max_tokens == 0
+    # Measured answering at once, token+kv shows the cloud's first tokens before the state is in.
+    quick = Measured(**{**m.__dict__, "answer_after_kv_s": 0.05})
+    assert plan(ask(2000, target=0.1), quick).route is Route.TOKEN_KV
+
+
+def test_refill_low_water_covers_a_continuation_and_the_takeover() -> None:
+    from edgeserve.handoff.refill import Refill
+
+    r = Refill(tpot_s=0.2, latency_s=0.5, takeover_s=0.6, catch_up_s_per_token=0.03)
+    # 0.5 s for a continuation + 0.6 s for the takeover = 6 pieces, +1 held back.
+    assert r.low_water(0) == 7
+    # Every covered token is one more for the device to evaluate at the takeover.
+    assert r.low_water(100) == 7 + 15
+    assert r.overhead == 4  # 0.5 s of pieces shown while a continuation comes, + 1
+    assert r.ask(7, 0, 100) == 0  # at the mark: nothing yet
+    assert r.ask(6, 0, 100) == 7 + 4 - 6  # below it: refill to the mark + overhead
+    assert r.ask(0, 0, 3) == 3  # never beyond the request's max_tokens
+    assert r.ask(0, 128, 0) == 0
+
+
+def _topped_up(r: object, takeover_at: float, max_tokens: int = 128) -> tuple[float, int, int, int]:
+    """Play the session's top-up rule against a cloud that sends a continuation all at once
+    ``latency_s`` after it is asked and a device that takes over at ``takeover_at`` (seconds after
+    the first piece; its first token then comes ``takeover_s`` plus the catch-up of every covered
+    token later). Returns the longest gap in intervals, the cloud tokens received, the pieces shown
+    before the takeover and the cloud requests made."""
+    from edgeserve.handoff.refill import Refill
+
+    assert isinstance(r, Refill)
+    dt = r.tpot_s / 50
+    received = r.ask(0, 0, max_tokens)
+    queue, shown, pending, asks, t = received - 1, [0.0], None, 1, 0.0
+    while t < takeover_at:
+        t += dt
+        if pending is not None and pending[0] <= t:
+            queue, received, pending = queue + pending[1], received + pending[1], None
+        if queue and t >= shown[-1] + r.tpot_s:
+            shown.append(t)
+            queue -= 1
+        if pending is None and (n := r.ask(queue, received, max_tokens - received)):
+            pending, asks = (t + r.latency_s, n), asks + 1
+    before = len(shown)
+    device_first = t + r.takeover_s + r.catch_up_s_per_token * received  # the open continuation is closed
+    for _ in range(queue):
+        shown.append(shown[-1] + r.tpot_s)
+    if received < max_tokens:
+        shown.append(max(device_first, shown[-1]))
+    gaps = [b - a for a, b in itertools.pairwise(shown)]
+    return max(gaps) / r.tpot_s, received, before, asks
+
+
+@pytest.mark.parametrize("takeover_at", [0.3, 1.0, 3.0, 10.0, 30.0])
+def test_refill_never_lets_the_stream_stall_and_asks_little_beyond_the_need(takeover_at: float) -> None:
+    from edgeserve.handoff.refill import Refill
+
+    r = Refill(tpot_s=0.2, latency_s=0.5, takeover_s=0.6, catch_up_s_per_token=0.03)
+    gap, received, before, asks = _topped_up(r, takeover_at)
+    assert gap <= 1.05  # the pacer's interval (plus the simulation's step), wherever the takeover falls
+    # At the takeover the cloud has sent what was shown, what the takeover needs, and the overhead.
+    assert received - before <= r.low_water(received) + r.overhead
+    assert asks <= 1 + before / 2  # one continuation every few pieces at most
+
+
+def test_refill_stops_at_max_tokens() -> None:
+    from edgeserve.handoff.refill import Refill
+
+    r = Refill(tpot_s=0.2, latency_s=0.5, takeover_s=0.6, catch_up_s_per_token=0.03)
+    gap, received, _, _ = _topped_up(r, 1000.0, max_tokens=40)  # the device never takes over
+    assert received == 40 and gap <= 1.05
+
+
+def test_measured_continuation_latency_sets_the_low_water_mark() -> None:
+    from edgeserve.handoff.planner import refill
+    from edgeserve.handoff.telemetry import Telemetry
+    from edgeserve.service import ServiceModel
+
+    telemetry = Telemetry()
+    service = ServiceModel(prefill_tok_s=100.0, decode_tok_s=5.0)
+    prior = refill(ask(1000), telemetry.measured(service))
+    assert prior.latency_s == pytest.approx(telemetry.measured(service).cloud_rtt_s)  # a round trip
+    telemetry.continued(0.8)
+    measured = refill(ask(1000), telemetry.measured(service))
+    assert measured.latency_s == pytest.approx(0.8) and measured.low_water(0) > prior.low_water(0)

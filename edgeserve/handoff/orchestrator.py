@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any, NamedTuple
 
 from edgeserve.engine import AsyncRequestHandle, Engine, Handle, RequestHandle, sampling_params
-from edgeserve.handoff import planner
+from edgeserve.handoff import device, planner
 from edgeserve.handoff.backlog import Backlog
 from edgeserve.handoff.cloud import request_body
 from edgeserve.handoff.session import HandoffReport, KvStarter, Session
@@ -84,6 +84,10 @@ class Handoff:
             cloud_allowed=not why,
             why_not=why,
             device_queue_s=self._device_queue_s(),
+            cloud_token_share=self.settings.cloud_token_share,
+            # A chat turn cannot be extended portably, and a continuation's penalties would not count
+            # the tokens before it: those are asked for with a margin instead of topped up.
+            cloud_continues=kind == "text" and not device.has_penalties(request.params),
         )
         measured = self.telemetry.measured(self.engine.service)
         if not (self.settings.kv_handoff and self.kv_fetcher is not None):
@@ -197,7 +201,7 @@ class Handoff:
         if plan.route is planner.Route.LOCAL:
             return self._local(request, plan, priority, prompt, messages, out)
         cloud_call = None
-        if plan.route.uses_tokens:
+        if plan.route.uses_tokens and plan.cloud_max_tokens > 0:  # 0: token+kv whose answer would come too late
             text = prompt if isinstance(prompt, str) else None
             cloud_call = request_body(
                 self.cloud_model, request.params, plan.cloud_max_tokens, prompt=text, messages=messages

@@ -16,12 +16,31 @@ work queued ahead of this request, which its own prefill and a KV load wait behi
                comes one round trip (or as measured) after the cloud's prefill; takeover = the earlier of kv's
                (plus the catch-up) and token's
 
+When token+kv's answer would come only after the KV state (a short prompt: the cloud, busy
+sending the state, answers after it), its answer shows nothing: it is predicted as kv's first
+token, with cloud tokens, so kv wins the tie.
+
 The cloud tokens a route costs are those the cloud generates before the takeover closes its
-stream. The cloud decodes far faster than the pacer shows, so that is the cap the planner asks
-for: the tokens shown between the first token and the predicted takeover (at the device's decode
-rate), with a margin. Among the routes that meet the TTFT target the planner takes the one with
-the fewest cloud tokens (the cloud's work is what costs money); when none meets it, the fastest.
-A request that the device alone answers within the target stays local unless the mode is ``always``.
+stream: the tokens shown from the first token until the device's first token, at the device's
+decode rate (the cloud decodes far faster than the pacer shows, so it generates all it is asked
+for). That is the first ask; when the takeover comes later, the session asks the cloud to continue
+(``refill``) rather than let the stream stall. A request whose cloud answer cannot be continued
+exactly (chat: no portable way to extend an assistant turn; penalties: the cloud would not count the
+earlier tokens) is asked for the predicted tokens with a margin instead.
+
+The choice, in order:
+
+1. ``off``, an opted-out request or no cloud: local. A request the device alone answers within the
+   TTFT target stays local too, unless the mode is ``always``.
+2. The cloud-token budget (``Ask.cloud_token_share`` of ``max_tokens``; the issue's 10%): among
+   the routes that meet the TTFT target and fit the budget, the fewest cloud tokens (the cloud's
+   work is what costs money), then the earliest first token.
+3. When no route within the budget meets the target but one over it does, the target wins: the
+   route that meets it with the fewest cloud tokens. The target is what the user asked of this
+   request; the budget is a cost preference.
+4. When no route meets the target, the budget holds: among local and the routes within the budget,
+   those within a tolerance of the fastest compete on cloud tokens. A cloud route over the budget
+   is used then only in the ``always`` mode (when none fits it: the fewest cloud tokens).
 """
 
 from __future__ import annotations
@@ -32,13 +51,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from edgeserve.handoff.refill import Refill
+
 #: Seconds to load a restored KV blob, per token (llama.cpp: ~11 ms for 500 tokens, PLATFORM-NOTES),
 #: on a device that prefills ``RESTORE_REFERENCE_TOK_S``; a slower device loads it slower in proportion
 #: (the decoding of the wire, and the copy into the cache, are CPU work like the prefill).
 RESTORE_S_PER_TOKEN = 2.5e-5
 RESTORE_REFERENCE_TOK_S = 400.0
-#: Cloud tokens asked for beyond the predicted need: the device may be slower than predicted, and a
-#: cloud stream that runs dry before takeover is a stall the user sees.
+#: Cloud tokens asked for beyond the predicted need when the answer cannot be topped up (``refill``):
+#: the device may be slower than predicted, and a cloud stream that runs dry before takeover is a stall
+#: the user sees.
 CLOUD_TOKEN_MARGIN = 1.5
 #: token+kv: the takeover waits for the KV state, whose arrival (cloud prefill, link) is predicted
 #: better than the device's own prefill of a long prompt (its rate falls with the prompt's length).
@@ -104,6 +126,9 @@ class Measured:
     #: token+kv: seconds from the KV job's first bytes to the answer's first token, as measured
     #: (None: not yet; one round trip).
     answer_after_kv_s: float | None = None
+    #: Seconds from asking the cloud to continue an answer to its first piece, as measured (None:
+    #: not yet; a round trip plus the cloud's fixed cost per answer).
+    continue_s: float | None = None
 
     def device_prefill_s(self, tokens: float, start: float = 0.0) -> float:
         """Seconds for the device to evaluate ``tokens`` after ``start`` already in its cache."""
@@ -152,6 +177,11 @@ class Ask:
     why_not: str = ""
     #: Seconds of device work queued and running ahead of this request (its prefill waits for it).
     device_queue_s: float = 0.0
+    #: The cloud-token budget: the share of ``max_tokens`` the cloud may generate (rule 2).
+    cloud_token_share: float = 0.10
+    #: The cloud's answer can be continued exactly (a text prompt without penalties): the session
+    #: tops it up (``refill``) instead of asking for a margin up front.
+    cloud_continues: bool = True
 
 
 @dataclass(frozen=True)
@@ -168,10 +198,13 @@ class Plan:
     route: Route
     predicted_ttft_s: float
     local_ttft_s: float
-    #: Cap on the tokens asked of the cloud (0 for local and KV-only).
+    #: Tokens asked of the cloud first (0 for local and KV-only).
     cloud_max_tokens: int
     reason: str
     options: tuple[Option, ...] = ()
+    #: When to ask the cloud to continue (None: the answer cannot be continued; the first ask
+    #: then has a margin).
+    refill: Refill | None = None
 
 
 def options(ask: Ask, m: Measured) -> list[Option]:
@@ -185,7 +218,8 @@ def options(ask: Ask, m: Measured) -> list[Option]:
         return out
     cloud_ttft = m.cloud_rtt_s + m.cloud_prefill_s(n)
     token_takeover = _caught_up(local_prefill, cloud_ttft, tpot, m, n)
-    out.append(_cloud_option(Route.TOKEN, cloud_ttft, token_takeover, tpot, ask.max_tokens))
+    topup = refill(ask, m) if ask.cloud_continues else None
+    out.append(_cloud_option(Route.TOKEN, cloud_ttft, token_takeover, tpot, ask.max_tokens, topup))
     if m.kv_available:
         restore = n * _restore_s_per_token(m)
         kv_first = m.cloud_rtt_s + m.kv_prefill_s(n)
@@ -194,8 +228,15 @@ def options(ask: Ask, m: Measured) -> list[Option]:
         # The answer is asked for once the KV job's first bytes show the cloud has prefilled: one
         # more round trip, and its own prefill is a prefix-cache hit.
         both_ttft = kv_first + (m.cloud_rtt_s if m.answer_after_kv_s is None else m.answer_after_kv_s)
+        if both_ttft >= kv_ready + tpot:
+            # The answer would come after the device's first token from the KV state (on a short
+            # prompt the cloud, busy sending the state, answers after it): it would show nothing
+            # and only slow the KV job down, so it is not asked for (``_cap``: 0) and the route is
+            # kv's, listed after it (a tie goes to kv).
+            out.append(Option(Route.TOKEN_KV, kv_ready + tpot, kv_ready, 0))
+            return out
         both = min(token_takeover, _caught_up(kv_ready, both_ttft, tpot, m, n))
-        out.append(_cloud_option(Route.TOKEN_KV, both_ttft, both, tpot, ask.max_tokens))
+        out.append(_cloud_option(Route.TOKEN_KV, both_ttft, both, tpot, ask.max_tokens, topup))
     return out
 
 
@@ -212,13 +253,31 @@ def _caught_up(ready: float, first_token: float, tpot: float, m: Measured, n: in
     return ready + m.device_prefill_s(shown, n)
 
 
-def _cloud_option(route: Route, ttft: float, takeover: float, tpot: float, max_tokens: int) -> Option:
-    tokens = min(max(math.ceil((takeover - ttft) / tpot), 1), max_tokens)
-    return Option(route, ttft, takeover, tokens)
+def _cloud_option(
+    route: Route, ttft: float, takeover: float, tpot: float, max_tokens: int, topup: Refill | None
+) -> Option:
+    """The cloud tokens a route costs: those shown from the first token until the device's first
+    one (a decode step after the takeover), plus what topping up keeps queued beyond them
+    (``Refill.overhead``) or, when the answer cannot be continued, the margin asked for up front."""
+    need = max(math.ceil((takeover - ttft) / tpot) + 1, 1)
+    if topup is not None:
+        tokens = need + topup.overhead
+    else:
+        margin = CLOUD_TOKEN_MARGIN_KV if route.uses_kv else CLOUD_TOKEN_MARGIN
+        tokens = math.ceil(need * margin) + CLOUD_TOKEN_SLACK
+    return Option(route, ttft, takeover, min(tokens, max_tokens))
+
+
+def refill(ask: Ask, m: Measured) -> Refill:
+    """The session's top-up rule for this request (``refill``), from the same measurements."""
+    n = ask.prompt_tokens
+    latency = m.cloud_rtt_s + m.cloud_fixed_s if m.continue_s is None else m.continue_s
+    tpot = 1.0 / m.device_decode_tok_s
+    return Refill(tpot, latency, n * _restore_s_per_token(m) + tpot, m.device_prefill_s(1, n))
 
 
 def plan(ask: Ask, m: Measured) -> Plan:
-    """Choose a route for ``ask`` (see the module docstring for the rule)."""
+    """Choose a route for ``ask`` (the rules in the module docstring)."""
     found = options(ask, m)
     local = found[0]
     if ask.mode == "off" or len(found) == 1:
@@ -226,34 +285,54 @@ def plan(ask: Ask, m: Measured) -> Plan:
         return Plan(Route.LOCAL, local.ttft_s, local.ttft_s, 0, why, tuple(found))
     if ask.mode != "always" and local.ttft_s <= ask.ttft_target_s:
         return Plan(Route.LOCAL, local.ttft_s, local.ttft_s, 0, "device meets the TTFT target", tuple(found))
-    remote = found[1:]
+    best, reason = _choose(ask, found)
+    topup = refill(ask, m) if ask.cloud_continues else None
+    cap = _cap(best.route, found, ask.max_tokens, topup)
+    return Plan(best.route, best.ttft_s, local.ttft_s, cap, reason, tuple(found), topup)
+
+
+def _choose(ask: Ask, found: Sequence[Option]) -> tuple[Option, str]:
+    """Rules 2-4 (module docstring) over the routes ``found``, local first."""
+    local, remote = found[0], found[1:]
+    budget = ask.cloud_token_share * ask.max_tokens
+    within = [o for o in remote if o.cloud_tokens <= budget]
     meeting = [o for o in remote if o.ttft_s <= ask.ttft_target_s]
+    if any(o in within for o in meeting):
+        best = min((o for o in meeting if o in within), key=lambda o: (o.cloud_tokens, o.ttft_s))
+        return best, "fewest cloud tokens within the TTFT target"
     if meeting:
         best = min(meeting, key=lambda o: (o.cloud_tokens, o.ttft_s))
-        reason = "fewest cloud tokens within the TTFT target"
+        return best, "over the cloud-token budget: no route within it meets the TTFT target"
+    # None meets the target: the fastest, but a first token a round trip later is not worth many
+    # more cloud tokens, so the routes within a tolerance of the fastest compete on those.
+    if ask.mode == "always":
+        pool = within or [min(remote, key=lambda o: (o.cloud_tokens, o.ttft_s))]
     else:
-        # None meets the target: the fastest, but a first token a round trip later is not worth
-        # many more cloud tokens, so the routes within a tolerance of the fastest compete on those.
-        fastest = min(o.ttft_s for o in remote)
-        close = [o for o in remote if o.ttft_s <= fastest * (1 + TTFT_TOLERANCE) + TTFT_TOLERANCE_S]
-        best = min(close, key=lambda o: (o.cloud_tokens, o.ttft_s))
-        reason = "fastest first token, fewest cloud tokens among the near-fastest (none meets the target)"
-        if ask.mode != "always" and best.ttft_s >= local.ttft_s:
-            return Plan(Route.LOCAL, local.ttft_s, local.ttft_s, 0, "the cloud would not be faster", tuple(found))
-    return Plan(best.route, best.ttft_s, local.ttft_s, _cap(best.route, found, ask.max_tokens), reason, tuple(found))
+        pool = [local, *within]
+    fastest = min(o.ttft_s for o in pool)
+    close = [o for o in pool if o.ttft_s <= fastest * (1 + TTFT_TOLERANCE) + TTFT_TOLERANCE_S]
+    best = min(close, key=lambda o: (o.cloud_tokens, o.ttft_s))
+    if best.route is Route.LOCAL:
+        why = "the cloud would not be faster" if within else "every cloud route breaks the cloud-token budget"
+        return best, why
+    return best, "fastest first token within the cloud-token budget, fewest cloud tokens among the near-fastest"
 
 
-def _cap(route: Route, found: Sequence[Option], max_tokens: int) -> int:
-    """Cloud tokens to ask for: those the pacer shows until the route's predicted takeover, with a
-    margin. The cloud decodes faster than the pacer shows, so it generates the whole cap before the
-    takeover closes its stream: the cap is the cloud's cost. (token+kv: if the KV state comes late,
-    the stream can run dry before the device has the prompt; the device then starts its own
-    prefill, ``session.KV_LATE_FACTOR``.)"""
+def _cap(route: Route, found: Sequence[Option], max_tokens: int, topup: Refill | None) -> int:
+    """Cloud tokens to ask for first: the route's predicted cloud tokens (``_cloud_option``), and
+    with top-ups no more than fill the pacer's queue from empty (``Refill.ask``): the session asks
+    for more while the device has not taken over. Without top-ups the prediction has a margin
+    (token+kv: if the KV state comes late, the stream can still run dry before the device has the
+    prompt; the device then starts its own prefill, ``session.KV_LATE_FACTOR``). The cloud decodes
+    faster than the pacer shows, so it generates all it is asked for: this is the cloud's cost."""
     if not route.uses_tokens:
         return 0
     option = next(o for o in found if o.route is route)
-    margin = CLOUD_TOKEN_MARGIN_KV if route.uses_kv else CLOUD_TOKEN_MARGIN
-    return min(math.ceil(option.cloud_tokens * margin) + CLOUD_TOKEN_SLACK, max_tokens)
+    if option.cloud_tokens == 0:
+        return 0  # token+kv whose answer would come after the KV state: not asked for
+    if topup is not None:
+        return max(min(option.cloud_tokens, topup.ask(0, 0, max_tokens)), 1)
+    return min(option.cloud_tokens, max_tokens)
 
 
 def forced(plan: Plan, route: Route) -> Plan:
@@ -262,5 +341,5 @@ def forced(plan: Plan, route: Route) -> Plan:
     option = next((o for o in plan.options if o.route is route), None)
     if option is None:
         raise ValueError(f"route {route.value} is not possible for this request")
-    cap = _cap(route, plan.options, 1 << 30)
-    return Plan(route, option.ttft_s, plan.local_ttft_s, cap, f"forced {route.value}", plan.options)
+    cap = _cap(route, plan.options, 1 << 30, plan.refill)
+    return Plan(route, option.ttft_s, plan.local_ttft_s, cap, f"forced {route.value}", plan.options, plan.refill)

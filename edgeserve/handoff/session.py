@@ -8,6 +8,11 @@ cloud prefills the prompt once, not twice side by side. Everything that happens 
 message in one inbox, and this thread alone acts on it:
 
 - a cloud delta goes to the pacer (one delta late: the newest may still change at the seam);
+- the cloud's answer is asked for a little at a time (``refill``): when it ended at its cap, the
+  device has not taken over and the pacer's queue falls below the low-water mark, the cloud is asked
+  to continue (the prompt plus the answer so far; the newest delta, not shown yet, is dropped and
+  generated again), so the stream never runs dry while the cloud generates little beyond what is
+  shown;
 - the first KV blob ready (the device's own or the cloud's) is the takeover: the cloud stream is
   closed, the seam found (``seam.find_seam``), and the device continues from the blob with the
   covered cloud tokens appended to the prompt;
@@ -85,6 +90,8 @@ class HandoffReport:
     kv_started_s: float | None = None
     #: Seconds from the start to the whole KV state's arrival (None: none came).
     kv_arrived_s: float | None = None
+    #: Answers asked of the cloud: the first and its continuations (``refill``).
+    cloud_requests: int = 0
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,13 @@ class Session:
         self._device_result: GenerationResult | None = None
         self._finish_override: FinishReason | None = None
         self._cloud_tokens = self._kept = self._kv_bytes = 0
+        # Top-ups (``refill``): only for a text prompt without penalties (the orchestrator plans so).
+        self._refill = plan.refill if cloud_call is not None and "prompt" in cloud_call[1] else None
+        self._cloud_idle = False  # the cloud's last answer ended at its cap: it may be continued
+        self._continue_at: float | None = None  # when the pending continuation was asked for
+        self._answer_timed = False
+        self._dropped = 0  # held deltas dropped at a continuation: generated, never shown
+        self._cloud_requests = 0
         self._started = self._first = self._last = 0.0
         self._first_set = False
         self._takeover_at: float | None = None
@@ -203,6 +217,7 @@ class Session:
                     self._start_local()  # the KV state is late: the device starts on its own
                     self._start_cloud()
                 self._release(self._clock())
+                self._top_up()
                 if self._ready_to_finish():
                     self._finish()
         except BaseException as exc:
@@ -232,6 +247,7 @@ class Session:
         if self._cloud_call is not None and self._cloud is None and self._phase == "cloud":
             path, body = self._cloud_call
             self._cloud = CloudStream(self._settings, path, body, self._inbox.put, clock=self._clock)
+            self._cloud_requests += 1
 
     def _start_local(self) -> None:
         self._local_at = None
@@ -258,33 +274,71 @@ class Session:
         if self._phase != "cloud":
             return
         if isinstance(message, CloudDelta):
-            # With the KV job first (token+kv) its first bytes timed the cloud's prefill; this answer
-            # was asked for later and found the prompt cached: no measure of the prefill rate.
-            if not self._received and self._kv_start is None:
-                self._telemetry.cloud_ttft(len(self._request.prompt_tokens), message.at - self._started)
-            elif not self._received and self._kv_started_at is not None:
-                self._telemetry.answer_after_kv(message.at - self._kv_started_at)
+            self._time_cloud(message.at)
             self._received.append(message.text)
             if self._held is not None:
                 self._pacer.push(Piece(self._held, cloud=True))
             self._held = message.text
         elif isinstance(message, CloudEnd):
             self._cloud_finish = message.finish_reason
-            cap = self._plan.cloud_max_tokens
-            if message.finish_reason != "length" or cap >= self._request.max_tokens:
+            if message.finish_reason != "length":
+                self._cloud_completes()
+            elif self._refill is not None:
+                if self._count("".join(self._received)) >= self._request.max_tokens:
+                    self._cloud_completes()
+                else:
+                    self._cloud_idle = True  # ``_top_up`` asks for more when the queue runs low
+            elif self._plan.cloud_max_tokens >= self._request.max_tokens:
                 self._cloud_completes()
         else:
             self._cloud_error = str(message.error)
             self._telemetry.cloud_failed()
             log.info("%s: the cloud failed, the device goes on alone: %s", self._request.request_id, message.error)
 
+    def _time_cloud(self, at: float) -> None:
+        """Telemetry from an answer's first delta."""
+        if self._continue_at is not None:
+            self._telemetry.continued(at - self._continue_at)
+            self._continue_at = None
+        elif not self._answer_timed:
+            self._answer_timed = True
+            # With the KV job first (token+kv) its first bytes timed the cloud's prefill; this answer
+            # was asked for later and found the prompt cached: no measure of the prefill rate.
+            if self._kv_start is None:
+                self._telemetry.cloud_ttft(len(self._request.prompt_tokens), at - self._started)
+            elif self._kv_started_at is not None:
+                self._telemetry.answer_after_kv(at - self._kv_started_at)
+
+    def _count(self, text: str) -> int:
+        return len(self._engine.tokenize(text, add_bos=False)) if text else 0
+
+    def _top_up(self) -> None:
+        """Ask the cloud to continue its answer when the pacer's queue runs low (``refill``)."""
+        if self._refill is None or not self._cloud_idle or self._phase != "cloud" or self._cloud_call is None:
+            return
+        kept = self._received[:-1] if self._held is not None else self._received
+        received = self._count("".join(kept))
+        tokens = self._refill.ask(len(self._pacer), received, self._request.max_tokens - received)
+        if tokens <= 0:
+            return
+        if self._held is not None:  # not shown yet: the continuation generates it again
+            self._received.pop()
+            self._held = None
+            self._dropped += 1
+        path, body = self._cloud_call
+        body = {**body, "prompt": str(body["prompt"]) + "".join(self._received), "max_tokens": tokens}
+        self._cloud_idle = False
+        self._continue_at = self._clock()
+        self._cloud = CloudStream(self._settings, path, body, self._inbox.put, clock=self._clock)
+        self._cloud_requests += 1
+
     def _cloud_completes(self) -> None:
         """The cloud's answer is whole (it ended, not at the planner's cap): show it, stop the device."""
         if self._held is not None:
             self._pacer.push(Piece(self._held, cloud=True))
             self._held = None
-        received = "".join(self._received)
-        self._cloud_tokens = self._kept = len(self._engine.tokenize(received, add_bos=False)) if received else 0
+        self._kept = self._count("".join(self._received))
+        self._cloud_tokens = self._kept + self._dropped
         self._phase, self._taken_by = "cloud_final", "cloud"
         if self._cloud_finish == "length":
             self._finish_override = FinishReason.LENGTH
@@ -334,7 +388,7 @@ class Session:
             lambda text: self._engine.tokenize(text, add_bos=False),
             self._engine.backend.detokenize,
         )
-        self._cloud_tokens = len(self._engine.tokenize(received, add_bos=False)) if received else 0
+        self._cloud_tokens = self._count(received) + self._dropped
         self._pacer.drain()  # cloud text not shown yet: re-queued below up to the covered part only
         self._held = None
         for piece in _split(seam.to_show, self._received, len(self._committed)):
@@ -477,6 +531,7 @@ class Session:
             seam_diverged=self._overlap.diverged,
             kv_started_s=None if self._kv_started_at is None else self._kv_started_at - self._started,
             kv_arrived_s=None if self._kv_arrived_at is None else self._kv_arrived_at - self._started,
+            cloud_requests=self._cloud_requests,
         )
 
     def _stop_all(self) -> None:

@@ -59,6 +59,7 @@ class Telemetry:
         # trip its first token waits for the cloud, busy packing the KV state (0.2-0.6 s measured).
         self._answer_after_kv = _Ewma(0.0)
         self._restore = _Ewma(0.0)  # seconds per token; unseen: the planner's own estimate
+        self._continue = _Ewma(0.0)  # a top-up's first piece after it was asked for (``refill``)
         self.kv_available = False
 
     def cloud_ttft(self, prompt_tokens: int, seconds: float) -> None:
@@ -90,6 +91,13 @@ class Telemetry:
         if seconds > 0:
             with self._lock:
                 self._answer_after_kv.add(seconds)
+
+    def continued(self, seconds: float) -> None:
+        """A continuation of a cloud answer (a top-up) sent its first piece ``seconds`` after it was asked."""
+        if seconds > 0:
+            with self._lock:
+                self._down_until = float("-inf")
+                self._continue.add(seconds)
 
     def kv_transfer(self, prompt_tokens: int, wire_bytes: int, seconds: float) -> None:
         """A KV state of ``prompt_tokens`` took ``wire_bytes`` and ``seconds`` (first to last byte)."""
@@ -139,4 +147,5 @@ class Telemetry:
                 restore_s_per_token=self._restore.value if self._restore.seen else None,
                 kv_points=points,
                 answer_after_kv_s=self._answer_after_kv.value if self._answer_after_kv.seen else None,
+                continue_s=self._continue.value if self._continue.seen else None,
             )
