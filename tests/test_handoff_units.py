@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
@@ -433,8 +434,11 @@ def test_refill_never_lets_the_stream_stall_and_asks_little_beyond_the_need(take
     r = Refill(tpot_s=0.2, latency_s=0.5, takeover_s=0.6, catch_up_s_per_token=0.03)
     gap, received, before, asks = _topped_up(r, takeover_at)
     assert gap <= 1.05  # the pacer's interval (plus the simulation's step), wherever the takeover falls
-    # At the takeover the cloud has sent what was shown, what the takeover needs, and the overhead.
+    # At the takeover the cloud has sent what was shown, what the takeover needs, and the overhead:
+    # at most what the planner counts (``Refill.max_excess`` beyond the pieces until the device's first).
     assert received - before <= r.low_water(received) + r.overhead
+    need = math.ceil((r.takeover_s + r.catch_up_s_per_token * received) / r.tpot_s) + 1
+    assert received - before - need <= r.max_excess
     assert asks <= 1 + before / 2  # one continuation every few pieces at most
 
 
@@ -458,3 +462,25 @@ def test_measured_continuation_latency_sets_the_low_water_mark() -> None:
     telemetry.continued(0.8)
     measured = refill(ask(1000), telemetry.measured(service))
     assert measured.latency_s == pytest.approx(0.8) and measured.low_water(0) > prior.low_water(0)
+
+
+def test_token_kv_predicts_its_kv_state_slowed_by_the_answer_beside_it() -> None:
+    from edgeserve.handoff.telemetry import Telemetry
+    from edgeserve.service import ServiceModel
+
+    telemetry = Telemetry()
+    telemetry.kv_available = True
+    service = ServiceModel(prefill_tok_s=40.0, decode_tok_s=5.0)
+    telemetry.kv_transfer(1024, 5_000_000, 0.5)  # alone: 10 MB/s
+    before = {o.route: o for o in plan(ask(1024), telemetry.measured(service)).options}
+    telemetry.kv_transfer(1024, 5_000_000, 1.0, beside_answer=True)  # beside the answer: half the rate
+    m = telemetry.measured(service)
+    assert m.link_bytes_s == pytest.approx(10e6) and m.link_bytes_s_beside_answer == pytest.approx(5e6)
+    after = {o.route: o for o in plan(ask(1024), m).options}
+    assert after[Route.KV] == before[Route.KV]  # kv alone is not slowed
+    late, early = after[Route.TOKEN_KV].takeover_s, before[Route.TOKEN_KV].takeover_s
+    assert late is not None and early is not None
+    slower = m.kv_bytes(1024) / 5e6 - m.kv_bytes(1024) / 10e6
+    assert slower <= late - early <= 1.2 * slower  # plus the catch-up of the tokens shown meanwhile
+    # ...so the cloud streams longer before the takeover: more cloud tokens predicted.
+    assert after[Route.TOKEN_KV].cloud_tokens > before[Route.TOKEN_KV].cloud_tokens

@@ -54,12 +54,13 @@ def probe(settings: CloudSettings, backend: str, model_file: Path | None, teleme
 
 def fetcher(
     settings: CloudSettings, telemetry: Telemetry, quantize: bool = True
-) -> Callable[[Sequence[int]], KvStarter]:
-    """A function that, given a request's tokens, returns the starter of its KV fetch."""
+) -> Callable[[Sequence[int], bool], KvStarter]:
+    """A function that, given a request's tokens and whether the cloud streams its answer beside
+    the KV state (token+kv), returns the starter of its KV fetch."""
 
-    def for_tokens(tokens: Sequence[int]) -> KvStarter:
+    def for_tokens(tokens: Sequence[int], beside_answer: bool) -> KvStarter:
         def start(deliver: Callable[[KvStarted | KvArrived], None]) -> Callable[[], None]:
-            fetch = _Fetch(settings, telemetry, list(tokens), quantize, deliver)
+            fetch = _Fetch(settings, telemetry, list(tokens), quantize, deliver, beside_answer)
             return fetch.close
 
         return start
@@ -75,8 +76,9 @@ class _Fetch:
         tokens: list[int],
         quantize: bool,
         deliver: Callable[[KvStarted | KvArrived], None],
+        beside_answer: bool,
     ) -> None:
-        self._settings, self._telemetry = settings, telemetry
+        self._settings, self._telemetry, self._beside_answer = settings, telemetry, beside_answer
         self._tokens, self._quantize, self._deliver = tokens, quantize, deliver
         self._closed = threading.Event()
         self._decoder = Decoder()
@@ -118,6 +120,8 @@ class _Fetch:
                 self._deliver(KvArrived(None, self._decoder.wire_bytes, f"{type(exc).__name__}: {exc}"))
             return
         if first is not None:
-            self._telemetry.kv_transfer(len(self._tokens), self._decoder.wire_bytes, time.monotonic() - first)
+            seconds = time.monotonic() - first
+            wire = self._decoder.wire_bytes
+            self._telemetry.kv_transfer(len(self._tokens), wire, seconds, beside_answer=self._beside_answer)
         if not self._closed.is_set():
             self._deliver(KvArrived(blob, self._decoder.wire_bytes))

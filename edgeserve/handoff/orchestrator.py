@@ -56,7 +56,7 @@ class Handoff:
         self.listeners: list[Callable[[HandoffReport], None]] = []
         #: Starts a KV fetch for a request's tokens (set by ``kvwire`` once the cloud proves to be an
         #: edgeserve on the same model).
-        self.kv_fetcher: Callable[[Sequence[int]], KvStarter] | None = None
+        self.kv_fetcher: Callable[[Sequence[int], bool], KvStarter] | None = None
         model = engine.model.name if engine.model is not None else engine.capabilities.model
         self.cloud_model = settings.cloud_model or model
         if settings.kv_handoff and settings.cloud and engine.capabilities.kv_state:
@@ -206,7 +206,9 @@ class Handoff:
             cloud_call = request_body(
                 self.cloud_model, request.params, plan.cloud_max_tokens, prompt=text, messages=messages
             )
-        kv_start = self.kv_fetcher(request.prompt_tokens) if plan.route.uses_kv and self.kv_fetcher else None
+        kv_start = None
+        if plan.route.uses_kv and self.kv_fetcher is not None:
+            kv_start = self.kv_fetcher(request.prompt_tokens, cloud_call is not None)
         session = Session(
             self.engine,
             self.settings,

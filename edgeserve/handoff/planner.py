@@ -129,6 +129,9 @@ class Measured:
     #: Seconds from asking the cloud to continue an answer to its first piece, as measured (None:
     #: not yet; a round trip plus the cloud's fixed cost per answer).
     continue_s: float | None = None
+    #: token+kv: the KV state's rate while the cloud also streams the answer (slower: the cloud's
+    #: engine interleaves the two); None: not measured yet, ``link_bytes_s``.
+    link_bytes_s_beside_answer: float | None = None
 
     def device_prefill_s(self, tokens: float, start: float = 0.0) -> float:
         """Seconds for the device to evaluate ``tokens`` after ``start`` already in its cache."""
@@ -235,7 +238,9 @@ def options(ask: Ask, m: Measured) -> list[Option]:
             # kv's, listed after it (a tie goes to kv).
             out.append(Option(Route.TOKEN_KV, kv_ready + tpot, kv_ready, 0))
             return out
-        both = min(token_takeover, _caught_up(kv_ready, both_ttft, tpot, m, n))
+        beside = m.link_bytes_s if m.link_bytes_s_beside_answer is None else m.link_bytes_s_beside_answer
+        both_ready = max(kv_first + m.kv_bytes(n) / beside, queue) + restore
+        both = min(token_takeover, _caught_up(both_ready, both_ttft, tpot, m, n))
         out.append(_cloud_option(Route.TOKEN_KV, both_ttft, both, tpot, ask.max_tokens, topup))
     return out
 
@@ -257,11 +262,12 @@ def _cloud_option(
     route: Route, ttft: float, takeover: float, tpot: float, max_tokens: int, topup: Refill | None
 ) -> Option:
     """The cloud tokens a route costs: those shown from the first token until the device's first
-    one (a decode step after the takeover), plus what topping up keeps queued beyond them
-    (``Refill.overhead``) or, when the answer cannot be continued, the margin asked for up front."""
+    one (a decode step after the takeover), plus the most that topping up keeps queued beyond them
+    (``Refill.max_excess``: the budget is a promise, so the bound, not the average) or, when the
+    answer cannot be continued, the margin asked for up front."""
     need = max(math.ceil((takeover - ttft) / tpot) + 1, 1)
     if topup is not None:
-        tokens = need + topup.overhead
+        tokens = need + topup.max_excess
     else:
         margin = CLOUD_TOKEN_MARGIN_KV if route.uses_kv else CLOUD_TOKEN_MARGIN
         tokens = math.ceil(need * margin) + CLOUD_TOKEN_SLACK

@@ -17,9 +17,10 @@ the cloud's prefix cache holds) for a few more tokens. The mark covers
 
 A continuation refills the queue to the mark plus ``overhead`` pieces (those shown while a
 continuation comes, plus one): asked when the queue is just below the mark, it brings more than its
-own latency shows, so the next is asked for only after it arrived. The cloud then generates about
-``overhead`` tokens beyond what the takeover needs: that is what never stalling costs, and what the
-planner adds to a topped-up route's predicted cloud tokens.
+own latency shows, so the next is asked for only after it arrived. At a takeover the cloud has then
+sent what was shown, what the takeover needs, and at most the mark's latency part plus the
+overhead beyond: ``2 * overhead`` tokens at most (``max_excess``), what never stalling costs and
+what the planner adds to a topped-up route's predicted cloud tokens.
 
 Invariant: a continuation is asked for only when the previous cloud answer has ended (one cloud
 request in flight at most), and never for more tokens than the request has left.
@@ -54,6 +55,11 @@ class Refill:
     def overhead(self) -> int:
         """Pieces shown while a continuation comes, plus one."""
         return math.ceil(self.latency_s / self.tpot_s) + 1
+
+    @property
+    def max_excess(self) -> int:
+        """Most cloud tokens received at a takeover beyond those shown until the device's first token."""
+        return 2 * self.overhead
 
     def ask(self, queued: int, received: int, left: int) -> int:
         """Tokens to ask the cloud for now (0: none), with ``queued`` pieces in the pacer,

@@ -10,9 +10,9 @@ message in one inbox, and this thread alone acts on it:
 - a cloud delta goes to the pacer (one delta late: the newest may still change at the seam);
 - the cloud's answer is asked for a little at a time (``refill``): when it ended at its cap, the
   device has not taken over and the pacer's queue falls below the low-water mark, the cloud is asked
-  to continue (the prompt plus the answer so far; the newest delta, not shown yet, is dropped and
-  generated again), so the stream never runs dry while the cloud generates little beyond what is
-  shown;
+  to continue (the prompt plus the answer so far, re-tokenized by the cloud as the device
+  re-tokenizes it at the seam), so the stream never runs dry while the cloud generates little
+  beyond what is shown;
 - the first KV blob ready (the device's own or the cloud's) is the takeover: the cloud stream is
   closed, the seam found (``seam.find_seam``), and the device continues from the blob with the
   covered cloud tokens appended to the prompt;
@@ -178,7 +178,6 @@ class Session:
         self._cloud_idle = False  # the cloud's last answer ended at its cap: it may be continued
         self._continue_at: float | None = None  # when the pending continuation was asked for
         self._answer_timed = False
-        self._dropped = 0  # held deltas dropped at a continuation: generated, never shown
         self._cloud_requests = 0
         self._started = self._first = self._last = 0.0
         self._first_set = False
@@ -316,15 +315,11 @@ class Session:
         """Ask the cloud to continue its answer when the pacer's queue runs low (``refill``)."""
         if self._refill is None or not self._cloud_idle or self._phase != "cloud" or self._cloud_call is None:
             return
-        kept = self._received[:-1] if self._held is not None else self._received
-        received = self._count("".join(kept))
+        received = self._count("".join(self._received))
         tokens = self._refill.ask(len(self._pacer), received, self._request.max_tokens - received)
         if tokens <= 0:
             return
-        if self._held is not None:  # not shown yet: the continuation generates it again
-            self._received.pop()
-            self._held = None
-            self._dropped += 1
+        # The held delta stays held: the continuation's first delta releases it, as any next delta.
         path, body = self._cloud_call
         body = {**body, "prompt": str(body["prompt"]) + "".join(self._received), "max_tokens": tokens}
         self._cloud_idle = False
@@ -338,7 +333,7 @@ class Session:
             self._pacer.push(Piece(self._held, cloud=True))
             self._held = None
         self._kept = self._count("".join(self._received))
-        self._cloud_tokens = self._kept + self._dropped
+        self._cloud_tokens = self._kept
         self._phase, self._taken_by = "cloud_final", "cloud"
         if self._cloud_finish == "length":
             self._finish_override = FinishReason.LENGTH
@@ -388,7 +383,7 @@ class Session:
             lambda text: self._engine.tokenize(text, add_bos=False),
             self._engine.backend.detokenize,
         )
-        self._cloud_tokens = self._count(received) + self._dropped
+        self._cloud_tokens = self._count(received)
         self._pacer.drain()  # cloud text not shown yet: re-queued below up to the covered part only
         self._held = None
         for piece in _split(seam.to_show, self._received, len(self._committed)):

@@ -49,6 +49,10 @@ class Telemetry:
         self._rtt = _Ewma(PRIOR_RTT_S)
         self._cloud_prefill = _Ewma(PRIOR_CLOUD_PREFILL_TOK_S)
         self._link = _Ewma(PRIOR_LINK_BYTES_S)
+        # token+kv: the KV state streams beside the cloud's answer, which slows it on a cloud that
+        # runs one engine (the answer's steps between the KV job's) and on the device (reading both):
+        # 0.1-0.27 s more at 256-1k tokens in bench/handoff.json, so it is measured apart.
+        self._link_beside_answer = _Ewma(PRIOR_LINK_BYTES_S)
         self._kv_per_token = _Ewma(PRIOR_KV_BYTES_PER_TOKEN)
         self._kv_points: dict[int, tuple[_Ewma, _Ewma]] = {}  # length bucket: (tokens, wire bytes)
         # The cloud's prefill by length (``cloudfit``): timed by answers' first tokens, and apart
@@ -99,8 +103,9 @@ class Telemetry:
                 self._down_until = float("-inf")
                 self._continue.add(seconds)
 
-    def kv_transfer(self, prompt_tokens: int, wire_bytes: int, seconds: float) -> None:
-        """A KV state of ``prompt_tokens`` took ``wire_bytes`` and ``seconds`` (first to last byte)."""
+    def kv_transfer(self, prompt_tokens: int, wire_bytes: int, seconds: float, *, beside_answer: bool = False) -> None:
+        """A KV state of ``prompt_tokens`` took ``wire_bytes`` and ``seconds`` (first to last byte),
+        ``beside_answer``: while the cloud also streamed the request's answer (token+kv)."""
         with self._lock:
             if prompt_tokens > 0:
                 self._kv_per_token.add(wire_bytes / prompt_tokens)
@@ -109,7 +114,7 @@ class Telemetry:
                 tokens.add(prompt_tokens)
                 size.add(wire_bytes)
             if seconds > 0 and wire_bytes >= 65536:  # small transfers measure latency, not rate
-                self._link.add(wire_bytes / seconds)
+                (self._link_beside_answer if beside_answer else self._link).add(wire_bytes / seconds)
 
     def restore(self, prompt_tokens: int, seconds: float) -> None:
         """The device loaded a KV state of ``prompt_tokens`` in ``seconds``."""
@@ -141,6 +146,7 @@ class Telemetry:
                 kv_prefill_slope_s=0.0 if kv is None else kv.slope_s,
                 kv_fixed_s=0.0 if kv is None else kv.fixed_s,
                 link_bytes_s=self._link.value,
+                link_bytes_s_beside_answer=self._link_beside_answer.value if self._link_beside_answer.seen else None,
                 kv_bytes_per_token=self._kv_per_token.value,
                 cloud_up=self._clock() >= self._down_until,
                 kv_available=self.kv_available,
