@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "handoff"
 CGROUP = Path("/sys/fs/cgroup/cpu/edgeserve_bench_handoff_device")
 ROUTES = ("local", "token", "kv", "token+kv")
+CFS_PERIOD_US = 10_000
 
 
 # ---- the device worker (runs inside the cgroup) -------------------------------------------------
@@ -128,6 +129,7 @@ def _one(engine: Any, prompt: str, route: str, max_tokens: int) -> dict[str, Any
         "cloud_tokens_kept": report.cloud_tokens_kept,
         "cloud_pieces_shown": sources.count("cloud"),
         "cloud_requests": report.cloud_requests,
+        "cloud_tokens_asked": report.cloud_tokens_asked,
         "takeover_s": report.takeover_s,
         "kv_started_s": report.kv_started_s,
         "kv_arrived_s": report.kv_arrived_s,
@@ -160,9 +162,11 @@ def worker(args: argparse.Namespace) -> None:
         # Warm-up: the device's rates (measured prefill and decode) and the cloud's, at small cost.
         engine.generate(_prompt(engine, 300, "warm-up 1"), temperature=0, max_tokens=16, cloud=False)
         from edgeserve.handoff import Route
+        from edgeserve.types import SamplingParams
 
         warm = _prompt(engine, 300, "warm-up 2")
-        engine.handoff.submit(warm, temperature=0, max_tokens=8, route=Route.TOKEN).result()
+        # 32 tokens: more than the cloud's first ask, so a continuation's latency is measured too.
+        engine.handoff.submit(warm, temperature=0, max_tokens=32, route=Route.TOKEN).result()
         # ...and the KV routes' (KV bytes, the KV job's first bytes, token+kv's answer after them),
         # each on an idle device (the restore is timed up to the device's first token).
         for i, route in enumerate((Route.KV, Route.TOKEN_KV)):
@@ -171,7 +175,9 @@ def worker(args: argparse.Namespace) -> None:
             engine.handoff.submit(warm, temperature=0, max_tokens=8, route=route).result()
         routes = [*args.routes, *(["auto"] if args.auto else [])]
         for n in args.sizes:
-            plan = engine.handoff.plan_for(_prompt(engine, n, f"plan {n}"))
+            # The plan for the very request the runs make (its max_tokens sets the cloud-token budget).
+            params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+            plan = engine.handoff.plan_for(_prompt(engine, n, f"plan {n}"), params)
             at_plan = dataclasses.asdict(engine.handoff.telemetry.measured(engine.service))
             runs = [
                 _one(engine, _prompt(engine, n, f"{n} {route} {i}"), route, args.max_tokens)
@@ -250,9 +256,14 @@ def kv_bytes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cgroup(quota: float) -> None:
+    """A CPU quota of ``quota`` cores, enforced every ``CFS_PERIOD_US``: a slower device runs its
+    steps evenly, while a quota over a long period runs it in bursts (with 100 ms periods a
+    device decode step took 0.1, 0.2 or 0.4 s, and device-only decoding alone showed gaps of 1.7-2.3x
+    its mean TPOT), which would be counted against the handoff's stream."""
     CGROUP.mkdir(exist_ok=True)
-    (CGROUP / "cpu.cfs_period_us").write_text("100000")
-    (CGROUP / "cpu.cfs_quota_us").write_text(str(int(quota * 100000)))
+    (CGROUP / "cpu.cfs_quota_us").write_text("-1")  # lift the old quota: a period may not undercut it
+    (CGROUP / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+    (CGROUP / "cpu.cfs_quota_us").write_text(str(int(quota * CFS_PERIOD_US)))
 
 
 def _in_cgroup() -> None:
@@ -294,7 +305,8 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("the device worker failed")
     return {
         "setup": {
-            "device": f"cgroup v1 cpu quota {args.quota:.0%} of one core, 1 llama.cpp thread (library, in-process)",
+            "device": f"cgroup v1 cpu quota {args.quota:.0%} of one core every {CFS_PERIOD_US // 1000} ms, "
+            "1 llama.cpp thread (library, in-process)",
             "kv_cache": "unified (one cache for all sequences)" if args.kv_unified else "a stream per sequence",
             "cloud": "edgeserve serve on loopback, 1 llama.cpp thread, unthrottled, nice 0 (the rest of the run: "
             "nice 10), fcfs",

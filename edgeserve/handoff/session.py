@@ -90,8 +90,10 @@ class HandoffReport:
     kv_started_s: float | None = None
     #: Seconds from the start to the whole KV state's arrival (None: none came).
     kv_arrived_s: float | None = None
-    #: Answers asked of the cloud: the first and its continuations (``refill``).
+    #: Answers asked of the cloud: the first and its continuations (``refill``), and the tokens
+    #: asked for in all (an answer closed at the takeover may have generated some never received).
     cloud_requests: int = 0
+    cloud_tokens_asked: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ class Session:
         self._cloud_idle = False  # the cloud's last answer ended at its cap: it may be continued
         self._continue_at: float | None = None  # when the pending continuation was asked for
         self._answer_timed = False
-        self._cloud_requests = 0
+        self._cloud_requests = self._cloud_asked = 0
         self._started = self._first = self._last = 0.0
         self._first_set = False
         self._takeover_at: float | None = None
@@ -247,6 +249,7 @@ class Session:
             path, body = self._cloud_call
             self._cloud = CloudStream(self._settings, path, body, self._inbox.put, clock=self._clock)
             self._cloud_requests += 1
+            self._cloud_asked += int(body["max_tokens"])
 
     def _start_local(self) -> None:
         self._local_at = None
@@ -326,6 +329,7 @@ class Session:
         self._continue_at = self._clock()
         self._cloud = CloudStream(self._settings, path, body, self._inbox.put, clock=self._clock)
         self._cloud_requests += 1
+        self._cloud_asked += tokens
 
     def _cloud_completes(self) -> None:
         """The cloud's answer is whole (it ended, not at the planner's cap): show it, stop the device."""
@@ -527,6 +531,7 @@ class Session:
             kv_started_s=None if self._kv_started_at is None else self._kv_started_at - self._started,
             kv_arrived_s=None if self._kv_arrived_at is None else self._kv_arrived_at - self._started,
             cloud_requests=self._cloud_requests,
+            cloud_tokens_asked=self._cloud_asked,
         )
 
     def _stop_all(self) -> None:
