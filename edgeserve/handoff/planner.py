@@ -14,19 +14,22 @@ work queued ahead of this request, which its own prefill and a KV load wait behi
     token+kv   the KV job goes first and the cloud's answer follows once the cloud has prefilled
                (its prefix cache then holds the prompt: one prefill serves both), so the first token
                comes one round trip (or as measured) after the cloud's prefill; takeover = the earlier of kv's
-               (plus the catch-up) and token's
+               (plus the catch-up) and token's, the KV state arriving at the rate measured beside an
+               answer (a cloud with one engine interleaves the two)
 
-When token+kv's answer would come only after the KV state (a short prompt: the cloud, busy
-sending the state, answers after it), its answer shows nothing: it is predicted as kv's first
-token, with cloud tokens, so kv wins the tie.
+When token+kv's answer would come only after the device's first token from the KV state (a short
+prompt: the cloud, busy sending the state, answers after it), it would show nothing and only slow
+the KV job: it is not asked for, and the route is predicted as kv's, listed after it (a tie goes to
+kv).
 
 The cloud tokens a route costs are those the cloud generates before the takeover closes its
 stream: the tokens shown from the first token until the device's first token, at the device's
 decode rate (the cloud decodes far faster than the pacer shows, so it generates all it is asked
-for). That is the first ask; when the takeover comes later, the session asks the cloud to continue
-(``refill``) rather than let the stream stall. A request whose cloud answer cannot be continued
-exactly (chat: no portable way to extend an assistant turn; penalties: the cloud would not count the
-earlier tokens) is asked for the predicted tokens with a margin instead.
+for). The session asks for them a few at a time and asks the cloud to continue while the device has
+not taken over (``refill``), so the stream never stalls when the takeover comes late; the
+prediction adds the most that keeps queued (``Refill.max_excess``). A request whose answer cannot be
+continued exactly (chat: no portable way to extend an assistant turn; penalties: the cloud would not
+count the earlier tokens) is asked for the predicted tokens with a margin instead.
 
 The choice, in order:
 
