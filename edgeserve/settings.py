@@ -60,8 +60,8 @@ class ModelSettings(_Settings):
         ge=1,
         le=64,
         description="Sequences decoded together in one batched step (continuous batching). Given, it is fixed; "
-        "unset, up to 8 as the KV memory budget (half the free memory) allows, and the engine batches as many "
-        "as minimize the mean finish time of the requests present, each above --parallel-floor-tok-s.",
+        "unset, up to 8 as the KV memory budget (half the free memory) allows, and the engine uses the largest "
+        "count whose measured per-sequence decode rate stays above --parallel-floor-tok-s.",
     )
     gpu_layers: int = Field(-1, description="Layers offloaded to a GPU when one is present (-1: all).")
     flash_attn: bool = Field(False, description="Use flash attention where the backend supports it.")
