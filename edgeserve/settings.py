@@ -121,8 +121,7 @@ class EngineSettings(_Settings):
         5.0,
         gt=0,
         description="Automatic --parallel: batch no more sequences than keep each above this decode rate "
-        "(tokens/s, about reading speed); within it, the width that minimizes the mean finish time of the "
-        "requests present, from the measured step time per width.",
+        "(tokens/s, about reading speed), and only while a wider batch still adds throughput.",
     )
 
 
