@@ -401,8 +401,8 @@ class Engine:
     @property
     def parallel(self) -> int:
         """Sequences the engine decodes together now (``--parallel``, or what the measured decode
-        step times justify for the requests present; ``edgeserve.width``)."""
-        return self._loop.width_limit
+        rate justifies; ``edgeserve.width``)."""
+        return self._loop.width.limit(self._clock())
 
     @property
     def running(self) -> int:

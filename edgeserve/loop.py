@@ -147,12 +147,6 @@ class EngineLoop:
             return bool(self._batch)
 
     @property
-    def width_limit(self) -> int:
-        """How many requests the batch takes now, for the work present."""
-        with self._cond:
-            return self.width.limit(len(self._batch) + len(self._scheduler))
-
-    @property
     def running(self) -> int:
         """Requests in the batch now."""
         with self._cond:
@@ -235,7 +229,7 @@ class EngineLoop:
                 if not self._batch and self._control:
                     return self._control.popleft()
                 now = self._clock()
-                limit = self.width.limit(len(self._batch) + len(self._scheduler))
+                limit = self.width.limit(now)
                 while len(self._batch) < limit and (entry := self._scheduler.next(now)) is not None:
                     self._join(entry.item, now)
                 if self._scheduler.preemptive and self._batch:
@@ -252,7 +246,7 @@ class EngineLoop:
     def _maybe_preempt(self, now: float) -> None:
         """Displace the longest-remaining request of a full batch by a shorter waiting one, if the
         policy says so (``_cond`` held). One displacement per turn: the next turn looks again."""
-        if len(self._batch) < self.width.limit(len(self._batch) + len(self._scheduler)):
+        if len(self._batch) < self.width.limit(now):
             return
         if len(self._open) >= self.capabilities.max_sequences and self._n_parked >= self.settings.max_parked:
             return  # displacing one would mean parking one more than allowed
@@ -433,7 +427,7 @@ class EngineLoop:
         tokens = self.backend.decode(steps)
         now = self._clock()
         took = now - t0
-        self.width.observe(len(steps), took)
+        self.width.observe(len(steps), took, now)
         share = took / len(steps)  # what each request's service costs the device
         counted = 0
         for run, token in zip(runs, tokens, strict=True):

@@ -17,7 +17,7 @@ from streams import started as _started
 
 from edgeserve import Engine, EngineSettings, ModelSettings, SamplingParams
 from edgeserve.scripted import ScriptedBackend
-from edgeserve.width import MIN_SAMPLES, BatchWidth
+from edgeserve.width import MIN_SAMPLES, RETRY_S, BatchWidth
 
 LONG = SamplingParams(max_tokens=120, temperature=0.9, seed=1, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -96,31 +96,27 @@ def test_aging_bounds_the_wait_of_a_long_request_behind_a_stream_of_short_ones()
 
 
 def test_the_width_rule() -> None:
-    def measured(floor_tok_s: float, *steps: tuple[int, float]) -> BatchWidth:
-        width = BatchWidth(8, floor_tok_s=floor_tok_s, fixed=False)
-        for n, step_s in steps:
-            for _ in range(MIN_SAMPLES):
-                width.observe(n, step_s)
-        return width
+    width = BatchWidth(8, floor_tok_s=10.0, fixed=False)
 
-    assert measured(10.0).limit(24) == 8  # nothing measured: as wide as the backend allows
-    assert measured(10.0, (4, 0.072)).limit(24) == 8  # one width says nothing of the per-sequence cost
-    # A step of w costs 26 + 11.5 w ms (2 threads here): sqrt(n * a / b) places for n requests.
-    cpu = ((1, 0.0375), (4, 0.072))
-    assert measured(0.1, *cpu).step_cost() == pytest.approx((0.026, 0.0115))
-    assert measured(0.1, *cpu).limit(24) == 7  # many wait: throughput serves them
-    assert measured(0.1, *cpu).limit(12) == 5
-    assert measured(0.1, *cpu).limit(1) == 2  # a second sequence nearly rides free
-    assert measured(10.0, *cpu).limit(24) == 6  # a step of 7 would give each sequence under 10 tok/s
-    assert measured(0.1, (1, 0.05), (4, 0.05)).limit(2) == 8  # a wider step costs nothing more
-    assert measured(0.1, (1, 0.01), (4, 0.04)).limit(24) == 1  # nothing shared: batching only slows
-    noisy = measured(0.1, *cpu)
-    noisy.observe(8, 1.0)  # one step under contention counts a third of a measured width
-    assert noisy.limit(24) >= 3
-    assert BatchWidth(8, floor_tok_s=10.0, fixed=True).limit(24) == 8
+    def measure(n: int, step_s: float, now: float = 0.0) -> None:
+        for _ in range(MIN_SAMPLES):
+            width.observe(n, step_s, now)
+
+    assert width.limit(0.0) == 8  # nothing measured: every width counts as good
+    measure(1, 0.02)  # 50 tok/s alone
+    measure(4, 0.05)  # 80 tok/s in all, 20 per sequence
+    assert width.limit(0.0) == 8
+    width.observe(8, 0.12, 0.0)  # 8.3 tok/s per sequence: under the floor, but one step is noise
+    assert width.limit(0.0) == 8
+    measure(8, 0.12)
+    assert width.limit(0.0) == 7
+    measure(6, 0.085)  # 70.6 tok/s in all: less than at 4
+    assert width.limit(0.0) == 5
+    assert width.limit(RETRY_S + 1) == 8  # verdicts expire: a width rejected under contention is tried again
+    assert BatchWidth(8, floor_tok_s=10.0, fixed=True).limit(0.0) == 8
     pinned = BatchWidth(4, floor_tok_s=1e9, fixed=True)
-    pinned.observe(4, 10.0)
-    assert pinned.limit(1) == 4
+    pinned.observe(4, 10.0, 0.0)
+    assert pinned.limit(0.0) == 4
 
 
 def test_the_engine_narrows_the_batch_when_wider_steps_add_no_throughput() -> None:
