@@ -404,6 +404,11 @@ class Engine:
         rate justifies; ``edgeserve.width``)."""
         return self._loop.width.limit(self._clock())
 
+    def step_seconds(self) -> dict[int, float]:
+        """Measured seconds per decode step by batch width: what the automatic ``--parallel`` is
+        chosen from."""
+        return self._loop.width.measured()
+
     @property
     def running(self) -> int:
         """Requests in the running batch now."""

@@ -65,5 +65,6 @@ class BatchWidth:
         return self.most
 
     def measured(self) -> dict[int, float]:
-        """Seconds per step by width, for metrics and benchmarks."""
-        return {width: seen.step_s for width, seen in sorted(self._measured.items())}
+        """Seconds per decode step by width (running averages), for metrics and benchmarks."""
+        # A copy first (atomic under the GIL): /metrics reads this from another thread.
+        return {width: seen.step_s for width, seen in sorted(dict(self._measured).items())}

@@ -524,6 +524,8 @@ def test_metrics_are_labelled_by_model_and_endpoint(base_url: str, oai: openai.O
     assert metric(base_url, "edgeserve_prompt_tokens_total", model=MODEL, endpoint="/v1/completions") > 0
     assert metric(base_url, "edgeserve_generation_tokens_total", model=MODEL, endpoint="/v1/completions") > 0
     assert "edgeserve_queue_depth{" in text
+    step = metric(base_url, "edgeserve_decode_step_seconds", model=MODEL, width="1")
+    assert 0 < step < 60  # one sequence's decode step, measured
 
 
 def test_refused_requests_are_counted(base_url: str) -> None:

@@ -11,7 +11,10 @@ left before the end) for requests the engine took; for refused ones (``refused``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from edgeserve.engine import Engine
 from edgeserve.handoff.session import HandoffReport
@@ -79,6 +82,7 @@ class ServerMetrics:
             "edgeserve_batch_width", "Sequences the engine decodes together now (--parallel).", ("model",), registry=r
         )
         width.labels(model).set_function(lambda: engine.parallel)
+        r.register(_StepSeconds(engine, model))
         kv = Gauge("edgeserve_kv_budget_bytes", "KV cache memory reserved for open sequences.", ("model",), registry=r)
         kv.labels(model).set(engine.capabilities.kv_bytes)
         # Created on the first handoff report: a server without a cloud exports none of them.
@@ -145,3 +149,21 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _StepSeconds:
+    """``edgeserve_decode_step_seconds{width}``: the measured decode step time per batch width, the
+    figures the automatic ``--parallel`` is chosen from (one sample per width seen so far)."""
+
+    def __init__(self, engine: Engine, model: str) -> None:
+        self._engine, self._model = engine, model
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "edgeserve_decode_step_seconds",
+            "Seconds per batched decode step by width (running average; automatic --parallel follows it).",
+            labels=["model", "width"],
+        )
+        for width, seconds in self._engine.step_seconds().items():
+            family.add_metric([self._model, str(width)], seconds)
+        yield family
