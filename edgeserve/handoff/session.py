@@ -177,7 +177,9 @@ class Session:
         self._cloud_tokens = self._kept = self._kv_bytes = 0
         # Top-ups (``refill``): only for a text prompt without penalties (the orchestrator plans so).
         self._refill = plan.refill if cloud_call is not None and "prompt" in cloud_call[1] else None
-        self._cloud_idle = False  # the cloud's last answer ended at its cap: it may be continued
+        #: Cloud tokens received when its last answer ended at its cap (it may be continued); None
+        #: while an answer streams or none may follow.
+        self._idle_received: int | None = None
         self._continue_at: float | None = None  # when the pending continuation was asked for
         self._answer_timed = False
         self._cloud_requests = self._cloud_asked = 0
@@ -246,10 +248,13 @@ class Session:
     def _start_cloud(self) -> None:
         """Ask the cloud for its answer (once; token routes)."""
         if self._cloud_call is not None and self._cloud is None and self._phase == "cloud":
-            path, body = self._cloud_call
-            self._cloud = CloudStream(self._settings, path, body, self._inbox.put, clock=self._clock)
-            self._cloud_requests += 1
-            self._cloud_asked += int(body["max_tokens"])
+            self._ask_cloud(*self._cloud_call)
+
+    def _ask_cloud(self, path: str, body: dict[str, Any]) -> None:
+        """Stream one answer from the cloud (the first, or a continuation), counted for the report."""
+        self._cloud = CloudStream(self._settings, path, body, self._inbox.put, clock=self._clock)
+        self._cloud_requests += 1
+        self._cloud_asked += int(body["max_tokens"])
 
     def _start_local(self) -> None:
         self._local_at = None
@@ -286,10 +291,11 @@ class Session:
             if message.finish_reason != "length":
                 self._cloud_completes()
             elif self._refill is not None:
-                if self._count("".join(self._received)) >= self._request.max_tokens:
+                received = self._count("".join(self._received))
+                if received >= self._request.max_tokens:
                     self._cloud_completes()
                 else:
-                    self._cloud_idle = True  # ``_top_up`` asks for more when the queue runs low
+                    self._idle_received = received  # ``_top_up`` asks for more when the queue runs low
             elif self._plan.cloud_max_tokens >= self._request.max_tokens:
                 self._cloud_completes()
         else:
@@ -316,20 +322,18 @@ class Session:
 
     def _top_up(self) -> None:
         """Ask the cloud to continue its answer when the pacer's queue runs low (``refill``)."""
-        if self._refill is None or not self._cloud_idle or self._phase != "cloud" or self._cloud_call is None:
+        received = self._idle_received
+        if self._refill is None or received is None or self._phase != "cloud" or self._cloud_call is None:
             return
-        received = self._count("".join(self._received))
         tokens = self._refill.ask(len(self._pacer), received, self._request.max_tokens - received)
         if tokens <= 0:
             return
         # The held delta stays held: the continuation's first delta releases it, as any next delta.
         path, body = self._cloud_call
         body = {**body, "prompt": str(body["prompt"]) + "".join(self._received), "max_tokens": tokens}
-        self._cloud_idle = False
+        self._idle_received = None
         self._continue_at = self._clock()
-        self._cloud = CloudStream(self._settings, path, body, self._inbox.put, clock=self._clock)
-        self._cloud_requests += 1
-        self._cloud_asked += tokens
+        self._ask_cloud(path, body)
 
     def _cloud_completes(self) -> None:
         """The cloud's answer is whole (it ended, not at the planner's cap): show it, stop the device."""
