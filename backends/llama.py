@@ -125,9 +125,24 @@ class LlamaBackend:
         ctx_params.kv_unified = self._unified = settings.kv_unified
         ctx_params.n_batch = ctx_params.n_ubatch = max(settings.n_batch, n_slots)
         ctx_params.n_threads = ctx_params.n_threads_batch = settings.threads
-        ctx_params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        # Flash attention: at 2 threads here it cut an 8-sequence decode step by a quarter, but with
+        # it a prompt whose prefix came from a prefix cache gave other greedy text than the same
+        # prompt prefilled afresh (its sums depend on how the cells were batched). Unset, it follows
+        # the cache: auto (on for a CPU, as llama-server) with the shared cache, which gives up
+        # exactness anyway; off in the exact mode (--no-kv-unified).
+        if settings.flash_attn is None:
+            flash = (
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+                if settings.kv_unified
+                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+        else:
+            flash = (
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                if settings.flash_attn
+                else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+        ctx_params.flash_attn_type = flash
         ctx_params.no_perf = True
         try:
             self._ctx = _internals.LlamaContext(model=self._model, params=ctx_params, verbose=False)

@@ -204,11 +204,11 @@ def default_gguf() -> str:
 
 @contextlib.contextmanager
 def llama_server(
-    binary: str, threads: int, parallel: int, ctx_per_slot: int = 2048, flash_attn: str = "on"
+    binary: str, threads: int, parallel: int, ctx_per_slot: int = 2048, flash_attn: str = "auto"
 ) -> Iterator[Served]:
     """llama.cpp's own ``llama-server`` (bench/build_llama_server.sh) on the default model:
     ``parallel`` slots, continuous batching (its default), first come first served, each slot
-    ``ctx_per_slot`` tokens; flash attention ``flash_attn`` (on: edgeserve's default); Gemma's chat
+    ``ctx_per_slot`` tokens; flash attention ``flash_attn`` (auto: on for a CPU, as edgeserve's default); Gemma's chat
     template."""
     port = free_port()
     cmd = [binary, "-m", default_gguf(), "--host", "127.0.0.1", "--port", str(port)]
