@@ -96,23 +96,48 @@ def test_aging_bounds_the_wait_of_a_long_request_behind_a_stream_of_short_ones()
 
 
 def test_the_width_rule() -> None:
-    width = BatchWidth(8, floor_tok_s=10.0, fixed=False)
+    width = BatchWidth(16, floor_tok_s=10.0, fixed=False)
 
     def measure(n: int, step_s: float, now: float = 0.0) -> None:
         for _ in range(MIN_SAMPLES):
             width.observe(n, step_s, now)
 
-    assert width.limit(0.0) == 8  # nothing measured: every width counts as good
-    measure(1, 0.02)  # 50 tok/s alone
-    measure(4, 0.05)  # 80 tok/s in all, 20 per sequence
-    assert width.limit(0.0) == 8
-    width.observe(8, 0.12, 0.0)  # 8.3 tok/s per sequence: under the floor, but one step is noise
-    assert width.limit(0.0) == 8
-    measure(8, 0.12)
-    assert width.limit(0.0) == 7
-    measure(6, 0.085)  # 70.6 tok/s in all: less than at 4
-    assert width.limit(0.0) == 5
-    assert width.limit(RETRY_S + 1) == 8  # verdicts expire: a width rejected under contention is tried again
+    assert width.limit(0.0) == 16  # nothing measured: every width counts as good
+    measure(3, 0.0325)
+    measure(4, 0.040)  # neighbours: too close to fit a line through
+    assert width.limit(0.0) == 16
+    measure(1, 0.0175)  # a = 10 ms, b = 7.5 ms: the floor (100 ms a step) allows 12 sequences
+    assert width.limit(0.0) == 12
+    width.observe(8, 0.2, 0.0)  # 5 tok/s per sequence: under the floor, but one step is noise
+    assert width.limit(0.0) == 12
+    measure(8, 0.2)  # now it counts, and it gave less throughput than 4: no line fits, the best rate wins
+    assert width.limit(0.0) == 4
+    assert width.limit(RETRY_S + 1) == 16  # measurements expire: a width judged under contention is tried again
+    measure(8, 0.2, RETRY_S + 1)  # alone, it can only be compared with the floor: never as wide as under it
+    assert width.limit(RETRY_S + 1) == 7
+
+    # A step that grows faster than the width (compute-bound from one sequence on): one at a time.
+    bound = BatchWidth(16, floor_tok_s=1.0, fixed=False)
+    for n in (1, 2, 4):
+        for _ in range(MIN_SAMPLES):
+            bound.observe(n, 0.02 * n**1.2, 0.0)
+    assert bound.limit(0.0) == 1
+
+    # 14 ms shared and 4.5 ms a sequence (this CPU at 2 threads): doubling pays up to 59 sequences,
+    # so a fast floor is what binds, (1/18 - a) / b = 9.2.
+    cpu = BatchWidth(16, floor_tok_s=18.0, fixed=False)
+    for n in (1, 4, 8):
+        for _ in range(MIN_SAMPLES):
+            cpu.observe(n, 0.014 + 0.0045 * n, 0.0)
+    assert cpu.limit(0.0) == 9
+    # Where every sequence adds much more than the shared cost, doubling stops paying first:
+    # a = 2 ms, b = 10 ms: rate(w) / rate(w / 2) >= 1.05 up to w = 19 * a / b = 3.8.
+    flat = BatchWidth(16, floor_tok_s=1.0, fixed=False)
+    for n in (1, 2, 4):
+        for _ in range(MIN_SAMPLES):
+            flat.observe(n, 0.002 + 0.010 * n, 0.0)
+    assert flat.limit(0.0) == 3
+
     assert BatchWidth(8, floor_tok_s=10.0, fixed=True).limit(0.0) == 8
     pinned = BatchWidth(4, floor_tok_s=1e9, fixed=True)
     pinned.observe(4, 10.0, 0.0)
