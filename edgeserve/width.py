@@ -11,9 +11,11 @@ sequence must still stream at a readable pace) and at which doubling the width s
 The fit pools every width measured, so one noisy width cannot reject itself: comparing each width
 with the next one could not work, since near the top of the range a width adds 2-4% over the one
 before it, less than a step's noise on a shared machine. Where steps grow faster than the width
-(no line with a shared cost fits), the width with the best measured throughput is the limit. A width counts once it has been measured
-a few times, and a measurement expires after ``RETRY_S``: a width judged during a burst of
-contention is measured afresh later instead of being locked out for the life of the process.
+(no line with a shared cost fits), the width with the best measured throughput is the limit.
+
+A width counts once it has been measured a few times, and a measurement expires after
+``RETRY_S``: a width judged during a burst of contention is measured afresh later instead of
+being locked out for the life of the process.
 """
 
 from __future__ import annotations
