@@ -125,11 +125,12 @@ class LlamaBackend:
         ctx_params.kv_unified = self._unified = settings.kv_unified
         ctx_params.n_batch = ctx_params.n_ubatch = max(settings.n_batch, n_slots)
         ctx_params.n_threads = ctx_params.n_threads_batch = settings.threads
-        # Flash attention: at 2 threads here it cut an 8-sequence decode step by a quarter, but with
-        # it a prompt whose prefix came from a prefix cache gave other greedy text than the same
-        # prompt prefilled afresh (its sums depend on how the cells were batched). Unset, it follows
-        # the cache: auto (on for a CPU, as llama-server) with the shared cache, which gives up
-        # exactness anyway; off in the exact mode (--no-kv-unified).
+        # Flash attention: a 16-sequence decode step took 0.75x the time with it at 2 threads here
+        # (bench/batch_step_cost_threads2_fa_*.json), but with it a prompt whose prefix came from a
+        # prefix cache gave other greedy text than the same prompt prefilled afresh (its sums depend
+        # on how the cells were batched). Unset, it follows the cache: auto (on for a CPU, as
+        # llama-server) with the shared cache, which gives up exactness anyway; off in the exact
+        # mode (--no-kv-unified).
         if settings.flash_attn is None:
             flash = (
                 llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
@@ -425,9 +426,10 @@ def _kv_bytes_per_token(meta: dict[str, str]) -> int:
     return max(num("block_count", 1) * n_kv * (k + v) * 2, 1)
 
 
-def _auto_slots(n_ctx: int, token_bytes: int, most: int = 8) -> int:
+def _auto_slots(n_ctx: int, token_bytes: int, most: int = 16) -> int:
     """Sequence slots for ``--parallel`` unset: up to ``most``, as half the free memory allows a
-    full context each (the engine then batches as many as its measured decode rate justifies)."""
+    full context each (the engine then batches as many as its measured decode rate justifies). At 2
+    threads here a step of 16 still gave 1.17x the tokens a second of a step of 8."""
     import psutil
 
     budget = psutil.virtual_memory().available // 2

@@ -6,7 +6,7 @@ stream per sequence (the default) and for one unified cache (``--kv-unified``). 
 means batching saves nothing; llama-server's four slots ran on 0.73x the CPU of one slot in
 ``bench/batch_burst_width.json``.
 
-    python bench/batch_step_cost.py [--steps 15] [--widths 1 4 8] [--threads 1] [--n-ctx 1024]
+    python bench/batch_step_cost.py [--steps 15] [--widths 1 4 8] [--threads 1] [--n-ctx 1024] [--flash-attn auto]
 """
 
 from __future__ import annotations
@@ -58,16 +58,20 @@ def main() -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-ctx", type=int, default=1024, help="per sequence")
+    ap.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto", help="auto: edgeserve's default")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("batch_step_cost.json"))
     args = ap.parse_args()
     result: dict[str, object] = {
         "benchmark": f"CPU and wall ms per llama.cpp decode step by batch width, {args.threads} thread(s)",
         "command": f"python bench/batch_step_cost.py --steps {args.steps} --widths {' '.join(map(str, args.widths))} "
-        f"--threads {args.threads} --n-ctx {args.n_ctx}",
+        f"--threads {args.threads} --n-ctx {args.n_ctx} --flash-attn {args.flash_attn}",
         "load_average_at_start": os.getloadavg(),
     }
     for unified in (False, True):
-        settings = ModelSettings(threads=args.threads, parallel=max(args.widths), n_ctx=args.n_ctx, kv_unified=unified)
+        flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
+        settings = ModelSettings(
+            threads=args.threads, parallel=max(args.widths), n_ctx=args.n_ctx, kv_unified=unified, flash_attn=flash
+        )
         with Engine.from_settings(settings) as engine:
             ms = step_cpu_ms(engine, args.widths, args.steps)
         key = "unified" if unified else "stream_per_sequence"
