@@ -20,8 +20,10 @@ def runner() -> CliRunner:
 def test_run_prints_a_real_continuation(runner: CliRunner, default_model_path: object) -> None:
     result = runner.invoke(main, ["run", "The capital of France is", "--max-tokens", "16", "--temperature", "0", *FAST])
     assert result.exit_code == 0, result.output
-    # The base model's greedy continuation (the same as raw llama-cpp-python's, see test_engine).
-    assert result.stdout.startswith(" the capital of the country of France")
+    # The base model's greedy continuation at the defaults, flash attention on: a near tie after
+    # "the capital of the" goes another way than without it (test_engine compares the exact mode,
+    # which has it off, with raw llama-cpp-python).
+    assert result.stdout.startswith(" the capital of the French Republic")
     assert "TTFT" in result.stderr and "tok/s" in result.stderr
 
 
