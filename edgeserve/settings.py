@@ -60,7 +60,7 @@ class ModelSettings(_Settings):
         ge=1,
         le=64,
         description="Sequences decoded together in one batched step (continuous batching). Given, it is fixed; "
-        "unset, up to 16 as the KV memory budget (half the free memory) allows, and the engine uses the largest "
+        "unset, up to 8 as the KV memory budget (half the free memory) allows, and the engine uses the largest "
         "count whose measured per-sequence decode rate stays above --parallel-floor-tok-s.",
     )
     gpu_layers: int = Field(-1, description="Layers offloaded to a GPU when one is present (-1: all).")
