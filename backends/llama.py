@@ -429,9 +429,9 @@ def _kv_bytes_per_token(meta: dict[str, str]) -> int:
 def _auto_slots(n_ctx: int, token_bytes: int, most: int = 8) -> int:
     """Sequence slots for ``--parallel`` unset: up to ``most``, as half the free memory allows a
     full context each (the engine then batches as many as its measured decode rate justifies). Not
-    16: at 2 threads here a step of 16 gave 1.17x the tokens a second of a step of 8, but the burst
-    of issue 18 ended only ~3% sooner (within its spread), and the process then held 1.55 GB instead
-    of 0.96 GB (each slot reserves a full context)."""
+    16: the burst of issue 18 ended 8% sooner with 16 at 2 threads here, but the process then held
+    1.55 GB instead of 0.96 GB (each slot reserves a full context), which every app embedding the
+    library would pay at start; ``--parallel 16`` buys it where the memory is there."""
     import psutil
 
     budget = psutil.virtual_memory().available // 2
