@@ -40,9 +40,9 @@ def test_generate_returns_a_real_continuation_with_stats(engine: Engine) -> None
 def test_greedy_output_matches_raw_llama_cpp_python(model_settings: ModelSettings, default_model_path: object) -> None:
     import llama_cpp
 
-    # The exact mode (a KV stream per sequence, no flash attention). With flash attention, the
-    # default beside the shared cache, the prompt's last token is evaluated alone, not inside the
-    # prompt's batch as here, and a near tie can then go the other way.
+    # The exact mode (a KV stream per sequence, no flash attention). The engine evaluates a prompt's
+    # last token alone, raw llama-cpp-python inside the prompt's batch; with flash attention (the
+    # default beside the shared cache) the two paths round differently and a near tie can flip.
     exact = model_settings.model_copy(update={"n_ctx": 512, "threads": 1, "parallel": 1, "kv_unified": False})
     raw = llama_cpp.Llama(model_path=str(default_model_path), n_ctx=512, n_threads=1, verbose=False)
     try:
