@@ -229,7 +229,12 @@ def options(ask: Ask, m: Measured) -> list[Option]:
     if m.kv_available:
         restore = n * _restore_s_per_token(m)
         kv_first = m.cloud_rtt_s + m.kv_prefill_s(n)
-        kv_ready = max(kv_first + m.kv_bytes(n) / m.link_bytes_s, queue) + restore
+
+        def ready(link_bytes_s: float) -> float:
+            """When the device can decode from the KV state, arriving at ``link_bytes_s``."""
+            return max(kv_first + m.kv_bytes(n) / link_bytes_s, queue) + restore
+
+        kv_ready = ready(m.link_bytes_s)
         out.append(Option(Route.KV, kv_ready + tpot, kv_ready, 0))
         # The answer is asked for once the KV job's first bytes show the cloud has prefilled: one
         # more round trip, and its own prefill is a prefix-cache hit.
@@ -242,8 +247,7 @@ def options(ask: Ask, m: Measured) -> list[Option]:
             out.append(Option(Route.TOKEN_KV, kv_ready + tpot, kv_ready, 0))
             return out
         beside = m.link_bytes_s if m.link_bytes_s_beside_answer is None else m.link_bytes_s_beside_answer
-        both_ready = max(kv_first + m.kv_bytes(n) / beside, queue) + restore
-        both = min(token_takeover, _caught_up(both_ready, both_ttft, tpot, m, n))
+        both = min(token_takeover, _caught_up(ready(beside), both_ttft, tpot, m, n))
         out.append(_cloud_option(Route.TOKEN_KV, both_ttft, both, tpot, ask.max_tokens, topup))
     return out
 
