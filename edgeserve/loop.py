@@ -180,8 +180,9 @@ class EngineLoop:
     def _work_s(self) -> float:
         backlog = self._scheduler.backlog_cost()
         for request in self._batch:
-            if request.run is not None:
-                backlog += request.run.remaining_cost(self.service)
+            # Taken from the queue but not started yet (the loop starts it outside the lock): its
+            # queued cost, so the work does not vanish from the count for that moment.
+            backlog += request.cost if request.run is None else request.run.remaining_cost(self.service)
         # Seconds per unit of predicted cost, as measured on requests that ended (it absorbs the
         # predictor's bias, per-request overhead and the batching gain); the decode rate until then.
         per_unit = self._seconds_per_cost or 1.0 / self.service.decode_tok_s
@@ -447,7 +448,7 @@ class EngineLoop:
         """Send the final event, free the sequence, and give its place in the batch to the next."""
         request = run.request
         run.flush()
-        self._free(run)
+        self._free_or_log(run)  # a failed release loses nothing of the answer
         now = self._clock()
         request.sink(FinalEvent(run.result(now)))
         self._leave(request)
@@ -467,11 +468,7 @@ class EngineLoop:
             log.exception("backend failed on request %s", request.request_id)
             exc = BackendError(f"{type(exc).__name__}: {exc}")
         if request.run is not None:
-            try:
-                self._free(request.run)
-            except Exception:  # the backend is already failing; the sequence goes with it
-                log.debug("could not release sequence %s", request.run.seq, exc_info=True)
-                self._open.pop(request.run.seq, None)
+            self._free_or_log(request.run)
         request.sink(ErrorEvent(exc))
         self._leave(request)
 
@@ -481,22 +478,34 @@ class EngineLoop:
         sampler chain alone keeps a candidates buffer of the whole vocabulary (3 MB for 262k)."""
         if run.where is Where.RELEASED:
             return
-        if run.where is Where.OPEN:
-            del self._open[run.seq]
-            self.backend.release(run.seq)
-        elif run.where is Where.PARKED:
-            run.parked = None
-            self._n_parked -= 1
-        run.where = Where.RELEASED
-        run.sampler.close()
-        if run.request.constraint is not None:
-            run.request.constraint.close()
+        # Released first: a backend that fails to release leaves nothing for a second try to trip on.
+        where, run.where = run.where, Where.RELEASED
+        try:
+            if where is Where.OPEN:
+                del self._open[run.seq]
+                self.backend.release(run.seq)
+            elif where is Where.PARKED:
+                run.parked = None
+                self._n_parked -= 1
+        finally:
+            run.sampler.close()
+            if run.request.constraint is not None:
+                run.request.constraint.close()
+
+    def _free_or_log(self, run: Running) -> None:
+        """``_free`` where the request is being answered anyway (it ended, failed, was cancelled, or
+        the engine closes, perhaps because the backend broke): a backend that cannot release the
+        sequence is logged, and the caller still gets its answer."""
+        try:
+            self._free(run)
+        except Exception:
+            log.warning("could not release sequence %s of request %s", run.seq, run.request.request_id, exc_info=True)
 
     def _free_dropped(self, dropped: list[Request]) -> None:
         for request in dropped:
             assert request.run is not None
             request.run.finish = FinishReason.CANCELLED
-            self._free(request.run)
+            self._free_or_log(request.run)
             request.sink(final(request, self._clock()))
 
     def _shut_down(self) -> None:
@@ -512,12 +521,12 @@ class EngineLoop:
             if request.run is not None:
                 request.run.finish = FinishReason.CANCELLED
                 request.run.flush()
-                self._free(request.run)
+                self._free_or_log(request.run)
             request.sink(final(request, self._clock()))
         self._free_dropped(dropped)
         for request in waiting:
             if request.run is not None:
-                self._free(request.run)
+                self._free_or_log(request.run)
             request.sink(ErrorEvent(EngineClosedError("the engine was closed before this request ended")))
         for job in control:
             job()  # each job resolves its own future; closing must not strand a caller of call()

@@ -154,10 +154,12 @@ class ScriptedBackend:
         return list(header["tokens"])
 
     def release(self, seq: SeqId) -> None:
-        self._call("release", seq)
+        # The sequence is freed before a scripted failure, as llama.cpp's backend frees its slot
+        # before dropping old prefix caches (the step that could fail).
         if seq in self._seqs:
             self._cache = self._seqs.pop(seq)
             self._generated.pop(seq, None)
+        self._call("release", seq)
 
     def close(self) -> None:
         self._call("close", None)

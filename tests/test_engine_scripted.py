@@ -224,6 +224,25 @@ def test_a_backend_failure_is_an_error_event_and_the_loop_lives_on() -> None:
         assert backend.open_sequences == []
 
 
+def test_a_failed_release_loses_no_answer() -> None:
+    """The backend fails to free a finished request's sequence: that answer still arrives whole,
+    and the loop lives on."""
+    backend = ScriptedBackend(fail_on=("release", 0))
+    with _engine(backend) as engine:
+        assert engine.generate("first", SHORT).completion_tokens == 4
+        assert engine.generate("second", SHORT).completion_tokens == 4
+
+
+def test_closing_answers_everyone_when_a_release_fails() -> None:
+    """Closing frees every running sequence; one that the backend cannot free does not strand the
+    callers of the others."""
+    backend = ScriptedBackend(max_sequences=4, max_batch=4, step_s=0.003, fail_on=("release", 0))
+    engine = _engine(backend)
+    streams = [_started(engine.submit(f"long {i}", LONG)) for i in range(3)]
+    engine.close()
+    assert [_result(events).finish_reason for events in streams] == [FinishReason.CANCELLED] * 3
+
+
 def test_callback_consumers_get_every_event_in_order(engine: Engine) -> None:
     events: list[object] = []
     finished = threading.Event()
@@ -262,3 +281,33 @@ def test_retry_after_is_within_twice_the_real_drain_time() -> None:
         drained = time.monotonic() - started
     promised = refused.value.retry_after_s
     assert promised / 2 <= drained <= promised * 2, (promised, drained)
+
+
+class _HeldStart(ScriptedBackend):
+    """Holds the loop inside a request's start: taken from the queue, not yet running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starting = threading.Event()
+        self.go = threading.Event()
+
+    def sampler(self, params: SamplingParams) -> Sampler:
+        self.starting.set()
+        assert self.go.wait(timeout=30)
+        return super().sampler(params)
+
+
+def test_a_request_being_started_still_counts_in_the_backlog() -> None:
+    """The handoff planner and Retry-After read the backlog from other threads; a request the loop
+    has taken from the queue but not started is still work ahead of a new arrival."""
+    backend = _HeldStart()
+    with _engine(backend) as engine:
+        assert engine.backlog_s() == 0
+        handle = engine.submit("a long one", LONG, predicted_tokens=500)
+        assert backend.starting.wait(timeout=30)
+        try:
+            assert engine.backlog_s() > 0
+        finally:
+            backend.go.set()
+        handle.result()
+        assert engine.backlog_s() == 0
