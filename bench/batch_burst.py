@@ -7,7 +7,9 @@ once and kept for the whole run (each burst runs on one server at a time; the ot
 - ``llama-server -np 4``: four slots, continuous batching, first come first served; ``-c`` is four
   times the one-slot context, so each slot has the same context;
 - ``edgeserve``: ``edgeserve serve`` at its defaults (policy, ``--parallel``, ``--n-ctx``);
-- ``edgeserve --parallel 1``: the same, one sequence at a time (the engine before batching).
+- ``edgeserve --parallel 1``: the same, one sequence at a time (the engine before batching);
+- optional variants beside the default in the same run: ``--edge-parallel N`` (fixed widths) and
+  ``--edge-variant "FLAGS"`` (any ``serve`` flags, e.g. ``"--prefill-chunk 1024"``).
 
 llama-server is built from the llama.cpp that llama-cpp-python's sdist vendors, the same revision
 edgeserve runs (``bench/build_llama_server.sh``).
@@ -41,6 +43,7 @@ profile is fitted on the first draw's ``-np 1`` burst (served back to back), the
 service time (as ``sjf_poisson.py``), one arrival sequence per rho, the same for every server.
 
     nice -n 5 .venv/bin/python bench/batch_burst.py [--draws 5] [--threads 2] [--rhos 0.74 0.9]
+        [--edge-parallel 16] [--edge-variant "--prefill-chunk 1024"]
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -81,6 +85,8 @@ class Config:
     kind: str  # "llama" or "edgeserve"
     #: Slots (llama-server -np) or edgeserve --parallel; None: edgeserve's default.
     parallel: int | None
+    #: More ``edgeserve serve`` flags (a variant beside the default).
+    flags: tuple[str, ...] = ()
 
 
 CONFIGS = (Config(REF, "llama", 1), Config(NP4, "llama", 4), Config(EDGE, "edgeserve", None))
@@ -126,6 +132,7 @@ def start(config: Config, args: argparse.Namespace, binary: str) -> Iterator[h.S
             yield served
         return
     extra = ["--parallel", str(config.parallel)] if config.parallel is not None else []
+    extra += config.flags
     with h.serve(None, args.threads, n_ctx=None, extra=extra) as served:
         yield served
 
@@ -138,6 +145,7 @@ def command_of(config: Config, args: argparse.Namespace) -> str:
             f"-fa {args.llama_fa} --no-jinja --chat-template gemma"
         )
     flag = f" --parallel {config.parallel}" if config.parallel is not None else ""
+    flag += "".join(f" {shlex.quote(f)}" for f in config.flags)
     return f"edgeserve serve --backend llama --threads {args.threads} --max-queue 1024{flag}"
 
 
@@ -354,6 +362,13 @@ def main() -> None:
     ap.add_argument("--rhos", type=float, nargs="*", default=[0.74, 0.9], help="Poisson runs (none: skip)")
     ap.add_argument("--name", default="batch_burst")
     ap.add_argument("--edge-parallel", type=int, nargs="*", default=[], help="also edgeserve --parallel N")
+    ap.add_argument(
+        "--edge-variant",
+        nargs="*",
+        default=[],
+        metavar="FLAGS",
+        help='also edgeserve with these serve flags, one string each (e.g. "--prefill-chunk 1024")',
+    )
     ap.add_argument("--budget-s", type=float, help="start no draw or Poisson run after this many seconds")
     ap.add_argument("--from", dest="source", type=Path, help="re-plot a saved run, run nothing")
     args = ap.parse_args()
@@ -365,6 +380,7 @@ def main() -> None:
     configs = (*CONFIGS, CONFIG_EDGE1) if batching else CONFIGS
     # Fixed widths beside the default, e.g. to tell the batched step from the automatic width choice.
     configs += tuple(Config(f"{EDGE} --parallel {n}", "edgeserve", n) for n in args.edge_parallel if batching)
+    configs += tuple(Config(f"{EDGE} {v}", "edgeserve", None, tuple(shlex.split(v))) for v in args.edge_variant)
     binary = llama_server_binary()
     report: dict[str, Any] = {
         "benchmark": "batch_burst",
