@@ -6,7 +6,8 @@ every sequence (llama.cpp's sequence ids are the backend's *slots*), and one
 over the weights (continuous batching, as llama-server's parallel slots). Sampling is our own
 llama.cpp sampler chain, so every ``SamplingParams`` field (logit_bias included) runs natively and
 nothing Python-side touches the 262k-entry logits; the chain object is the request's sampler: its
-RNG and penalty history survive a park.
+RNG and penalty history survive a park. Plain greedy is the exception: an argmax of the logits row,
+the same token without the chain's copy of the whole vocabulary (``_Argmax``).
 
 Parking copies one slot's KV state out with ``llama_state_seq_get_data`` (no logits, no output
 buffers: ~18 KB a token for Gemma 3 270M) and restoring copies it into a free slot. What a
@@ -361,6 +362,9 @@ class LlamaBackend:
     def sampler(self, params: SamplingParams) -> Any:
         from llama_cpp._internals import LlamaSampler
 
+        plain = not (params.logit_bias or params.repetition_penalty != 1)
+        if params.greedy and plain and not (params.frequency_penalty or params.presence_penalty):
+            return _Argmax(self._lib, self._n_vocab)
         s = LlamaSampler()
         if params.logit_bias:  # ids were checked against n_vocab before queueing
             s.add_logit_bias(self._n_vocab, dict(params.logit_bias))
@@ -405,6 +409,23 @@ class LlamaBackend:
         # Checking each id once at load costs ~0.1 s and saves a call per decoded token.
         is_eog = self._lib.llama_vocab_is_eog
         return frozenset(t for t in range(self._n_vocab) if is_eog(self._vocab, t))
+
+
+class _Argmax:
+    """Plain greedy (no bias, no penalties): the first largest logit, as llama.cpp's greedy sampler
+    picks, read straight from the logits row. The chain would first copy all 262k logits into a
+    candidates array: 0.35 ms a sequence, 2.8 ms of an 8-sequence step's 52 here, against 0.4 ms
+    for the eight argmaxes (a scratch timing at 2 threads)."""
+
+    def __init__(self, lib: Any, n_vocab: int) -> None:
+        self._lib, self._n_vocab = lib, n_vocab
+
+    def sample(self, ctx: Any, i: int) -> int:
+        row = self._lib.llama_get_logits_ith(ctx.ctx, i)
+        return int(np.ctypeslib.as_array(row, shape=(self._n_vocab,)).argmax())
+
+    def close(self) -> None:
+        pass
 
 
 def _kv_bytes_per_token(meta: dict[str, str]) -> int:

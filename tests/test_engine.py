@@ -55,6 +55,36 @@ def test_greedy_output_matches_raw_llama_cpp_python(model_settings: ModelSetting
     assert ours.completion_tokens == expected["usage"]["completion_tokens"]
 
 
+def test_plain_greedy_picks_what_llama_cpps_greedy_sampler_picks(engine: Engine) -> None:
+    """Plain greedy reads the argmax of the logits row instead of running llama.cpp's sampler
+    chain: on every row of a real batch it picks the chain's token."""
+    from llama_cpp._internals import LlamaSampler
+
+    from edgeserve.backend import Backend, Step
+
+    def run(backend: Backend) -> list[tuple[int, int]]:
+        ours = backend.sampler(SamplingParams(temperature=0))
+        assert type(ours).__name__ == "_Argmax"  # the path under test, not the chain again
+        chain = LlamaSampler()
+        chain.add_greedy()
+        prompt = backend.tokenize(PROMPT, add_bos=True)
+        backend.open(0, prompt, reuse=False)
+        backend.prefill(0, prompt[:-1])
+        picks = []
+        token = prompt[-1]
+        try:
+            for _ in range(12):
+                [token] = backend.decode([Step(0, token, ours)])
+                picks.append((token, chain.sample(backend._ctx, 0)))  # type: ignore[attr-defined]
+        finally:
+            backend.release(0)
+            chain.close()
+        return picks
+
+    picks = engine.call(run)
+    assert all(a == b for a, b in picks), picks
+
+
 def test_streamed_text_equals_final_text(engine: Engine) -> None:
     events = list(engine.stream(PROMPT, GREEDY))
     assert isinstance(events[-1], FinalEvent)
