@@ -57,7 +57,7 @@ def test_greedy_output_matches_raw_llama_cpp_python(model_settings: ModelSetting
 
 def test_plain_greedy_picks_what_llama_cpps_greedy_sampler_picks(engine: Engine) -> None:
     """Plain greedy reads the argmax of the logits row instead of running llama.cpp's sampler
-    chain: on every row of a real batch it picks the chain's token."""
+    chain: at every step of a real decode it picks the chain's token."""
     from llama_cpp._internals import LlamaSampler
 
     from edgeserve.backend import Backend, Step
