@@ -247,8 +247,7 @@ class LlamaBackend:
         for i, (slot, step) in enumerate(zip(slots, steps, strict=True)):
             slot.tokens.append(step.token)
             if step.constraint is not None:
-                row = self._lib.llama_get_logits_ith(self._ctx.ctx, i)
-                step.constraint.mask(np.ctypeslib.as_array(row, shape=(self._n_vocab,)))
+                step.constraint.mask(_logits_row(self._lib, self._ctx, i, self._n_vocab))
             out.append(int(step.sampler.sample(self._ctx, i)))  # type: ignore[attr-defined]
         return out
 
@@ -421,11 +420,15 @@ class _Argmax:
         self._lib, self._n_vocab = lib, n_vocab
 
     def sample(self, ctx: Any, i: int) -> int:
-        row = self._lib.llama_get_logits_ith(ctx.ctx, i)
-        return int(np.ctypeslib.as_array(row, shape=(self._n_vocab,)).argmax())
+        return int(_logits_row(self._lib, ctx, i, self._n_vocab).argmax())
 
     def close(self) -> None:
         pass
+
+
+def _logits_row(lib: Any, ctx: Any, i: int, n_vocab: int) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The logits of the ``i``-th output of the last decode call, in place (a view, not a copy)."""
+    return np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx.ctx, i), shape=(n_vocab,))
 
 
 def _kv_bytes_per_token(meta: dict[str, str]) -> int:

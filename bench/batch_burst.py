@@ -365,6 +365,7 @@ def main() -> None:
     ap.add_argument(
         "--edge-variant",
         nargs="*",
+        type=shlex.split,  # unbalanced quotes: argparse's own error, not a traceback
         default=[],
         metavar="FLAGS",
         help='also edgeserve with these serve flags, one string each (e.g. "--prefill-chunk 1024")',
@@ -380,7 +381,7 @@ def main() -> None:
     configs = (*CONFIGS, CONFIG_EDGE1) if batching else CONFIGS
     # Fixed widths beside the default, e.g. to tell the batched step from the automatic width choice.
     configs += tuple(Config(f"{EDGE} --parallel {n}", "edgeserve", n) for n in args.edge_parallel if batching)
-    configs += tuple(Config(f"{EDGE} {v}", "edgeserve", None, tuple(shlex.split(v))) for v in args.edge_variant)
+    configs += tuple(Config(f"{EDGE} {shlex.join(v)}", "edgeserve", None, tuple(v)) for v in args.edge_variant)
     binary = llama_server_binary()
     report: dict[str, Any] = {
         "benchmark": "batch_burst",

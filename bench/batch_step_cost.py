@@ -67,8 +67,8 @@ def main() -> None:
         f"--threads {args.threads} --n-ctx {args.n_ctx} --flash-attn {args.flash_attn}",
         "load_average_at_start": os.getloadavg(),
     }
+    flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
     for unified in (False, True):
-        flash = {"auto": None, "on": True, "off": False}[args.flash_attn]
         settings = ModelSettings(
             threads=args.threads, parallel=max(args.widths), n_ctx=args.n_ctx, kv_unified=unified, flash_attn=flash
         )
