@@ -1,15 +1,15 @@
 """The device side of the engine: one thread owns the backend and runs a batch of requests.
 
-Each turn of the loop is one unit of work on the batch: a prefill chunk of one request, then one
-decode step of every request past its prefill, in a single backend call (continuous batching:
-requests join and leave the batch at any token). Between two turns the loop asks the scheduler
-(``edgeserve.scheduler``) what runs: free places in the batch are filled in the policy's order
-(shortest predicted first under ``sjf``/``srpt``), and under ``srpt`` a shorter arrival displaces
-the longest-remaining request of a full batch at a token boundary. A displaced sequence stays open
-while the backend has room, or is parked to host memory until it runs again (least recently run
-first). How wide the batch may be is ``edgeserve.width.BatchWidth``'s call. A request's running
-state (``edgeserve.running.Running``) belongs to this loop, not to the backend, so it resumes with
-the text it would have produced without the pause.
+Each turn of the loop is one unit of work on the batch: a chunk of prompt tokens (of one request,
+or of several short ones), then one decode step of every request past its prefill in a single
+backend call (continuous batching: requests join and leave the batch at any token). Between two
+turns the loop asks the scheduler (``edgeserve.scheduler``) what runs: free places in the batch are
+filled in the policy's order (shortest predicted first under ``sjf``/``srpt``), and under ``srpt`` a
+shorter arrival displaces the longest-remaining request of a full batch at a token boundary. A
+displaced sequence stays open while the backend has room, or is parked to host memory until it runs
+again (least recently run first). How wide the batch may be is ``edgeserve.width.BatchWidth``'s
+call. A request's running state (``edgeserve.running.Running``) belongs to this loop, not to the
+backend, so it resumes with the text it would have produced without the pause.
 
 Thread rules: the methods above ``# ---- the loop`` may be called from any thread and take
 ``_cond``; everything below runs on the loop thread only. Fields marked "loop thread only" are
@@ -273,9 +273,10 @@ class EngineLoop:
         self._join(entry.item, now)
 
     def _turn(self, batch: list[Request]) -> None:
-        """One unit of work on the batch: start and open what needs it, one prefill chunk (the
-        request with the least work left first), then one decode step of every request past its
-        prefill, in one backend call."""
+        """One unit of work on the batch: start and open what needs it, a chunk's worth of prompt
+        tokens (shared by the requests still prefilling, the least work left first: a burst of
+        short prompts joins the decodes in one turn, not one a turn), then one decode step of every
+        request past its prefill, in one backend call."""
         ready: list[Running] = []
         for request in batch:
             try:
@@ -292,9 +293,13 @@ class EngineLoop:
                 self._end(run)
         prefilling = [run for run in ready if run.prefilled < len(run.request.prompt_tokens) - 1]
         decoding = [run for run in ready if run.prefilled >= len(run.request.prompt_tokens) - 1]
-        if prefilling:
-            run = min(prefilling, key=lambda run: run.remaining_cost(self.service))
-            self._guarded([run], functools.partial(self._prefill, run, chunk=self._chunk(bool(decoding))))
+        budget = self._chunk(bool(decoding))
+        for run in sorted(prefilling, key=lambda run: run.remaining_cost(self.service)):
+            if budget <= 0:
+                break
+            chunk = min(budget, len(run.request.prompt_tokens) - 1 - run.prefilled)
+            self._guarded([run], functools.partial(self._prefill, run, chunk=chunk))
+            budget -= chunk
         exports = [run for run in decoding if run.request.export is not None]
         for run in exports:
             self._guarded([run], functools.partial(self._export, run))
@@ -303,8 +308,8 @@ class EngineLoop:
             self._guarded(steps, functools.partial(self._decode, steps))
 
     def _chunk(self, beside_decodes: bool) -> int:
-        """Prompt tokens in one prefill chunk: smaller while other requests wait for their next
-        token, so a long prompt does not stall everyone's stream for a whole chunk."""
+        """Prompt tokens a turn prefills: fewer while other requests wait for their next token, so
+        a long prompt does not stall everyone's stream for a whole chunk."""
         chunk = self.settings.prefill_chunk
         return max(16, chunk // 4) if beside_decodes else chunk
 

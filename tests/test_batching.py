@@ -59,6 +59,41 @@ def test_free_places_are_filled_shortest_predicted_first() -> None:
     assert max(r.queue_wait_s for r in short_results) < min(r.queue_wait_s for r in long_results)
 
 
+def test_a_burst_of_short_prompts_is_prefilled_in_one_turn_and_a_long_one_in_chunks() -> None:
+    """The prefill chunk is a budget of prompt tokens a turn, shared by the requests that wait for
+    their prefill: four short prompts all join the first decode step, not one a turn; a prompt
+    longer than the budget is spread over turns, with decode steps between its chunks."""
+    backend = _wide()
+    with _engine(backend, policy="fcfs", prefill_chunk=64) as engine:
+        held, go = threading.Event(), threading.Event()
+
+        def hold(_backend: object) -> None:  # keeps the loop busy while the burst queues up
+            held.set()
+            go.wait()
+
+        holder = threading.Thread(target=engine.call, args=(hold,))
+        holder.start()
+        held.wait()
+        handles = [engine.submit(f"short {i}", SHORT) for i in range(4)]
+        go.set()
+        holder.join()
+        assert all(h.result().completion_tokens == 4 for h in handles)
+        first_decode = next(i for i, (name, _) in enumerate(backend.calls) if name == "decode")
+        prefilled = {seq for name, seq in backend.calls[:first_decode] if name == "prefill"}
+        assert len(prefilled) == 4 and set(backend.batches[0]) == prefilled
+
+        backend.calls.clear()
+        # 64 tokens a turn alone, 16 beside decodes: a 200-token prompt next to a running request.
+        running = _started(engine.submit("running", LONG))
+        long = engine.submit("x" * 200, SHORT)
+        assert long.result().completion_tokens == 4
+        _result(running)
+    long_seq = [seq for name, seq in backend.calls if name == "prefill"][-1]
+    prefills = [i for i, (name, seq) in enumerate(backend.calls) if name == "prefill" and seq == long_seq]
+    assert len(prefills) > 1
+    assert all(any(name == "decode" for name, _ in backend.calls[a:b]) for a, b in itertools.pairwise(prefills))
+
+
 def test_a_short_arrival_displaces_the_longest_remaining_request_of_a_full_batch() -> None:
     backend = _wide()
     with _engine(backend) as engine:
