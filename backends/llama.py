@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeserve.backend import SeqId, Step
-from edgeserve.errors import BackendError, KVStateError, ModelNotFoundError
+from edgeserve.errors import BackendError, KVCacheFullError, KVStateError, ModelNotFoundError
 from edgeserve.sampling import PENALTY_LAST_N, fresh_seed
 from edgeserve.settings import ModelSettings
 from edgeserve.threads import ThreadTuner
@@ -113,15 +113,17 @@ class LlamaBackend:
         meta = self._model.metadata()
         n_ctx = min(settings.n_ctx, self._model.n_ctx_train() or settings.n_ctx)
         self._kv_token_bytes = _kv_bytes_per_token(meta)
-        n_slots = settings.parallel or _auto_slots(n_ctx, self._kv_token_bytes)
+        if settings.parallel is not None:
+            n_slots, n_cells = settings.parallel, settings.parallel * n_ctx
+        else:
+            n_slots, n_cells = _auto_slots(n_ctx, self._kv_token_bytes, shared=settings.kv_unified)
         ctx_params = llama_cpp.llama_context_default_params()
-        # By default one unified cache of n_ctx cells per slot, as llama-server: at 2 threads here a
-        # batched step of 8 cost 0.67x the CPU of a KV stream per slot (equal at 4;
-        # bench/batch_step_cost_threads2.json). The price: a sequence's cells sit among other
-        # sequences' cells, and the summation order, and near-tie greedy choices with it, then
-        # depend on its neighbours. --no-kv-unified gives each slot its own stream, always in
-        # position order, and batched text equal to solo text.
-        ctx_params.n_ctx = n_ctx * n_slots
+        # By default one unified cache, as llama-server: at 2 threads here a batched step of 8 cost
+        # 0.67x the CPU of a KV stream per slot (equal at 4; bench/batch_step_cost_threads2.json).
+        # The price: a sequence's cells sit among other sequences' cells, and the summation order,
+        # and near-tie greedy choices with it, then depend on its neighbours. --no-kv-unified gives
+        # each slot its own stream, always in position order, and batched text equal to solo text.
+        ctx_params.n_ctx = n_cells
         ctx_params.n_seq_max = n_slots
         ctx_params.kv_unified = self._unified = settings.kv_unified
         ctx_params.n_batch = ctx_params.n_ubatch = max(settings.n_batch, n_slots)
@@ -151,6 +153,8 @@ class LlamaBackend:
         except (ValueError, RuntimeError) as exc:
             self._model.close()
             raise BackendError(f"llama.cpp could not create a context for {model.path}: {exc}") from exc
+        # llama.cpp may round the cells up (to a floor per sequence): report what it made.
+        n_cells = int(llama_cpp.llama_n_ctx(self._ctx.ctx))
         self._n_batch = int(ctx_params.n_batch)
         self._batch = _internals.LlamaBatch(n_tokens=self._n_batch, embd=0, n_seq_max=1, verbose=False)
         self._vocab = self._model.vocab
@@ -164,6 +168,8 @@ class LlamaBackend:
         if self._tuner is not None:
             self._set_threads(self._tuner.threads)
         self._slots = [_Slot(i) for i in range(n_slots)]
+        #: Fewer cells than a full context a sequence: the cache can fill (``KVCacheFullError``).
+        self._shared = n_cells < n_slots * n_ctx
         self._by_seq: dict[SeqId, _Slot] = {}
         self._frees = itertools.count(1)
         bos = self._model.token_bos()
@@ -182,7 +188,7 @@ class LlamaBackend:
             device="cpu" if not llama_cpp.llama_supports_gpu_offload() else "gpu",
             max_sequences=n_slots,
             max_batch=n_slots,
-            kv_bytes=n_slots * n_ctx * self._kv_token_bytes,
+            kv_bytes=n_cells * self._kv_token_bytes,
         )
         self._fingerprint = {
             "architecture": self._caps.architecture,
@@ -191,9 +197,10 @@ class LlamaBackend:
             "size": int(llama_cpp.llama_model_size(self._model.model)),
         }
         log.info(
-            "llama.cpp: %d sequence slots of %d tokens, KV budget %.0f MiB",
+            "llama.cpp: %d sequence slots of up to %d tokens sharing %d KV cells, KV budget %.0f MiB",
             n_slots,
             n_ctx,
+            n_cells,
             self._caps.kv_bytes / 2**20,
         )
 
@@ -228,10 +235,15 @@ class LlamaBackend:
 
     def prefill(self, seq: SeqId, tokens: Sequence[int]) -> None:
         slot = self._slot(seq)
-        for i in range(0, len(tokens), self._n_batch):
-            chunk = tokens[i : i + self._n_batch]
-            self._run([(slot, t, False) for t in chunk])
-            slot.tokens.extend(chunk)
+        start = len(slot.tokens)
+        try:
+            for i in range(0, len(tokens), self._n_batch):
+                chunk = tokens[i : i + self._n_batch]
+                self._run([(slot, t, False) for t in chunk])
+                slot.tokens.extend(chunk)
+        except KVCacheFullError:
+            self._truncate(slot, start)  # all or nothing: the engine evaluates the tokens again later
+            raise
 
     def decode(self, steps: Sequence[Step]) -> list[int]:
         slots = [self._slot(step.seq) for step in steps]
@@ -270,7 +282,14 @@ class LlamaBackend:
         slot = self._free_slot()
         self._truncate(slot, 0)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if self._lib.llama_state_seq_set_data(self._ctx.ctx, buf, len(data), slot.index) == 0:
+        set_data = self._lib.llama_state_seq_set_data
+        if set_data(self._ctx.ctx, buf, len(data), slot.index) == 0 and not (
+            self._drop_residues() and set_data(self._ctx.ctx, buf, len(data), slot.index) != 0
+        ):
+            # The blob was checked above (magic, model fingerprint, sizes): where the sequences
+            # share the cache, what is left is a cache without room for its cells.
+            if self._shared:
+                raise KVCacheFullError(f"the KV cache has no room for a state of {len(tokens)} tokens")
             raise KVStateError("llama.cpp rejected the KV state")
         slot.tokens, slot.owner = list(tokens), seq
         self._by_seq[seq] = slot
@@ -322,8 +341,10 @@ class LlamaBackend:
         rc = self._lib.llama_decode(self._ctx.ctx, batch)
         if rc == 1 and self._drop_residues():
             rc = self._lib.llama_decode(self._ctx.ctx, batch)
+        if rc == 1:
+            raise KVCacheFullError(f"the KV cache has no room for {len(entries)} more tokens")
         if rc != 0:
-            raise BackendError(f"llama_decode failed ({rc}): {'no KV cache room' if rc == 1 else 'see the log'}")
+            raise BackendError(f"llama_decode failed ({rc}): see the log")
 
     def _drop_residues(self, keep: _Slot | None = None) -> bool:
         """Empty the prefix caches of the free slots (but ``keep``'s); whether any held one."""
@@ -450,13 +471,23 @@ def _kv_bytes_per_token(meta: dict[str, str]) -> int:
     return max(num("block_count", 1) * n_kv * (k + v) * 2, 1)
 
 
-def _auto_slots(n_ctx: int, token_bytes: int, most: int = 8) -> int:
-    """Sequence slots for ``--parallel`` unset: up to ``most``, as half the free memory allows a
-    full context each (the engine then batches as many as its measured decode rate justifies). Not
-    16: the burst of issue 18 ended 8% sooner with 16 at 2 threads here, but the process then held
-    1.55 GB instead of 0.96 GB (each slot reserves a full context), which every app embedding the
-    library would pay at start; ``--parallel 16`` buys it where the memory is there."""
+#: ``--parallel`` unset: at most this many full contexts of KV memory...
+MOST_CONTEXTS = 8
+#: ...shared by at most this many sequences (one shared cache), or one context a sequence (a
+#: stream each, ``--no-kv-unified``).
+MOST_SHARED_SEQUENCES = 16
+
+
+def _auto_slots(n_ctx: int, token_bytes: int, *, shared: bool) -> tuple[int, int]:
+    """Sequence slots and KV cells for ``--parallel`` unset: as many full contexts as half the free
+    memory holds, up to ``MOST_CONTEXTS``. In a shared cache ``MOST_SHARED_SEQUENCES`` sequences
+    use them: a chat turn fills a small part of its context, and the burst of issue 18 ended 17%
+    sooner with 16 sequences than with 8 at 2 threads here. Reserving a full context for each of
+    16 held 1.55 GB instead of 0.96 GB, which every app embedding the library would pay at start;
+    when they do outgrow the cells, the engine parks one (``KVCacheFullError``). The engine batches
+    as many as its measured decode rate justifies."""
     import psutil
 
     budget = psutil.virtual_memory().available // 2
-    return int(max(1, min(most, budget // max(n_ctx * token_bytes, 1))))
+    contexts = int(max(1, min(MOST_CONTEXTS, budget // max(n_ctx * token_bytes, 1))))
+    return (MOST_SHARED_SEQUENCES if shared else contexts), contexts * n_ctx

@@ -75,6 +75,10 @@ class Backend(Protocol):
     (its KV state to host bytes; the slot is freed) and later ``restore`` it, to continue exactly
     where it was: a token that was sampled but not evaluated is the engine's, not the backend's, so
     no logits need to survive a park (llama.cpp keeps none in its state).
+
+    Where the open sequences share one KV memory smaller than ``max_sequences`` full contexts,
+    ``prefill``, ``decode`` and ``restore`` raise ``KVCacheFullError`` when it has no room, having
+    changed nothing; the engine then parks a sequence and calls again.
     """
 
     def capabilities(self) -> Capabilities: ...

@@ -17,7 +17,8 @@ by class (``http_status``), never by reading the message.
     ├── UpstreamError                   the proxy's upstream unreachable, reset or malformed (502)
     │   └── UpstreamTimeout             no connection, first byte or next chunk in time  (504)
     └── BackendError                    the backend failed while running                 (500)
-        └── KVStateError                a KV state blob that does not fit this model     (400)
+        ├── KVStateError                a KV state blob that does not fit this model     (400)
+        └── KVCacheFullError            the KV memory has no room for this work now      (503)
 """
 
 from __future__ import annotations
@@ -100,3 +101,11 @@ class BackendError(EdgeserveError):
 class KVStateError(BackendError):
     http_status = 400
     error_type = "invalid_request_error"
+
+
+class KVCacheFullError(BackendError):
+    """The backend's KV memory, shared by its open sequences, has no room for this call; nothing was
+    evaluated. The engine answers it by parking a sequence and trying again, so a caller sees it
+    only when one sequence alone outgrows the memory."""
+
+    http_status = 503

@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 from edgeserve.backend import Backend, SeqId, Step
-from edgeserve.errors import BackendError, EdgeserveError, EngineClosedError, KVStateError
+from edgeserve.errors import BackendError, EdgeserveError, EngineClosedError, KVCacheFullError, KVStateError
 from edgeserve.running import UNKNOWN_TOKENS, Request, Running, Where, empty_result, final
 from edgeserve.scheduler import Entry, QueueView, Scheduler
 from edgeserve.service import ServiceModel
@@ -87,6 +87,9 @@ class EngineLoop:
         # Loop thread only: open sequences in least-recently-run order, and the parked count.
         self._open: collections.OrderedDict[SeqId, Request] = collections.OrderedDict()
         self._n_parked = 0
+        #: The batch width the KV memory held when it last filled up (None: no limit). Guarded by
+        #: _cond; a request that leaves frees cells, and lifts it.
+        self._kv_width: int | None = None
         self._thread = threading.Thread(target=self._loop, name="edgeserve-engine", daemon=True)
         self._thread.start()
 
@@ -230,7 +233,7 @@ class EngineLoop:
                 if not self._batch and self._control:
                     return self._control.popleft()
                 now = self._clock()
-                limit = self.width.limit(now)
+                limit = self._limit(now)
                 while len(self._batch) < limit and (entry := self._scheduler.next(now)) is not None:
                     self._join(entry.item, now)
                 if self._scheduler.preemptive and self._batch:
@@ -238,6 +241,12 @@ class EngineLoop:
                 if self._batch:
                     return list(self._batch)
                 self._cond.wait()
+
+    def _limit(self, now: float) -> int:
+        """How wide the batch may be now: the width rule's, and no wider than the KV memory held
+        when it last filled up (``_cond`` held)."""
+        limit = self.width.limit(now)
+        return limit if self._kv_width is None else max(1, min(limit, self._kv_width))
 
     def _join(self, request: Request, now: float) -> None:
         self._batch.append(request)
@@ -247,7 +256,7 @@ class EngineLoop:
     def _maybe_preempt(self, now: float) -> None:
         """Displace the longest-remaining request of a full batch by a shorter waiting one, if the
         policy says so (``_cond`` held). One displacement per turn: the next turn looks again."""
-        if len(self._batch) < self.width.limit(now):
+        if len(self._batch) < self._limit(now):
             return
         if len(self._open) >= self.capabilities.max_sequences and self._n_parked >= self.settings.max_parked:
             return  # displacing one would mean parking one more than allowed
@@ -283,8 +292,7 @@ class EngineLoop:
                 run = request.run or self._start(request)
                 if request.cancelled.is_set():
                     run.finish = FinishReason.CANCELLED
-                else:
-                    self._make_open(run, batch)
+                elif self._open_for_turn(run, batch):
                     ready.append(run)
             except Exception as exc:
                 self._fail(request, exc)
@@ -297,9 +305,12 @@ class EngineLoop:
         for run in sorted(prefilling, key=lambda run: run.remaining_cost(self.service)):
             if budget <= 0:
                 break
+            if run.where is not Where.OPEN:  # parked to make KV room for an earlier chunk
+                continue
             chunk = min(budget, len(run.request.prompt_tokens) - 1 - run.prefilled)
             self._guarded([run], functools.partial(self._prefill, run, chunk=chunk))
             budget -= chunk
+        decoding = [run for run in decoding if run.where is Where.OPEN and run.finish is None]
         exports = [run for run in decoding if run.request.export is not None]
         for run in exports:
             self._guarded([run], functools.partial(self._export, run))
@@ -314,16 +325,81 @@ class EngineLoop:
         return max(16, chunk // 4) if beside_decodes else chunk
 
     def _guarded(self, runs: list[Running], work: Callable[[], None]) -> None:
-        """Run backend work for ``runs``; a failure fails them (only them); ended ones end."""
-        try:
-            work()
-        except Exception as exc:
-            for run in runs:
-                self._fail(run.request, exc)
-            return
+        """Run backend work for ``runs``; a failure fails them (only them); ended ones end. When the
+        KV memory is full, a sequence is parked to make room (perhaps one of ``runs``, which ``work``
+        must read, as ``_decode`` reads its list) and the work runs again."""
+        while True:
+            try:
+                work()
+            except KVCacheFullError as exc:
+                if self._make_room(runs):
+                    continue
+                for run in runs:
+                    self._fail(run.request, exc)
+                return
+            except Exception as exc:
+                for run in runs:
+                    self._fail(run.request, exc)
+                return
+            break
         for run in runs:
             if run.finish is not None:
                 self._end(run)
+
+    def _open_for_turn(self, run: Running, batch: list[Request]) -> bool:
+        """``_make_open``, with room made in a full KV memory: sequences outside the batch are
+        parked first; False when the batch's own sequences fill it (``run`` goes back to the queue
+        until a request leaves)."""
+        while True:
+            try:
+                self._make_open(run, batch)
+                return True
+            except KVCacheFullError:
+                outside = self._outside(batch)
+                if outside is not None:
+                    self._park(outside)
+                    continue
+                if not self._open:  # alone, it would never fit
+                    raise
+                self._requeue(run, len(self._open))
+                return False
+
+    def _outside(self, batch: list[Request]) -> Running | None:
+        """The least recently run open sequence that is not in ``batch`` (a displaced one)."""
+        return next((r.run for r in self._open.values() if r not in batch and r.run is not None), None)
+
+    def _make_room(self, runs: list[Running]) -> bool:
+        """The KV memory is full: park one open sequence to free its cells. One outside the batch
+        first (least recently run), else the request in the batch with the most work left but one
+        of ``runs`` (the work at hand goes on); it goes back to the queue and resumes where it
+        stopped, and the batch stays this narrow until a request leaves. False: nothing to park."""
+        with self._cond:
+            batch = list(self._batch)
+        outside = self._outside(batch)
+        if outside is not None:
+            self._park(outside)
+            return True
+        keep = min(runs, key=lambda run: run.remaining_cost(self.service), default=None)
+        candidates = [run for r in batch if (run := r.run) is not None and run.where is Where.OPEN and run is not keep]
+        if not candidates:
+            return False
+        victim = max(candidates, key=lambda run: run.remaining_cost(self.service))
+        self._requeue(victim, len(batch) - 1)
+        self._park(victim)
+        if victim in runs:
+            runs.remove(victim)
+        return True
+
+    def _requeue(self, run: Running, width: int) -> None:
+        """Put a started request back in the queue for want of KV memory, and hold the batch to
+        ``width`` until a request leaves (``_cond`` is taken here)."""
+        request = run.request
+        run.preemptions += 1
+        with self._cond:
+            if request in self._batch:
+                self._batch.remove(request)
+            self._kv_width = max(1, width)
+            self._scheduler.add(_entry(request, run.remaining_cost(self.service)), readmit=True)
 
     def _start(self, request: Request) -> Running:
         params = request.params
@@ -467,6 +543,7 @@ class EngineLoop:
         with self._cond:
             if request in self._batch:
                 self._batch.remove(request)
+            self._kv_width = None  # it freed cells: a request may join again
 
     def _fail(self, request: Request, exc: Exception) -> None:
         if not isinstance(exc, EdgeserveError):  # a backend library failed: map it here, once

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgeserve.backend import SeqId, Step
-from edgeserve.errors import BackendError, KVStateError
+from edgeserve.errors import BackendError, KVCacheFullError, KVStateError
 from edgeserve.sampling import Sampler
 from edgeserve.types import Capabilities, SamplingParams
 
@@ -50,6 +50,9 @@ class ScriptedBackend:
     prefill_s: float = 0.0
     #: Answers end (EOS is forced) after this many generated tokens; None: only max_tokens ends them.
     answer_tokens: int | None = None
+    #: Tokens all open sequences may hold together (a shared KV memory); None: no limit. Beyond it
+    #: ``prefill``, ``decode`` and ``restore`` raise ``KVCacheFullError`` and change nothing.
+    kv_cells: int | None = None
     #: Raise ``RuntimeError`` on the n-th call (0-based, all methods counted) of this method name.
     fail_on: tuple[str, int] | None = None
     calls: list[tuple[str, SeqId | None]] = field(default_factory=list)
@@ -109,12 +112,14 @@ class ScriptedBackend:
 
     def prefill(self, seq: SeqId, tokens: Sequence[int]) -> None:
         self._call("prefill", seq)
+        self._check_room(len(tokens))
         self._get(seq).extend(tokens)
         time.sleep(self.prefill_s * len(tokens))
 
     def decode(self, steps: Sequence[Step]) -> list[int]:
         if len(steps) > self.max_batch:
             raise BackendError(f"{len(steps)} steps in one call; this backend batches {self.max_batch}")
+        self._check_room(len(steps))
         self.batches.append(tuple(step.seq for step in steps))
         if self.max_batch > 1:
             time.sleep(self.step_s * (1 + self.batch_cost * (len(steps) - 1)))
@@ -149,6 +154,7 @@ class ScriptedBackend:
             header = None
         if not isinstance(header, dict) or not isinstance(header.get("tokens"), list):
             raise KVStateError("not a scripted backend state")
+        self._check_room(len(header["tokens"]))
         self._seqs[seq] = list(header["tokens"])
         self._generated[seq] = int(header.get("generated", 0))
         return list(header["tokens"])
@@ -193,6 +199,11 @@ class ScriptedBackend:
         if seq not in self._seqs:
             raise BackendError(f"sequence {seq} is not open")
         return self._seqs[seq]
+
+    def _check_room(self, more: int) -> None:
+        held = sum(len(tokens) for tokens in self._seqs.values())
+        if self.kv_cells is not None and held + more > self.kv_cells:
+            raise KVCacheFullError(f"{held} of {self.kv_cells} cells are held; {more} more do not fit")
 
     def _check_free(self, seq: SeqId) -> None:
         if seq in self._seqs:

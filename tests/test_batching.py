@@ -15,7 +15,8 @@ import pytest
 from streams import result as _result
 from streams import started as _started
 
-from edgeserve import Engine, EngineSettings, ModelSettings, SamplingParams
+from edgeserve import Engine, EngineSettings, FinishReason, ModelSettings, SamplingParams
+from edgeserve.errors import KVCacheFullError
 from edgeserve.scripted import ScriptedBackend
 from edgeserve.width import MIN_SAMPLES, RETRY_S, BatchWidth
 
@@ -105,6 +106,36 @@ def test_a_short_arrival_displaces_the_longest_remaining_request_of_a_full_batch
     assert all(results[n].preemptions == 0 for n in (100, 200, 300))
     assert all(results[n].text == solo[n] for n in results)  # parked or not, the same seeded text
     assert short.total_s < min(r.total_s for r in results.values())
+
+
+@pytest.mark.parametrize("policy", ["sjf", "srpt"])
+def test_a_full_kv_memory_parks_the_longest_and_every_answer_is_its_solo_text(policy: str) -> None:
+    """Four sequences share cells for about two and a half: when they fill up, the request with
+    the most work left is parked and waits for one to end; every answer still comes out whole and
+    exactly as alone."""
+    prompts = [f"request {i}" for i in range(4)]
+    with _engine(_wide(), policy="fcfs") as engine:
+        solo = [engine.generate(p, LONG).text for p in prompts]
+    backend = _wide(kv_cells=320)  # four answers of 120 tokens need 4 x ~140
+    with _engine(backend, policy=policy) as engine:
+        handles = [engine.submit(p, LONG, predicted_tokens=100 + 10 * i) for i, p in enumerate(prompts)]
+        results = [h.result() for h in handles]
+        assert [r.text for r in results] == solo
+        assert all(r.finish_reason is FinishReason.LENGTH for r in results)
+        assert sum(r.preemptions for r in results) >= 1 and results[0].preemptions == 0  # the shortest ran on
+        assert any(name == "park" for name, _ in backend.calls)
+        # The memory is free again: a new request runs at once, and nothing is left open.
+        assert engine.generate("after", SHORT).completion_tokens == 4
+    assert backend.open_sequences == []
+
+
+def test_a_request_that_alone_outgrows_the_kv_memory_gets_an_error_and_the_engine_goes_on() -> None:
+    backend = _wide(kv_cells=60)
+    with _engine(backend) as engine:
+        with pytest.raises(KVCacheFullError):
+            engine.generate("too long for the cells", SamplingParams(max_tokens=100, ignore_eos=True))
+        assert engine.generate("fits", SHORT).completion_tokens == 4
+    assert backend.open_sequences == []
 
 
 def test_aging_bounds_the_wait_of_a_long_request_behind_a_stream_of_short_ones() -> None:
@@ -228,3 +259,26 @@ def test_four_requests_decode_together_on_the_real_model(batched: tuple[Engine, 
 def _shared_start(a: str, b: str) -> int:
     """Characters at the start of ``a`` and ``b`` that agree."""
     return sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(a, b, strict=False)))
+
+
+def test_sequences_sharing_a_small_kv_memory_on_the_real_model(
+    model_settings: ModelSettings, default_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--parallel`` unset: 16 sequences share the cells of the full contexts the memory allows,
+    here one of 1024 tokens. Four prompts of ~450 tokens outgrow it together: llama.cpp reports no
+    room, the engine parks a sequence and resumes it later, and every answer comes out whole."""
+    from edgeserve.backends import llama
+
+    monkeypatch.setattr(llama, "MOST_CONTEXTS", 1)
+    small = model_settings.model_copy(update={"n_ctx": 1024})
+    prompts = [f"Note {i}: " + "the quick brown fox jumps over the lazy dog. " * 45 for i in range(4)]
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    with Engine.from_settings(small, EngineSettings(max_queue=16)) as engine:
+        caps = engine.capabilities
+        assert caps.max_sequences == llama.MOST_SHARED_SEQUENCES and caps.n_ctx == 1024
+        assert caps.kv_bytes < 2 * 1024 * 32 * 1024  # one context's cells, not one for each sequence
+        handles = [engine.submit(p, params) for p in prompts]
+        results = [h.result() for h in handles]
+        assert all(r.completion_tokens == 48 and r.finish_reason is FinishReason.LENGTH for r in results)
+        assert sum(r.preemptions for r in results) >= 1
+        assert engine.generate(PROMPTS[0], GREEDY).completion_tokens == 16
