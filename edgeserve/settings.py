@@ -59,9 +59,10 @@ class ModelSettings(_Settings):
         None,
         ge=1,
         le=64,
-        description="Sequences decoded together in one batched step (continuous batching). Given, it is fixed; "
-        "unset, up to 8 as the KV memory budget (half the free memory) allows, and the engine uses the largest "
-        "count whose measured per-sequence decode rate stays above --parallel-floor-tok-s.",
+        description="Sequences decoded together in one batched step (continuous batching). Given, it is fixed, "
+        "each with a full context of KV cells; unset (llama.cpp), 16 sharing the cells of up to 8 full contexts as "
+        "the KV memory budget (half the free memory) allows (a sequence is parked when they fill up), and the "
+        "engine uses the largest count whose measured per-sequence decode rate stays above --parallel-floor-tok-s.",
     )
     gpu_layers: int = Field(-1, description="Layers offloaded to a GPU when one is present (-1: all).")
     flash_attn: bool | None = Field(
