@@ -481,11 +481,12 @@ MOST_SHARED_SEQUENCES = 16
 def _auto_slots(n_ctx: int, token_bytes: int, *, shared: bool) -> tuple[int, int]:
     """Sequence slots and KV cells for ``--parallel`` unset: as many full contexts as half the free
     memory holds, up to ``MOST_CONTEXTS``. In a shared cache ``MOST_SHARED_SEQUENCES`` sequences
-    use them: a chat turn fills a small part of its context, and the burst of issue 18 ended 17%
-    sooner with 16 sequences than with 8 at 2 threads here. Reserving a full context for each of
-    16 held 1.55 GB instead of 0.96 GB, which every app embedding the library would pay at start;
-    when they do outgrow the cells, the engine parks one (``KVCacheFullError``). The engine batches
-    as many as its measured decode rate justifies."""
+    use them: a chat turn fills a small part of its context, and at 2 threads here the burst of
+    issue 18 then ended at 0.78x llama-server -np 4's makespan against 0.93-0.97x with 8 sequences
+    (README). A full context for each of 16 would hold 1546 MiB after loading instead of 966,
+    which every app embedding the library would pay at start; when they do outgrow the cells, the
+    engine parks one (``KVCacheFullError``). The engine batches as many as its measured decode
+    rate justifies."""
     import psutil
 
     budget = psutil.virtual_memory().available // 2

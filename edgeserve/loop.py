@@ -384,6 +384,7 @@ class EngineLoop:
         if not candidates:
             return False
         victim = max(candidates, key=lambda run: run.remaining_cost(self.service))
+        victim.preemptions += 1
         self._requeue(victim, len(batch) - 1)
         self._park(victim)
         if victim in runs:
@@ -394,7 +395,6 @@ class EngineLoop:
         """Put a started request back in the queue for want of KV memory, and hold the batch to
         ``width`` until a request leaves (``_cond`` is taken here)."""
         request = run.request
-        run.preemptions += 1
         with self._cond:
             if request in self._batch:
                 self._batch.remove(request)
