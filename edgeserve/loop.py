@@ -30,12 +30,16 @@ from typing import TypeVar
 from edgeserve.backend import Backend, SeqId, Step
 from edgeserve.errors import BackendError, EdgeserveError, EngineClosedError, KVCacheFullError, KVStateError
 from edgeserve.running import UNKNOWN_TOKENS, Request, Running, Where, empty_result, final
-from edgeserve.scheduler import Entry, QueueView, Scheduler
+from edgeserve.scheduler import SHORT_TOKENS, Entry, QueueView, Scheduler
 from edgeserve.service import ServiceModel
 from edgeserve.settings import EngineSettings
 from edgeserve.textstream import TextStream
 from edgeserve.types import Capabilities, ErrorEvent, FinalEvent, FinishReason
-from edgeserve.width import BatchWidth
+from edgeserve.width import WORK_HORIZON, BatchWidth
+
+#: Under ``srpt``, a prompt's chunks wait while a request at least this many times shorter (its
+#: whole predicted answer against the prompt's remaining work) is decoding beside it.
+YIELD_RATIO = 4.0
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -245,8 +249,25 @@ class EngineLoop:
     def _limit(self, now: float) -> int:
         """How wide the batch may be now: the width rule's, and no wider than the KV memory held
         when it last filled up (``_cond`` held)."""
-        limit = self.width.limit(now)
+        limit = self.width.limit(now, self._present_work(), self._present_short())
         return limit if self._kv_width is None else max(1, min(limit, self._kv_width))
+
+    def _present_short(self) -> int:
+        """How many requests present (batch and queue) are predicted short, Clairvoyant's class:
+        fewer than ``SHORT_TOKENS`` answer tokens, the prediction doubled each time an answer
+        outgrows it (``_cond`` held)."""
+        if self._scheduler.policy == "fcfs":
+            return 0
+        predicted = [r.predicted_tokens if r.run is None else r.run.predicted_answer() for r in self._batch]
+        return sum(1 for p in predicted if p is not None and p < SHORT_TOKENS) + self._scheduler.predicted_short()
+
+    def _present_work(self) -> list[float]:
+        """The remaining work of the batch and of the shortest waiting requests, where the policy
+        runs the shortest first (the width rule weighs it); none under ``fcfs`` (``_cond`` held)."""
+        if self._scheduler.policy == "fcfs":
+            return []
+        work = [r.cost if r.run is None else r.run.remaining_cost(self.service) for r in self._batch]
+        return work + self._scheduler.smallest_costs(WORK_HORIZON * self.width.most)
 
     def _join(self, request: Request, now: float) -> None:
         self._batch.append(request)
@@ -302,10 +323,14 @@ class EngineLoop:
         prefilling = [run for run in ready if run.prefilled < len(run.request.prompt_tokens) - 1]
         decoding = [run for run in ready if run.prefilled >= len(run.request.prompt_tokens) - 1]
         budget = self._chunk(bool(decoding))
+        hold_from = self._hold_from(decoding)
+        now, aging_s = self._clock(), self.aging_s
         for run in sorted(prefilling, key=lambda run: run.remaining_cost(self.service)):
             if budget <= 0:
                 break
             if run.where is not Where.OPEN:  # parked to make KV room for an earlier chunk
+                continue
+            if self._yields(run, hold_from, now - run.request.submitted < aging_s):
                 continue
             chunk = min(budget, len(run.request.prompt_tokens) - 1 - run.prefilled)
             self._guarded([run], functools.partial(self._prefill, run, chunk=chunk))
@@ -317,6 +342,27 @@ class EngineLoop:
         steps = [run for run in decoding if run.request.export is None]
         if steps:
             self._guarded(steps, functools.partial(self._decode, steps))
+
+    def _hold_from(self, decoding: list[Running]) -> float | None:
+        """The remaining work (decode-token equivalents) from which a prompt yields to the
+        decodes this turn: ``YIELD_RATIO`` times the shortest answer decoding, taken whole (what it
+        generated plus what it is still predicted to). None when no prompt yields."""
+        if not self._scheduler.preemptive or not decoding:
+            return None
+        return YIELD_RATIO * min(run.predicted_answer() for run in decoding)
+
+    def _yields(self, run: Running, hold_from: float | None, young: bool) -> bool:
+        """Whether ``run``'s prompt waits this turn for a much shorter request's answer.
+
+        A prompt chunk beside the decodes is the one part of a turn that batching does not share:
+        every decoding request waits for it. Under SRPT a request with far less work should not
+        wait for a long one's prompt, so the prompt yields while a request ``YIELD_RATIO`` times
+        shorter decodes. It waits at most that short answer's life: the test uses the whole
+        predicted answer, not what is left of it (a long answer near its end holds no prompt
+        back), and an answer that outlives its prediction is predicted longer (doubling), so a
+        mispredicted one soon stops holding prompts back. Aging bounds it too: a request that has
+        waited ``aging_s`` (not ``young``) yields to nothing."""
+        return hold_from is not None and young and run.remaining_cost(self.service) >= hold_from
 
     def _chunk(self, beside_decodes: bool) -> int:
         """Prompt tokens a turn prefills: fewer while other requests wait for their next token, so

@@ -126,6 +126,10 @@ class Running:
             predicted *= 2
         return min(predicted - n, request.max_tokens - n)
 
+    def predicted_answer(self) -> float:
+        """The whole answer's length as now predicted: generated so far plus still expected."""
+        return len(self.generated) + self.remaining_tokens()
+
     def remaining_cost(self, service: ServiceModel) -> float:
         """What is left of it, in decode-token equivalents (the engine's scheduling unit)."""
         return service.decode_equivalents(self.prompt_left, self.remaining_tokens())

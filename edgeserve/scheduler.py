@@ -39,6 +39,8 @@ T = TypeVar("T")
 
 #: Stand-in prediction for a request the predictor could not score (e.g. a raw token prompt).
 UNKNOWN_TOKENS = 256.0
+#: Clairvoyant's short class: answers of fewer tokens than this (edgeserve.predictor's SHORT_MAX).
+SHORT_TOKENS = 200
 #: Aging threshold before any short request has been measured; derived aging replaces it.
 INITIAL_AGING_S = 60.0
 
@@ -207,6 +209,15 @@ class Scheduler(Generic[T]):
         """The summed cost of every waiting entry (the work ahead of a new arrival, at worst)."""
         return sum(e.effective_cost for e in self._live.values())
 
+    def smallest_costs(self, n: int) -> list[float]:
+        """The ``n`` smallest costs among the waiting entries."""
+        return heapq.nsmallest(n, (e.effective_cost for e in self._live.values()))
+
+    def predicted_short(self) -> int:
+        """How many waiting entries are predicted short (fewer than ``SHORT_TOKENS`` tokens)."""
+        predicted = (e.predicted_tokens for e in self._live.values())
+        return sum(1 for p in predicted if p is not None and p < SHORT_TOKENS)
+
     def snapshot(self, now: float) -> list[QueueView]:
         """Live entries in the order ``next`` would take them if nothing else arrived."""
         aged = [e for e in self._arrivals if self._alive(e) and now - e.arrival >= self.aging_s]
@@ -239,7 +250,7 @@ class AgingTracker:
     estimate of their service time. A request is short by Clairvoyant's class (< 200 tokens)."""
 
     factor: float = 128.0  # edgeserve.settings.AGING_FACTOR; the settings pass theirs in
-    short_tokens: int = 200
+    short_tokens: int = SHORT_TOKENS
     #: Weight of the newest observation in the running estimate.
     alpha: float = 0.2
     estimate_s: float | None = None

@@ -95,6 +95,28 @@ def test_a_burst_of_short_prompts_is_prefilled_in_one_turn_and_a_long_one_in_chu
     assert all(any(name == "decode" for name, _ in backend.calls[a:b]) for a, b in itertools.pairwise(prefills))
 
 
+@pytest.mark.parametrize("aging_s", [1000.0, 0.05])
+def test_under_srpt_a_long_prompt_waits_while_a_much_shorter_answer_decodes_until_it_ages(aging_s: float) -> None:
+    """A prompt chunk stalls every decoding request; under SRPT a long request's prompt waits for
+    an answer a quarter its size or less, and prefills once it has aged (the short answer's 24
+    steps take at least 0.24 s, so the long request ages while it decodes)."""
+    backend = _wide(step_s=0.01)
+    answer = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    with _engine(backend, prefill_chunk=64, aging_s=aging_s) as engine:
+        short = _started(engine.submit("short", answer, predicted_tokens=24))
+        long = engine.submit("x" * 200, LONG, predicted_tokens=120)
+        assert _result(short).completion_tokens == 24
+        assert long.result().completion_tokens == 120
+    short_seq, long_seq = (seq for name, seq in backend.calls if name == "open")
+    last_short_decode = max(i for i, (name, seq) in enumerate(backend.calls) if name == "decode" and seq == short_seq)
+    long_prefills = [i for i, (name, seq) in enumerate(backend.calls) if name == "prefill" and seq == long_seq]
+    assert len(long_prefills) > 1
+    if aging_s > 1:
+        assert min(long_prefills) > last_short_decode
+    else:
+        assert min(long_prefills) < last_short_decode
+
+
 def test_a_short_arrival_displaces_the_longest_remaining_request_of_a_full_batch() -> None:
     backend = _wide()
     with _engine(backend) as engine:
