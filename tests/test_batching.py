@@ -18,7 +18,7 @@ from streams import started as _started
 from edgeserve import Engine, EngineSettings, FinishReason, ModelSettings, SamplingParams
 from edgeserve.errors import KVCacheFullError
 from edgeserve.scripted import ScriptedBackend
-from edgeserve.width import MIN_SAMPLES, RETRY_S, BatchWidth
+from edgeserve.width import MIN_SAMPLES, RETRY_S, BatchWidth, finish_times, quickest
 
 LONG = SamplingParams(max_tokens=120, temperature=0.9, seed=1, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -230,6 +230,41 @@ def test_the_width_rule() -> None:
     pinned = BatchWidth(4, floor_tok_s=1e9, fixed=True)
     pinned.observe(4, 10.0, 0.0)
     assert pinned.limit(0.0) == 4
+
+
+def test_finish_times_run_the_shortest_first_and_refill_places_at_once() -> None:
+    # Two places, steps of 1 + 1 per sequence: 2 and 4 run (3 s a step) until 2 ends at 6 s; then
+    # 4 and 6 until 4 ends (2 more steps, 12 s); 6 runs alone its last 4 steps (2 s each, 20 s).
+    mean, last = finish_times([6, 2, 4], 2, 1.0, 1.0)
+    assert (mean, last) == pytest.approx(((6 + 12 + 20) / 3, 20))
+
+
+def test_the_quickest_width_for_the_present_work() -> None:
+    work = [20.0 * i for i in range(1, 13)]
+    # A step that costs little more for more sequences: the widest batch ends everything soonest.
+    assert quickest(work, 0.030, 0.002, 16) == 16
+    # One that grows almost with the width (a slow CPU): a narrower batch ends the requests
+    # sooner on average, and all of them within MAKESPAN_SLACK of the earliest end.
+    narrower = quickest(work, 0.016, 0.017, 16)
+    assert 1 < narrower < 12
+    mean, last = finish_times(work, narrower, 0.016, 0.017)
+    wide_mean, _ = finish_times(work, 12, 0.016, 0.017)
+    assert mean < wide_mean and last <= 1.05 * min(finish_times(work, w, 0.016, 0.017)[1] for w in range(1, 17))
+
+
+def test_the_width_follows_the_present_work_and_keeps_room_for_short_requests() -> None:
+    width = BatchWidth(16, floor_tok_s=1.0, fixed=False)
+    for n in (1, 4, 8, 16):
+        for _ in range(MIN_SAMPLES):
+            width.observe(n, 0.016 + 0.017 * n, 0.0)
+    work = [20.0 * i for i in range(1, 13)]
+    assert width.limit(0.0) == 16  # nothing present to weigh: the throughput rule alone
+    narrow = width.limit(0.0, work)
+    assert narrow == quickest(work, 0.016, 0.017, 16) < 12
+    assert width.limit(0.0, work, short=11) == 11  # every request predicted short gets a place
+    # After an idle spell the fresh measurements have expired, but the settled step still
+    # chooses the width for a new burst.
+    assert width.limit(RETRY_S + 60, work) == narrow
 
 
 def test_the_engine_narrows_the_batch_when_wider_steps_add_no_throughput() -> None:
