@@ -400,8 +400,9 @@ class Engine:
 
     @property
     def parallel(self) -> int:
-        """Sequences the engine decodes together now (``--parallel``, or what the measured decode
-        rate justifies; ``edgeserve.width``)."""
+        """The widest batch the engine allows now (``--parallel``, or what the measured decode
+        rate justifies; ``edgeserve.width``). Under a shortest-first policy the loop may run a
+        narrower one for the work present."""
         return self._loop.width.limit(self._clock())
 
     def step_seconds(self) -> dict[int, float]:

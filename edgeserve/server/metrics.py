@@ -79,7 +79,10 @@ class ServerMetrics:
         running = Gauge("edgeserve_requests_running", "Requests in the running batch now.", ("model",), registry=r)
         running.labels(model).set_function(lambda: engine.running)
         width = Gauge(
-            "edgeserve_batch_width", "Sequences the engine decodes together now (--parallel).", ("model",), registry=r
+            "edgeserve_batch_width",
+            "The widest batch the step times allow now (--parallel); under sjf/srpt the present work may narrow it.",
+            ("model",),
+            registry=r,
         )
         width.labels(model).set_function(lambda: engine.parallel)
         r.register(_StepSeconds(engine, model))
