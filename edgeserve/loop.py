@@ -241,7 +241,7 @@ class EngineLoop:
                 while len(self._batch) < limit and (entry := self._scheduler.next(now)) is not None:
                     self._join(entry.item, now)
                 if self._scheduler.preemptive and self._batch:
-                    self._maybe_preempt(now)
+                    self._maybe_preempt(now, limit)
                 if self._batch:
                     return list(self._batch)
                 self._cond.wait()
@@ -249,35 +249,36 @@ class EngineLoop:
     def _limit(self, now: float) -> int:
         """How wide the batch may be now: the width rule's, and no wider than the KV memory held
         when it last filled up (``_cond`` held)."""
-        limit = self.width.limit(now, self._present_work(), self._present_short())
+        limit = self.width.limit(now, *self._present())
         return limit if self._kv_width is None else max(1, min(limit, self._kv_width))
 
-    def _present_short(self) -> int:
-        """How many requests present (batch and queue) are predicted short, Clairvoyant's class:
-        fewer than ``SHORT_TOKENS`` answer tokens, the prediction doubled each time an answer
-        outgrows it (``_cond`` held)."""
+    def _present(self) -> tuple[list[float], int]:
+        """What the width rule weighs, where the policy runs the shortest first (nothing under
+        ``fcfs``): the remaining work of the batch and of the shortest waiting requests, and how
+        many requests present are predicted short, Clairvoyant's class: fewer than
+        ``SHORT_TOKENS`` answer tokens, the prediction doubled each time an answer outgrows it
+        (``_cond`` held)."""
         if self._scheduler.policy == "fcfs":
-            return 0
-        predicted = [r.predicted_tokens if r.run is None else r.run.predicted_answer() for r in self._batch]
-        return sum(1 for p in predicted if p is not None and p < SHORT_TOKENS) + self._scheduler.predicted_short()
-
-    def _present_work(self) -> list[float]:
-        """The remaining work of the batch and of the shortest waiting requests, where the policy
-        runs the shortest first (the width rule weighs it); none under ``fcfs`` (``_cond`` held)."""
-        if self._scheduler.policy == "fcfs":
-            return []
-        work = [r.cost if r.run is None else r.run.remaining_cost(self.service) for r in self._batch]
-        return work + self._scheduler.smallest_costs(WORK_HORIZON * self.width.most)
+            return [], 0
+        work: list[float] = []
+        short = 0
+        for r in self._batch:
+            work.append(r.cost if r.run is None else r.run.remaining_cost(self.service))
+            predicted = r.predicted_tokens if r.run is None else r.run.predicted_answer()
+            short += predicted is not None and predicted < SHORT_TOKENS
+        waiting, waiting_short = self._scheduler.present(WORK_HORIZON * self.width.most)
+        return work + waiting, short + waiting_short
 
     def _join(self, request: Request, now: float) -> None:
         self._batch.append(request)
         if request.run is not None:
             request.run.slice_started = now
 
-    def _maybe_preempt(self, now: float) -> None:
-        """Displace the longest-remaining request of a full batch by a shorter waiting one, if the
-        policy says so (``_cond`` held). One displacement per turn: the next turn looks again."""
-        if len(self._batch) < self._limit(now):
+    def _maybe_preempt(self, now: float, limit: int) -> None:
+        """Displace the longest-remaining request of a full batch (``limit`` wide, this turn) by a
+        shorter waiting one, if the policy says so (``_cond`` held). One displacement per turn:
+        the next turn looks again."""
+        if len(self._batch) < limit:
             return
         if len(self._open) >= self.capabilities.max_sequences and self._n_parked >= self.settings.max_parked:
             return  # displacing one would mean parking one more than allowed

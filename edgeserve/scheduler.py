@@ -209,14 +209,15 @@ class Scheduler(Generic[T]):
         """The summed cost of every waiting entry (the work ahead of a new arrival, at worst)."""
         return sum(e.effective_cost for e in self._live.values())
 
-    def smallest_costs(self, n: int) -> list[float]:
-        """The ``n`` smallest costs among the waiting entries."""
-        return heapq.nsmallest(n, (e.effective_cost for e in self._live.values()))
-
-    def predicted_short(self) -> int:
-        """How many waiting entries are predicted short (fewer than ``SHORT_TOKENS`` tokens)."""
-        predicted = (e.predicted_tokens for e in self._live.values())
-        return sum(1 for p in predicted if p is not None and p < SHORT_TOKENS)
+    def present(self, n: int) -> tuple[list[float], int]:
+        """The waiting work the width rule weighs, from one pass over the queue: the ``n``
+        smallest costs, and how many entries are predicted short (fewer than ``SHORT_TOKENS``)."""
+        costs: list[float] = []
+        short = 0
+        for entry in self._live.values():
+            costs.append(entry.effective_cost)
+            short += entry.predicted_tokens is not None and entry.predicted_tokens < SHORT_TOKENS
+        return heapq.nsmallest(n, costs), short
 
     def snapshot(self, now: float) -> list[QueueView]:
         """Live entries in the order ``next`` would take them if nothing else arrived."""
