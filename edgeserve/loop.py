@@ -5,11 +5,12 @@ or of several short ones), then one decode step of every request past its prefil
 backend call (continuous batching: requests join and leave the batch at any token). Between two
 turns the loop asks the scheduler (``edgeserve.scheduler``) what runs: free places in the batch are
 filled in the policy's order (shortest predicted first under ``sjf``/``srpt``), and under ``srpt`` a
-shorter arrival displaces the longest-remaining request of a full batch at a token boundary. A
-displaced sequence stays open while the backend has room, or is parked to host memory until it runs
-again (least recently run first). How wide the batch may be is ``edgeserve.width.BatchWidth``'s
-call. A request's running state (``edgeserve.running.Running``) belongs to this loop, not to the
-backend, so it resumes with the text it would have produced without the pause.
+shorter arrival displaces the longest-remaining request of a full batch at a token boundary, and a
+batch the width rule has narrowed sheds the requests with the most work left. A displaced sequence
+stays open while the backend has room, or is parked to host memory until it runs again (least
+recently run first). How wide the batch may be is ``edgeserve.width.BatchWidth``'s call. A
+request's running state (``edgeserve.running.Running``) belongs to this loop, not to the backend,
+so it resumes with the text it would have produced without the pause.
 
 Thread rules: the methods above ``# ---- the loop`` may be called from any thread and take
 ``_cond``; everything below runs on the loop thread only. Fields marked "loop thread only" are
@@ -241,6 +242,7 @@ class EngineLoop:
                 while len(self._batch) < limit and (entry := self._scheduler.next(now)) is not None:
                     self._join(entry.item, now)
                 if self._scheduler.preemptive and self._batch:
+                    self._shed(now, limit)
                     self._maybe_preempt(now, limit)
                 if self._batch:
                     return list(self._batch)
@@ -273,6 +275,32 @@ class EngineLoop:
         self._batch.append(request)
         if request.run is not None:
             request.run.slice_started = now
+
+    def _shed(self, now: float, limit: int) -> None:
+        """Under a preemptive policy, narrow a batch that is wider than its limit (the width rule
+        narrowed it for the work present): the requests with the most work left go back to the
+        queue until it fits, and resume as places free up (``_cond`` held).
+
+        Where the answers present are about as long as one another, decoding them all together
+        ends them all together, late; in narrower waves the first ones end much sooner and the
+        last barely later. A request that has not had its quantum yet, or has waited past the
+        aging bound, stays. A displaced sequence keeps its KV cells while the backend has room,
+        so a later resume costs nothing."""
+        quantum = self.settings.preempt_quantum_s
+        while len(self._batch) > limit:
+            started = [
+                _entry(request, run.remaining_cost(self.service))
+                for request in self._batch
+                if (run := request.run) is not None and run.finish is None and now - run.slice_started >= quantum
+            ]
+            candidates = [entry for entry in started if not self._scheduler.aged(entry, now)]
+            if not candidates:
+                return
+            victim = max(candidates, key=lambda entry: entry.effective_cost)
+            assert victim.item.run is not None
+            victim.item.run.preemptions += 1
+            self._batch.remove(victim.item)
+            self._scheduler.add(victim, readmit=True)
 
     def _maybe_preempt(self, now: float, limit: int) -> None:
         """Displace the longest-remaining request of a full batch (``limit`` wide, this turn) by a

@@ -130,6 +130,30 @@ def test_a_short_arrival_displaces_the_longest_remaining_request_of_a_full_batch
     assert short.total_s < min(r.total_s for r in results.values())
 
 
+def test_under_srpt_a_batch_the_width_rule_narrows_sheds_the_requests_with_the_most_work_left() -> None:
+    """Four answers of equal length decoding together end together; narrowed to two (as the width
+    rule narrows it for the work present), the batch sheds the two predicted to have the most
+    left, which wait in the queue, resume once the others end, and give their solo text."""
+    backend = _wide()
+    predicted = (100, 200, 300, 400)
+    with _engine(backend) as engine:
+        solo = {n: engine.generate(f"long {n}", LONG).text for n in predicted}
+        backend.calls.clear()
+        backend.batches.clear()
+        streams = {n: _started(engine.submit(f"long {n}", LONG, predicted_tokens=n)) for n in predicted}
+        engine._loop.width.most = 2  # fixed width: the limit is whatever ``most`` says
+        results = {n: _result(events) for n, events in streams.items()}
+    assert [results[n].preemptions for n in predicted] == [0, 0, 1, 1]
+    assert all(results[n].text == solo[n] for n in predicted)
+    seqs = dict(zip(predicted, (seq for name, seq in backend.calls if name == "open"), strict=True))
+    widest = max(i for i, batch in enumerate(backend.batches) if len(batch) == 4)
+    after = backend.batches[widest + 1 :]
+    assert after and all(len(batch) <= 2 for batch in after)
+    last = {n: max(i for i, batch in enumerate(after) if seqs[n] in batch) for n in predicted}
+    resumed = min(i for i, batch in enumerate(after) if {seqs[300], seqs[400]} & set(batch))
+    assert min(last[100], last[200]) < resumed  # a shed one resumed only once a place freed up
+
+
 @pytest.mark.parametrize("policy", ["sjf", "srpt"])
 def test_a_full_kv_memory_parks_the_longest_and_every_answer_is_its_solo_text(policy: str) -> None:
     """Four sequences share cells for about two and a half: when they fill up, the request with
