@@ -190,7 +190,7 @@ class EngineLoop:
         for request in self._batch:
             # Taken from the queue but not started yet (the loop starts it outside the lock): its
             # queued cost, so the work does not vanish from the count for that moment.
-            backlog += request.cost if request.run is None else request.run.remaining_cost(self.service)
+            backlog += self._remaining(request)
         # Seconds per unit of predicted cost, as measured on requests that ended (it absorbs the
         # predictor's bias, per-request overhead and the batching gain); the decode rate until then.
         per_unit = self._seconds_per_cost or 1.0 / self.service.decode_tok_s
@@ -265,11 +265,15 @@ class EngineLoop:
         work: list[float] = []
         short = 0
         for r in self._batch:
-            work.append(r.cost if r.run is None else r.run.remaining_cost(self.service))
+            work.append(self._remaining(r))
             predicted = r.predicted_tokens if r.run is None else r.run.predicted_answer()
             short += predicted is not None and predicted < SHORT_TOKENS
         waiting, waiting_short = self._scheduler.present(WORK_HORIZON * self.width.most)
         return work + waiting, short + waiting_short
+
+    def _remaining(self, request: Request) -> float:
+        """A request's work left, in decode-token equivalents: its queued cost until it starts."""
+        return request.cost if request.run is None else request.run.remaining_cost(self.service)
 
     def _join(self, request: Request, now: float) -> None:
         self._batch.append(request)
@@ -286,21 +290,12 @@ class EngineLoop:
         last barely later. A request that has not had its quantum yet, or has waited past the
         aging bound, stays. A displaced sequence keeps its KV cells while the backend has room,
         so a later resume costs nothing."""
-        quantum = self.settings.preempt_quantum_s
-        while len(self._batch) > limit:
-            started = [
-                _entry(request, run.remaining_cost(self.service))
-                for request in self._batch
-                if (run := request.run) is not None and run.finish is None and now - run.slice_started >= quantum
-            ]
-            candidates = [entry for entry in started if not self._scheduler.aged(entry, now)]
-            if not candidates:
-                return
-            victim = max(candidates, key=lambda entry: entry.effective_cost)
-            assert victim.item.run is not None
-            victim.item.run.preemptions += 1
-            self._batch.remove(victim.item)
-            self._scheduler.add(victim, readmit=True)
+        if len(self._batch) <= limit:
+            return
+        candidates = [entry for entry in self._displaceable(now) if not self._scheduler.aged(entry, now)]
+        candidates.sort(key=lambda entry: entry.effective_cost, reverse=True)  # stable: ties keep batch order
+        for victim in candidates[: len(self._batch) - limit]:
+            self._displace(victim)
 
     def _maybe_preempt(self, now: float, limit: int) -> None:
         """Displace the longest-remaining request of a full batch (``limit`` wide, this turn) by a
@@ -310,26 +305,35 @@ class EngineLoop:
             return
         if len(self._open) >= self.capabilities.max_sequences and self._n_parked >= self.settings.max_parked:
             return  # displacing one would mean parking one more than allowed
-        candidates = [
-            _entry(request, run.remaining_cost(self.service))
-            for request in self._batch
-            if (run := request.run) is not None
-            and run.finish is None
-            and now - run.slice_started >= self.settings.preempt_quantum_s
-        ]
+        candidates = self._displaceable(now)
         if not candidates:
             return
         victim = max(candidates, key=lambda entry: entry.effective_cost)
         switch_cost = self._switch_s() * self.service.decode_tok_s
         if self._scheduler.preempts(victim, now, switch_cost=switch_cost) is None:
             return
-        self._scheduler.add(victim, readmit=True)
+        self._displace(victim)
         entry = self._scheduler.next(now)
         assert entry is not None and entry.item is not victim.item
+        self._join(entry.item, now)
+
+    def _displaceable(self, now: float) -> list[Entry[Request]]:
+        """The batch's started, unfinished requests that have had their quantum, as queue entries
+        at their remaining cost: what srpt may displace (``_cond`` held)."""
+        quantum = self.settings.preempt_quantum_s
+        return [
+            _entry(request, run.remaining_cost(self.service))
+            for request in self._batch
+            if (run := request.run) is not None and run.finish is None and now - run.slice_started >= quantum
+        ]
+
+    def _displace(self, victim: Entry[Request]) -> None:
+        """Send a running request back to the queue; its sequence stays open until room is
+        needed (``_cond`` held)."""
         assert victim.item.run is not None
         victim.item.run.preemptions += 1
         self._batch.remove(victim.item)
-        self._join(entry.item, now)
+        self._scheduler.add(victim, readmit=True)
 
     def _turn(self, batch: list[Request]) -> None:
         """One unit of work on the batch: start and open what needs it, a chunk's worth of prompt
