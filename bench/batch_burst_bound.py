@@ -174,12 +174,25 @@ def policies(items: Sequence[Item], machine: Machine, chunk: int) -> dict[str, d
     return {name: {**f, **{f"{k}_ratio": f[k] / ref[k] for k in bb.TARGETS}} for name, f in out.items()}
 
 
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: ``kind`` of the text, above zero (argparse's own error otherwise)."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--scale", type=float, default=1 / 16)
-    ap.add_argument("--steps", type=int, default=15, help="decode steps timed per width")
+    ap.add_argument("--threads", type=_positive(int), default=2)
+    ap.add_argument("--scale", type=_positive(float), default=1 / 16)
+    ap.add_argument("--steps", type=_positive(int), default=15, help="decode steps timed per width")
     ap.add_argument("--name", default="batch_burst_bound")
     args = ap.parse_args()
     chunk = EngineSettings().prefill_chunk
